@@ -1,0 +1,89 @@
+"""A backbone cut into blocks: the one shape every other module speaks.
+
+A block maps a *state* to a state. Most models pass one tensor between
+stages; some pass a tuple (side inputs, sizes, parallel streams), so a state
+is either a tensor or a tuple of values. The head maps the last state to
+logits. Composing ``head(blocks[-1](...blocks[0](x)))`` reproduces the
+backbone's ``model(x)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+from torch import nn
+
+State = Union[torch.Tensor, tuple[Any, ...]]
+FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
+
+
+@dataclass
+class BlockSplit:
+    """The result of :func:`ensemblekit.split`.
+
+    Attributes:
+        blocks: the stem-and-stage blocks, in order; block ``b`` maps the state
+            after block ``b-1`` (the input image for ``b=0``) to a new state.
+        head: maps the state after the last block to logits ``[B, C]``.
+        num_classes: number of classes the head predicts.
+        feature_index: where the feature map lives inside a tuple state
+            (``None`` when the state is a plain tensor). One entry per block.
+        feature_format: layout of each block's feature map ("NCHW" for CNNs,
+            "NHWC" for Swin-like models, "NLC" for token models, "NC" for flat
+            features). One entry per block.
+        num_prefix_tokens: leading non-spatial tokens (cls, registers) of an
+            "NLC" feature map; exit heads pool over the rest.
+        names: a readable name per block (for ``inspect``).
+        in_chans: input channels the first block expects (checked on input).
+        input_size: ``(H, W)`` when the backbone only accepts that size,
+            else ``None``.
+        example_size: a small ``(H, W)`` that the backbone accepts, used to
+            trace shapes and count FLOPs when the user gives none.
+    """
+
+    blocks: list[nn.Module]
+    head: nn.Module
+    num_classes: int
+    feature_index: list[int | None]
+    feature_format: list[FeatureFormat]
+    num_prefix_tokens: int = 0
+    names: list[str] | None = None
+    in_chans: int | None = None
+    input_size: tuple[int, int] | None = None
+    example_size: tuple[int, int] = (32, 32)
+
+    def __post_init__(self) -> None:
+        n = len(self.blocks)
+        if n == 0:
+            raise ValueError("a BlockSplit needs at least one block")
+        if len(self.feature_index) != n or len(self.feature_format) != n:
+            raise ValueError(
+                f"feature_index ({len(self.feature_index)}) and feature_format "
+                f"({len(self.feature_format)}) need one entry per block ({n})"
+            )
+        if self.names is None:
+            self.names = [f"block{b}" for b in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def feature(self, state: State, block: int) -> torch.Tensor:
+        """The feature-map tensor inside the state produced by ``block``."""
+        index = self.feature_index[block]
+        return state if index is None else state[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run blocks then head: equals the backbone's ``model(x)``."""
+        state: State = x
+        for block in self.blocks:
+            state = call_block(block, state)
+        return call_block(self.head, state)
+
+
+def call_block(block: nn.Module, state: State) -> State:
+    """Apply a block to a state: a tuple state is unpacked into arguments."""
+    if isinstance(state, tuple):
+        return block(*state)
+    return block(state)
