@@ -1,0 +1,337 @@
+"""The :class:`Ensemble` module: blocks wired into a topology, with heads and an aggregator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ensemblekit.batching import select_batch
+from ensemblekit.blocks import BlockSplit, State, call_block
+from ensemblekit.execution import make_executor
+from ensemblekit.heads import ExitHead, feature_dim, fresh_copy, replace_classifier
+from ensemblekit.interfaces import (
+    Aggregator,
+    EnsembleOutput,
+    HaltingPolicy,
+    HaltingStep,
+    LossResult,
+    LossStrategy,
+)
+from ensemblekit.topologies import NodeGraph, SharingTopology
+
+INIT_MODES = ("reinit", "copy")
+
+
+class NodeCache:
+    """States computed so far for one batch: node index -> output state.
+
+    Anytime inference and halting keep one cache per batch, so moving from
+    member ``k`` to ``k+1`` computes only the nodes member ``k+1`` adds.
+    """
+
+    def __init__(self, x: Tensor):
+        self.input = x
+        self.states: dict[int, State] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.input.shape[0]
+
+    def select(self, keep: Tensor) -> NodeCache:
+        """A cache holding only the samples selected by ``keep``."""
+        b = self.batch_size
+        out = NodeCache(self.input[keep])
+        out.states = {i: select_batch(s, keep, b) for i, s in self.states.items()}
+        return out
+
+
+class FeatureExit(nn.Module):
+    """Feeds an exit head the feature map picked out of a block's state."""
+
+    def __init__(self, head: nn.Module, feature_index: int | None):
+        super().__init__()
+        self.head = head
+        self.feature_index = feature_index
+
+    def forward(self, *state: Any) -> Tensor:
+        feature = state[0] if self.feature_index is None else state[self.feature_index]
+        return self.head(feature)
+
+
+@dataclass
+class HaltedPrediction:
+    """Result of :meth:`Ensemble.predict` with a halting policy.
+
+    Attributes:
+        prediction: aggregated prediction ``[B, C]`` at the step each sample stopped.
+        members_used: members evaluated per sample ``[B]`` (1-based count).
+        flops: FLOPs per sample that its prefix cost ``[B]``.
+    """
+
+    prediction: Tensor
+    members_used: Tensor
+    flops: Tensor
+
+
+class Ensemble(nn.Module):
+    """An adaptive ensemble built from a :class:`~ensemblekit.blocks.BlockSplit`.
+
+    Use :func:`ensemblekit.wrap` to build one from a timm model. ``forward``
+    returns the aggregated prediction (a drop-in for the backbone);
+    :meth:`forward_members` returns every member's logits in anytime order.
+
+    Args:
+        split: the backbone cut into blocks.
+        topology: which copies of each block exist and who uses them.
+        aggregator: how member logits combine into a prediction.
+        loss: the training objective used by :meth:`loss`.
+        halting: the policy used by :meth:`predict`.
+        init: "reinit" keeps the backbone's weights in the first copy of each
+            block and head and redraws every other copy (diversity from
+            initialisation, as in HNE); "copy" starts every copy from the
+            backbone's weights (fine-tuning a pretrained model).
+        exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
+            -> nn.Module`` for exits before the last block (chains).
+        execution: how the nodes of one level run ("loop").
+    """
+
+    def __init__(
+        self,
+        split: BlockSplit,
+        topology: SharingTopology,
+        aggregator: Aggregator,
+        loss: LossStrategy | None = None,
+        halting: HaltingPolicy | None = None,
+        init: str = "reinit",
+        exit_head: Any = ExitHead,
+        execution: str = "loop",
+    ):
+        super().__init__()
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        self.topology = topology
+        self.graph: NodeGraph = topology.build(len(split))
+        self.num_classes = split.num_classes
+        self.in_chans = split.in_chans
+        self.input_size = split.input_size
+        self.example_size = split.example_size
+        self.block_names = list(split.names or [])
+        self.nodes = nn.ModuleList(self._make_nodes(split, init))
+        self.heads = nn.ModuleList(self._make_heads(split, init, exit_head))
+        self.aggregator = aggregator
+        self.loss_strategy = loss
+        self.halting = halting
+        self.execution = execution
+        self._executor = make_executor(execution)
+        if loss is not None:
+            loss.check(self)
+
+    # ------------------------------------------------------------------ build
+    def _make_nodes(self, split: BlockSplit, init: str) -> list[nn.Module]:
+        nodes = []
+        copies = [0] * len(split)
+        for node in self.graph.nodes:
+            reinit = init == "reinit" and copies[node.block] > 0
+            nodes.append(fresh_copy(split.blocks[node.block], reinit))
+            copies[node.block] += 1
+        return nodes
+
+    def _make_heads(self, split: BlockSplit, init: str, exit_head: Any) -> list[nn.Module]:
+        last = len(split) - 1
+        exit_blocks = [self.graph.nodes[m.exit_node].block for m in self.graph.members]
+        features = _example_features(split, exit_blocks) if min(exit_blocks) < last else {}
+        heads, final_copies = [], 0
+        for block in exit_blocks:
+            if block == last:
+                heads.append(fresh_copy(split.head, reinit=init == "reinit" and final_copies > 0))
+                final_copies += 1
+            else:
+                fmt = split.feature_format[block]
+                head = exit_head(feature_dim(features[block], fmt), split.num_classes, fmt, split.num_prefix_tokens)
+                heads.append(FeatureExit(head, split.feature_index[block]))
+        return heads
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_members(self) -> int:
+        return self.graph.num_members
+
+    @property
+    def nested_sizes(self) -> tuple[int, ...]:
+        return self.graph.nested_sizes
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """Names of the extras this ensemble's outputs carry (see LossStrategy.requires)."""
+        return self.halting.provides if self.halting is not None else frozenset()
+
+    # --------------------------------------------------------------- forward
+    def check_input(self, x: Any) -> None:
+        """Raise a clear ``ValueError``/``TypeError`` for input the backbone cannot take."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"input must have 4 dimensions [B, C, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}; convert with x.float()")
+        if x.shape[0] == 0:
+            raise ValueError("input batch is empty (batch size 0)")
+        if self.in_chans is not None and x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but the backbone expects {self.in_chans}; "
+                f"create the backbone with in_chans={x.shape[1]} or convert the images"
+            )
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            raise ValueError(
+                f"input is {tuple(x.shape[-2:])} but the backbone only accepts {tuple(self.input_size)}; "
+                "resize the images or create the backbone with img_size set"
+            )
+
+    def compute_nodes(self, cache: NodeCache, node_indices: Sequence[int]) -> None:
+        """Evaluate the nodes in ``node_indices`` missing from ``cache``, level by level."""
+        wanted = set(node_indices) - cache.states.keys()
+        for level in self.graph.levels:
+            todo = [i for i in level if i in wanted]
+            if not todo:
+                continue
+            inputs = [self._parent_state(cache, i) for i in todo]
+            outputs = self._executor.run([self.nodes[i] for i in todo], inputs)
+            cache.states.update(zip(todo, outputs))
+
+    def _parent_state(self, cache: NodeCache, node: int) -> State:
+        parent = self.graph.nodes[node].parent
+        return cache.input if parent is None else cache.states[parent]
+
+    def member_logits(self, cache: NodeCache, member: int) -> Tensor:
+        """Logits ``[B, C]`` of one member, computing only the nodes ``cache`` lacks."""
+        path = self.graph.members[member].path
+        self.compute_nodes(cache, path)
+        return call_block(self.heads[member], cache.states[path[-1]])
+
+    def forward_output(self, x: Tensor, members: Sequence[int] | None = None) -> EnsembleOutput:
+        """Every (or the given) member's logits plus the extras losses need.
+
+        Returns:
+            An :class:`~ensemblekit.interfaces.EnsembleOutput` whose ``members``
+            is ``b m c`` in anytime order.
+        """
+        self.check_input(x)
+        members = list(range(self.num_members)) if members is None else list(members)
+        cache = NodeCache(x)
+        self.compute_nodes(cache, self.graph.nodes_for(members))
+        logits = torch.stack([call_block(self.heads[m], cache.states[self.graph.members[m].exit_node])
+                              for m in members], dim=1)
+        output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
+        if self.halting is not None:
+            output.extras.update(self.halting.training_extras(output, self))
+        return output
+
+    def forward_members(self, x: Tensor) -> Tensor:
+        """Member logits ``[B, M, C]`` in anytime (depth-first) order."""
+        return self.forward_output(x).members
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The aggregated prediction ``[B, C]`` of all members."""
+        return self.aggregator(self.forward_members(x))
+
+    def loss(self, output: EnsembleOutput | Tensor, target: Tensor) -> LossResult:
+        """The configured loss of ``output`` (from :meth:`forward_output`) against labels."""
+        if self.loss_strategy is None:
+            raise ValueError("this ensemble has no loss; pass loss=... to ensemblekit.wrap()")
+        if isinstance(output, Tensor):
+            output = EnsembleOutput(output, self.aggregator, self.nested_sizes)
+        _check_target(target, output.members)
+        return self.loss_strategy(output, target)
+
+    # --------------------------------------------------------------- costs
+    @cached_property
+    def costs(self):
+        """FLOPs and parameters per node and head (see :mod:`ensemblekit.cost`)."""
+        from ensemblekit.cost import measure_costs
+
+        return measure_costs(self)
+
+    def cost_table(self):
+        """FLOPs and parameters of the first ``k`` members, ``k = 1..M``, shared nodes once."""
+        return self.costs.prefix_table()
+
+    # ----------------------------------------------------- adaptive inference
+    def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
+                max_members: int | None = None) -> Iterator:
+        """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.anytime`."""
+        from ensemblekit.anytime import anytime
+
+        return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, halting: HaltingPolicy | None = None) -> HaltedPrediction:
+        """Per-sample early stopping: samples that stopped leave the batch.
+
+        After each member the policy decides, per sample, whether to stop;
+        stopped samples are removed from every cached state, so the next
+        member only runs on the samples still going.
+        """
+        policy = halting if halting is not None else self.halting
+        if policy is None:
+            raise ValueError("predict() needs a halting policy: pass halting=... here or to wrap()")
+        self.check_input(x)
+        b, m_total = x.shape[0], self.num_members
+        prefix_flops = [row.flops for row in self.cost_table()]
+        active = torch.arange(b, device=x.device)
+        cache, agg_state, policy_state = NodeCache(x), None, None
+        prediction = x.new_zeros(b, self.num_classes)
+        used = torch.zeros(b, dtype=torch.long, device=x.device)
+        for m in range(m_total):
+            logits = self.member_logits(cache, m)
+            agg_state = self.aggregator.update(agg_state, logits, m)
+            current = self.aggregator.value(agg_state)
+            step = HaltingStep(m, m_total, logits, current, prefix_flops[m])
+            stop, policy_state = policy.step(step, policy_state)
+            if m == m_total - 1:
+                stop = torch.ones_like(stop)
+            prediction[active[stop]] = current[stop].to(prediction.dtype)
+            used[active[stop]] = m + 1
+            keep = ~stop
+            if not keep.any():
+                break
+            n = active.shape[0]
+            active, cache = active[keep], cache.select(keep)
+            agg_state = select_batch(agg_state, keep, n)
+            policy_state = select_batch(policy_state, keep, n)
+        flops = torch.tensor(prefix_flops, dtype=torch.float64, device=x.device)[used - 1]
+        return HaltedPrediction(prediction, used, flops)
+
+
+def _check_target(target: Any, members: Tensor) -> None:
+    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError("labels must be an integer tensor [B] of class indices")
+    if target.shape != members.shape[:1]:
+        raise ValueError(f"labels have shape {tuple(target.shape)}, expected [{members.shape[0]}]")
+    c = members.shape[-1]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
+        raise ValueError(f"labels must be in 0..{c - 1}, got values in {int(target.min())}..{int(target.max())}")
+
+
+@torch.no_grad()
+def _example_features(split: BlockSplit, blocks: list[int]) -> dict[int, Tensor]:
+    """Feature maps after the given blocks for one example image (to size exit heads)."""
+    h, w = split.input_size or split.example_size
+    state: State = torch.zeros(2, split.in_chans or 3, h, w)
+    out = {}
+    was_training = [b.training for b in split.blocks]
+    for block in split.blocks:
+        block.eval()
+    try:
+        for b, block in enumerate(split.blocks):
+            state = call_block(block, state)
+            if b in blocks:
+                out[b] = split.feature(state, b)
+    finally:
+        for block, mode in zip(split.blocks, was_training):
+            block.train(mode)
+    return out
