@@ -6,7 +6,7 @@
 4
 """
 
-from ensemblekit import aggregators, halting, losses, topologies
+from ensemblekit import aggregators, halting, losses, recipes, topologies
 from ensemblekit.blocks import BlockSplit
 from ensemblekit.ensemble import Ensemble, HaltedPrediction, NodeCache
 from ensemblekit.hookspecs import hookimpl
@@ -40,6 +40,7 @@ __all__ = [
     "halting",
     "hookimpl",
     "losses",
+    "recipes",
     "topologies",
     "wrap",
 ]

@@ -1,0 +1,5 @@
+import sys
+
+from ensemblekit.cli import main
+
+sys.exit(main())
