@@ -1,0 +1,427 @@
+"""Datasets and loaders: scikit-learn digits, CIFAR-10/100 and any ImageFolder.
+
+Every dataset has the same four splits:
+
+* ``"train"``: what the ensemble is trained on;
+* ``"val"``: a fixed held-out part (no augmentation by default), for
+  calibrating halting thresholds and choosing hyper-parameters;
+* ``"trainval"``: ``"train"`` and ``"val"`` together (the standard training
+  set, for final runs);
+* ``"test"``: the evaluation set.
+
+Held-out parts are drawn once with a fixed seed (stratified by class where the
+class counts allow it), so every run, process and machine sees the same split.
+Items are ``(image [C, H, W] float32 normalised, label int)``.
+
+Example:
+    >>> train, info = load_dataset("digits", "train")
+    >>> loader = make_loader(train, batch_size=64, shuffle=True, seed=0)
+    >>> info.num_classes, tuple(next(iter(loader))[0].shape)
+    (10, (64, 3, 32, 32))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import StratifiedShuffleSplit
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torchvision import datasets as tv_datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+Split = Literal["train", "val", "trainval", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+
+SPLIT_SEED = 0
+"""Seed of every fixed held-out split (never change it: results depend on it)."""
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_VAL_FRACTION = 0.1
+"""Fraction of *all* digits images held out for validation."""
+VAL_FRACTION = 0.1
+"""Fraction of a training set (CIFAR, ImageFolder without a test folder) held out for validation."""
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGEFOLDER_SIZE = 224
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset.
+
+    Attributes:
+        name: dataset name as given to :func:`load_dataset`.
+        num_classes: number of classes.
+        in_chans: image channels.
+        image_size: side of the square images the dataset yields.
+        mean: per-channel mean used for normalisation.
+        std: per-channel standard deviation used for normalisation.
+        classes: class names, in label order.
+    """
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(in_chans, image_size, image_size)`` of one image."""
+        return (self.in_chans, self.image_size, self.image_size)
+
+
+class TensorImageDataset(Dataset):
+    """Images held in one tensor, with an optional per-image transform.
+
+    Args:
+        images: ``[N, C, H, W]`` float tensor, already normalised.
+        labels: ``[N]`` integer labels.
+        transform: applied to each image ``[C, H, W]`` when it is read.
+        indices: positions of the items in the source data (to trace a split
+            back to it); ``arange(N)`` by default.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+        self.indices = torch.arange(len(labels)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def split_indices(
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(labels))`` into a kept part and a held-out ``fraction``.
+
+    Stratified by label when every class has at least two items and the
+    held-out part can hold one item per class; a seeded random split otherwise
+    (tiny datasets). Both parts are sorted.
+
+    Example:
+        >>> keep, held = split_indices([0, 1] * 10, 0.2)
+        >>> len(keep), len(held)
+        (16, 4)
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    n_held = int(round(n * fraction))
+    if not 0 < n_held < n:
+        raise ValueError(f"cannot hold out {fraction:.0%} of {n} items")
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() >= 2 and len(classes) <= n_held <= n - len(classes):
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_held, random_state=seed)
+        keep, held = next(splitter.split(np.zeros(n), labels))
+    else:
+        perm = np.random.default_rng(seed).permutation(n)
+        keep, held = perm[n_held:], perm[:n_held]
+    return np.sort(keep), np.sort(held)
+
+
+def _pil_transform(
+    augment: bool, image_size: int, native_size: int | None, mean: Sequence[float], std: Sequence[float]
+) -> v2.Compose:
+    """PIL image -> normalised float tensor; resized (shorter side, centre crop)
+    unless ``native_size == image_size``; augmented with the standard CIFAR
+    pad-and-crop (pad ``image_size // 8``, 4 for 32) and horizontal flip."""
+    geometry: list[Any] = [] if native_size == image_size else [v2.Resize(image_size), v2.CenterCrop(image_size)]
+    if augment:
+        geometry += [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
+
+
+# ---------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=4)
+def _digits(image_size: int) -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor, float, float]:
+    bunch = load_digits()
+    labels = torch.as_tensor(bunch.target, dtype=torch.long)
+    pixels = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    rest, test = split_indices(bunch.target, DIGITS_TEST_FRACTION)
+    keep, held = split_indices(bunch.target[rest], DIGITS_VAL_FRACTION / (1 - DIGITS_TEST_FRACTION))
+    indices = {"train": rest[keep], "val": rest[held], "trainval": rest, "test": test}
+    train = pixels[indices["train"]]
+    mean, std = float(train.mean()), float(train.std())
+    images = ((pixels - mean) / std).expand(-1, 3, -1, -1).contiguous()
+    return indices, images, labels, mean, std
+
+
+def load_digits_dataset(
+    split: Split, augment: bool = False, image_size: int = 32
+) -> tuple[TensorImageDataset, DatasetInfo]:
+    """scikit-learn's bundled 8x8 digits as small RGB images (no download).
+
+    Pixels are scaled to [0, 1], upsampled (bilinear) to ``image_size``,
+    repeated over 3 channels and normalised with the mean and std of the
+    training split. The split is fixed (stratified, seeded): 20% test, 10% of
+    all images for validation, the rest for training; ``dataset.indices`` are
+    the positions in :func:`sklearn.datasets.load_digits`. Augmentation is a random pad-and-crop
+    (no flip: digits are not mirror-symmetric).
+
+    Example:
+        >>> ds, info = load_digits_dataset("val")
+        >>> len(ds), info.input_shape
+        (180, (3, 32, 32))
+    """
+    _check_split(split)
+    indices, images, labels, mean, std = _digits(image_size)
+    idx = torch.as_tensor(indices[split])
+    transform = v2.RandomCrop(image_size, padding=image_size // 8) if augment else None
+    info = DatasetInfo(
+        name="digits",
+        num_classes=10,
+        in_chans=3,
+        image_size=image_size,
+        mean=(mean,) * 3,
+        std=(std,) * 3,
+        classes=tuple(str(d) for d in range(10)),
+    )
+    return TensorImageDataset(images[idx], labels[idx], transform, indices=idx), info
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/{}-python.tar.gz"
+_CIFAR = {  # name -> (torchvision class, mean, std, title, download address)
+    "cifar10": (tv_datasets.CIFAR10, CIFAR10_MEAN, CIFAR10_STD, "CIFAR-10", _CIFAR_URL.format("cifar-10")),
+    "cifar100": (tv_datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, "CIFAR-100", _CIFAR_URL.format("cifar-100")),
+}
+
+
+def _cifar_root(name: str, root: str | Path | None) -> Path:
+    cls, _, _, title, url = _CIFAR[name]
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    if root is None:
+        raise FileNotFoundError(
+            f"{name} needs root=<folder>: the folder that contains {cls.base_folder}/ "
+            f"({', '.join(files)}); download the {title} python version ({url}) and extract it there"
+        )
+    root = Path(root).expanduser()
+    if root.name == cls.base_folder:
+        root = root.parent
+    folder = root / cls.base_folder
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name}: expected {folder}/{missing[0]} (missing: {', '.join(missing)}); "
+            f"download the {title} python version ({url}) and extract it into {root} "
+            f"so that {folder}/ holds {', '.join(files)}"
+        )
+    return root
+
+
+def _load_cifar(
+    name: str, split: Split, root: str | Path | None, augment: bool, image_size: int
+) -> tuple[Dataset, DatasetInfo]:
+    cls, mean, std, title, url = _CIFAR[name]
+    root = _cifar_root(name, root)
+    transform = _pil_transform(augment, image_size, 32, mean, std)
+    try:
+        dataset = cls(str(root), train=split != "test", transform=transform, download=False)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{name}: the files in {root / cls.base_folder} fail torchvision's checksum "
+            f"(corrupted, or not the official {title} python version); download {url} again and extract it there"
+        ) from err
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(dataset.classes),
+        in_chans=3,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        classes=tuple(dataset.classes),
+    )
+    if split in ("test", "trainval"):
+        return dataset, info
+    keep, held = split_indices(dataset.targets, VAL_FRACTION)
+    return Subset(dataset, (keep if split == "train" else held).tolist()), info
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def _load_imagefolder(
+    split: Split, root: str | Path | None, augment: bool, image_size: int
+) -> tuple[Dataset, DatasetInfo]:
+    layout = (
+        "expected <root>/train/<class>/<image> and <root>/val/<class>/<image> "
+        f"(optionally <root>/test/<class>/<image>), images ending in {', '.join(IMG_EXTENSIONS)}"
+    )
+    if root is None:
+        raise FileNotFoundError(f"imagefolder needs root=<folder>; {layout}")
+    root = Path(root).expanduser()
+    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else None
+        where = f"{root} does not exist" if found is None else f"{root} holds folders {found}"
+        raise FileNotFoundError(f"imagefolder: no {', '.join(missing)} folder ({where}); {layout}")
+    folders = [d for d in ("train", "val", "test") if (root / d).is_dir()]
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    for d in folders[1:]:
+        other = sorted(p.name for p in (root / d).iterdir() if p.is_dir())
+        if other != classes:
+            raise FileNotFoundError(
+                f"imagefolder: {root / d} has class folders {other} but {root / 'train'} has {classes}; "
+                f"every split needs the same class folders; {layout}"
+            )
+    has_test = "test" in folders
+    transform = _pil_transform(augment, image_size, None, IMAGENET_MEAN, IMAGENET_STD)
+
+    def folder(d: str) -> tv_datasets.ImageFolder:
+        try:
+            return tv_datasets.ImageFolder(str(root / d), transform=transform)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise FileNotFoundError(f"imagefolder: {root / d} is not usable ({err}); {layout}") from err
+
+    if split == "test":
+        dataset: Dataset = folder("test" if has_test else "val")
+    elif has_test:
+        dataset = folder(split) if split != "trainval" else ConcatDataset([folder("train"), folder("val")])
+    else:
+        dataset = folder("train")
+        if split != "trainval":
+            keep, held = split_indices(dataset.targets, VAL_FRACTION)
+            dataset = Subset(dataset, (keep if split == "train" else held).tolist())
+    info = DatasetInfo(
+        name="imagefolder",
+        num_classes=len(classes),
+        in_chans=3,
+        image_size=image_size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        classes=tuple(classes),
+    )
+    return dataset, info
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
+
+
+def load_dataset(
+    name: str,
+    split: Split,
+    root: str | Path | None = None,
+    augment: bool | None = None,
+    image_size: int | None = None,
+) -> tuple[Dataset, DatasetInfo]:
+    """Load one split of a dataset.
+
+    Args:
+        name: ``"digits"`` (bundled with scikit-learn), ``"cifar10"`` or
+            ``"cifar100"`` (``root`` holds ``cifar-10-batches-py/`` or
+            ``cifar-100-python/``, the official python version, extracted),
+            or ``"imagefolder"`` (``root/train/<class>/*.png`` and
+            ``root/val/<class>/*.png``; with a ``root/test`` folder too,
+            ``val`` is the validation split and ``test`` the test split,
+            otherwise ``val`` is the test split and the validation split is a
+            fixed 10% of ``train``).
+        split: ``"train"``, ``"val"``, ``"trainval"`` or ``"test"``.
+        root: data folder (unused for digits).
+        augment: random pad-and-crop (and horizontal flip, except for digits);
+            ``None`` means on for ``"train"`` and ``"trainval"``.
+        image_size: side of the images returned; defaults to 32 (digits,
+            CIFAR) or 224 (ImageFolder: resize shorter side, centre crop).
+
+    Returns:
+        ``(dataset, info)``; items are ``(image [3, S, S], label)``.
+
+    Raises:
+        ValueError: unknown dataset name or split.
+        FileNotFoundError: data missing or laid out wrongly (the message says
+            what to put where).
+
+    Example:
+        >>> test, info = load_dataset("digits", "test")
+        >>> len(test), info.num_classes
+        (359, 10)
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    _check_split(split)
+    if augment is None:
+        augment = split in ("train", "trainval")
+    if name == "digits":
+        return load_digits_dataset(split, augment=augment, image_size=image_size or 32)
+    if name == "imagefolder":
+        return _load_imagefolder(split, root, augment, image_size or IMAGEFOLDER_SIZE)
+    return _load_cifar(name, split, root, augment, image_size or 32)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int | None = None,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A :class:`~torch.utils.data.DataLoader`, reproducible when ``seed`` is given.
+
+    The seed drives a dedicated generator for the shuffle order and for the
+    per-worker seeds (so random augmentations repeat too). ``shuffle`` and
+    ``sampler`` exclude each other.
+
+    Example:
+        >>> ds, _ = load_dataset("digits", "val")
+        >>> a = [y.tolist() for _, y in make_loader(ds, 32, shuffle=True, seed=1)]
+        >>> a == [y.tolist() for _, y in make_loader(ds, 32, shuffle=True, seed=1)]
+        True
+    """
+    if sampler is not None and shuffle:
+        raise ValueError("pass either shuffle=True or a sampler, not both (the sampler decides the order)")
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
