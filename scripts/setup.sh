@@ -12,17 +12,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.ensemblekit-installed
-want=$(cat pyproject.toml constraints.txt plugins/*/pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)
+shopt -s nullglob
+want=$(cat pyproject.toml constraints.txt plugins/*/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: .venv is up to date"
   exit 0
 fi
 
 echo "setup: installing ensemblekit and its dependencies (torch is large: a few minutes on a fresh machine)"
-.venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,docs]"
-for plugin in plugins/*/; do
-  [ -f "$plugin/pyproject.toml" ] && .venv/bin/python -m pip install --quiet -c constraints.txt -e "$plugin"
+for plugin in plugins/*/pyproject.toml; do
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e "$(dirname "$plugin")"
 done
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -7,6 +7,7 @@ bash scripts/setup.sh
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000
 
 .venv/bin/python -m pytest tests "$@"
-for plugin in plugins/*/; do
-  [ -d "$plugin/tests" ] && (cd "$plugin" && ../../.venv/bin/python -m pytest -q tests)
+shopt -s nullglob
+for tests in plugins/*/tests; do
+  (cd "$(dirname "$tests")" && "$OLDPWD/.venv/bin/python" -m pytest -q tests)
 done
