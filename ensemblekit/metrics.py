@@ -220,7 +220,7 @@ def anytime_report(
     members: Tensor,
     labels: Tensor,
     aggregator: Aggregator,
-    costs: Sequence[tuple[float, float]] | None = None,
+    costs: Sequence[tuple[float, float] | Any] | None = None,
 ) -> Report:
     """Measure every prefix of members: accuracy, diversity, calibration, NLL.
 
@@ -230,16 +230,19 @@ def anytime_report(
         aggregator: combines members; prefix ``k`` is
             ``aggregator.prefixes(members)[:, k-1]``, whose softmax is the
             ensemble's predictive distribution.
-        costs: optional ``(flops, params)`` of each prefix size ``1..M``.
+        costs: optional cost of each prefix size ``1..M``: ``(flops, params)``
+            pairs, or objects with ``flops`` and ``params`` attributes (such as
+            ``EnsembleCosts.prefix_table()``).
 
     Returns:
         A :class:`Report`.
 
     Example:
+        >>> from ensemblekit.aggregators import MeanLogits
         >>> members = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 3.0]]])
-        >>> r = anytime_report(members, torch.tensor([0, 1]), aggregator)  # doctest: +SKIP
-        >>> r.member_accuracy  # doctest: +SKIP
-        [1.0, 0.5]
+        >>> r = anytime_report(members, torch.tensor([0, 1]), MeanLogits())
+        >>> r.member_accuracy, r.prefix_accuracy
+        ([1.0, 0.5], [1.0, 1.0])
     """
     if members.ndim != 3 or members.shape[1] == 0:
         raise ValueError(f"members must be [samples, members, classes], got shape {tuple(members.shape)}")
@@ -248,6 +251,8 @@ def anytime_report(
         raise ValueError(f"labels must be [{n}] to match members {tuple(members.shape)}, got {tuple(labels.shape)}")
     if costs is not None and len(costs) != m:
         raise ValueError(f"costs needs one (flops, params) per prefix size 1..{m}, got {len(costs)}")
+    if costs is not None:
+        costs = [(c.flops, c.params) if hasattr(c, "flops") else tuple(c) for c in costs]
     members = members.detach().float().cpu()
     labels = labels.detach().long().cpu()
     with torch.inference_mode():
@@ -256,8 +261,8 @@ def anytime_report(
         raise ValueError(f"aggregator.prefixes returned shape {tuple(preds.shape)}, expected {tuple(members.shape)}")
     log_probs = preds.log_softmax(dim=-1)
     target = labels[:, None].expand(n, m)
-    prefix_accuracy = (preds.argmax(dim=-1) == target).float().mean(dim=0)
-    member_accuracy = (members.argmax(dim=-1) == target).float().mean(dim=0)
+    prefix_accuracy = (preds.argmax(dim=-1) == target).double().mean(dim=0)
+    member_accuracy = (members.argmax(dim=-1) == target).double().mean(dim=0)
     nll = F.nll_loss(log_probs.reshape(n * m, c), target.reshape(-1), reduction="none").view(n, m).mean(dim=0)
     ece = [
         multiclass_calibration_error(log_probs[:, k].exp(), labels, num_classes=c, n_bins=ECE_BINS, norm="l1").item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -89,6 +90,8 @@ def test_costs_json_and_table(tmp_path):
     costs = [(1e6, 2e5), (2e6, 4e5)]
     report = anytime_report(MEMBERS, LABELS, MeanLogits(), costs=costs)
     assert report.prefix_flops == [1e6, 2e6] and report.prefix_params == [2e5, 4e5]
+    as_objects = [SimpleNamespace(members=k + 1, flops=f, params=p) for k, (f, p) in enumerate(costs)]
+    assert anytime_report(MEMBERS, LABELS, MeanLogits(), costs=as_objects).prefix_flops == [1e6, 2e6]
     data = report.to_dict()
     json.dumps(data, allow_nan=False)  # strict JSON: the nan diversity of one member is None
     assert data["prefix_diversity"][0] is None and data["num_members"] == 2
