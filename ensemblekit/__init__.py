@@ -8,6 +8,7 @@
 
 from ensemblekit import aggregators, halting, losses, recipes, topologies
 from ensemblekit.blocks import BlockSplit
+from ensemblekit.checkpoint import load
 from ensemblekit.ensemble import Ensemble, HaltedPrediction, NodeCache
 from ensemblekit.hookspecs import hookimpl
 from ensemblekit.interfaces import (
@@ -39,6 +40,7 @@ __all__ = [
     "aggregators",
     "halting",
     "hookimpl",
+    "load",
     "losses",
     "recipes",
     "topologies",

@@ -98,6 +98,11 @@ class Ensemble(nn.Module):
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
             -> nn.Module`` for exits before the last block (chains).
         execution: how the nodes of one level run ("loop").
+        node_modules: node index -> module used as that node instead of a
+            copy of the backbone's block (e.g. EnsembleNet's narrower
+            branches); used as given, neither copied nor re-initialised.
+        head_modules: member index -> module used as that member's head
+            instead of a copy of the backbone's head; used as given.
     """
 
     def __init__(
@@ -110,6 +115,8 @@ class Ensemble(nn.Module):
         init: str = "reinit",
         exit_head: Any = ExitHead,
         execution: str = "loop",
+        node_modules: dict[int, nn.Module] | None = None,
+        head_modules: dict[int, nn.Module] | None = None,
     ):
         super().__init__()
         if init not in INIT_MODES:
@@ -121,8 +128,8 @@ class Ensemble(nn.Module):
         self.input_size = split.input_size
         self.example_size = split.example_size
         self.block_names = list(split.names or [])
-        self.nodes = nn.ModuleList(self._make_nodes(split, init))
-        self.heads = nn.ModuleList(self._make_heads(split, init, exit_head))
+        self.nodes = nn.ModuleList(_override(self._make_nodes(split, init), node_modules, "node"))
+        self.heads = nn.ModuleList(_override(self._make_heads(split, init, exit_head), head_modules, "head"))
         self.aggregator = aggregator
         self.loss_strategy = loss
         self.halting = halting
@@ -305,6 +312,15 @@ class Ensemble(nn.Module):
             policy_state = select_batch(policy_state, keep, n)
         flops = torch.tensor(prefix_flops, dtype=torch.float64, device=x.device)[used - 1]
         return HaltedPrediction(prediction, used, flops)
+
+
+def _override(modules: list[nn.Module], replace: dict[int, nn.Module] | None, kind: str) -> list[nn.Module]:
+    """``modules`` with the entries named in ``replace`` swapped for the given modules."""
+    for index, module in (replace or {}).items():
+        if not 0 <= index < len(modules):
+            raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
+        modules[index] = module
+    return modules
 
 
 def _check_target(target: Any, members: Tensor) -> None:

@@ -1,9 +1,34 @@
 """Loss strategies: (ensemble output, labels) -> total loss and named parts."""
 
-from ensemblekit.losses.ensemble_losses import IndependentCE
+from ensemblekit.losses.ensemble_losses import (
+    CoDistillation,
+    EnsembleNetCoDistillation,
+    EnsembleNetEnsembling,
+    HierarchicalDistillation,
+    IndependentCE,
+    IndependentNestedCE,
+    NestedCE,
+    kd_loss,
+)
 
 BUILTIN_LOSSES = {
     "independent": IndependentCE,
+    "nested": NestedCE,
+    "independent+nested": IndependentNestedCE,
+    "codistillation": CoDistillation,
+    "hierarchical_distillation": HierarchicalDistillation,
+    "ensemblenet_ensembling": EnsembleNetEnsembling,
+    "ensemblenet_codistillation": EnsembleNetCoDistillation,
 }
 
-__all__ = ["BUILTIN_LOSSES", "IndependentCE"]
+__all__ = [
+    "BUILTIN_LOSSES",
+    "CoDistillation",
+    "EnsembleNetCoDistillation",
+    "EnsembleNetEnsembling",
+    "HierarchicalDistillation",
+    "IndependentCE",
+    "IndependentNestedCE",
+    "NestedCE",
+    "kd_loss",
+]

@@ -1,0 +1,27 @@
+"""``ensemblekit reproduce NAME``: re-run a paper's experiment; one module per experiment.
+
+Each module in :mod:`ensemblekit.reproduce` defines ``NAME`` (e.g.
+``"hne-table1"``), ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
+and becomes a subcommand here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "reproduce"
+HELP = "Re-run an experiment of a paper (see `ensemblekit reproduce -h` for the list)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ensemblekit.reproduce import experiments
+
+    sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for module in experiments():
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(experiment_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.experiment_run(args)
