@@ -135,6 +135,8 @@ class Ensemble(nn.Module):
         self.halting = halting
         self.execution = execution
         self._executor = make_executor(execution)
+        if halting is not None:
+            self._bind(halting)
         if loss is not None:
             loss.check(self)
 
@@ -235,6 +237,8 @@ class Ensemble(nn.Module):
                               for m in members], dim=1)
         output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
         if self.halting is not None:
+            if "head_input" in _step_inputs(self.halting):
+                output.extras["head_inputs"] = {m: cache.states[self.graph.members[m].exit_node] for m in members}
             output.extras.update(self.halting.training_extras(output, self))
         return output
 
@@ -268,6 +272,12 @@ class Ensemble(nn.Module):
         return self.costs.prefix_table()
 
     # ----------------------------------------------------- adaptive inference
+    def _bind(self, policy: HaltingPolicy) -> None:
+        """Let a policy that defines ``bind(ensemble)`` read this ensemble (heads, costs)."""
+        bind = getattr(policy, "bind", None)
+        if bind is not None:
+            bind(self)
+
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
                 max_members: int | None = None) -> Iterator:
         """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.anytime`."""
@@ -282,22 +292,42 @@ class Ensemble(nn.Module):
         After each member the policy decides, per sample, whether to stop;
         stopped samples are removed from every cached state, so the next
         member only runs on the samples still going.
+
+        A policy may define ``bind(ensemble)``, called here and when it is
+        given to the constructor, and ``step_inputs``, the names of what it
+        reads from :attr:`HaltingStep.extras`: "head_input" (the member's
+        head input state; :meth:`forward_output` then puts every member's in
+        ``extras["head_inputs"]``, member -> state) and "seconds" (``[B]``,
+        wall-clock seconds since the first member started).
         """
+        from ensemblekit.anytime import Clock
+
         policy = halting if halting is not None else self.halting
         if policy is None:
             raise ValueError("predict() needs a halting policy: pass halting=... here or to wrap()")
+        if not isinstance(policy, HaltingPolicy):
+            raise TypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
+                            f"got {type(policy).__name__}")
         self.check_input(x)
+        self._bind(policy)
+        needs = _step_inputs(policy)
         b, m_total = x.shape[0], self.num_members
         prefix_flops = [row.flops for row in self.cost_table()]
         active = torch.arange(b, device=x.device)
         cache, agg_state, policy_state = NodeCache(x), None, None
         prediction = x.new_zeros(b, self.num_classes)
         used = torch.zeros(b, dtype=torch.long, device=x.device)
+        clock = Clock(x.device)
         for m in range(m_total):
             logits = self.member_logits(cache, m)
             agg_state = self.aggregator.update(agg_state, logits, m)
             current = self.aggregator.value(agg_state)
-            step = HaltingStep(m, m_total, logits, current, prefix_flops[m])
+            extras = {}
+            if "head_input" in needs:
+                extras["head_input"] = cache.states[self.graph.members[m].exit_node]
+            if "seconds" in needs:
+                extras["seconds"] = torch.full(active.shape, clock(), dtype=torch.float64)
+            step = HaltingStep(m, m_total, logits, current, prefix_flops[m], extras)
             stop, policy_state = policy.step(step, policy_state)
             if m == m_total - 1:
                 stop = torch.ones_like(stop)
@@ -321,6 +351,10 @@ def _override(modules: list[nn.Module], replace: dict[int, nn.Module] | None, ki
             raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
         modules[index] = module
     return modules
+
+
+def _step_inputs(policy: HaltingPolicy) -> frozenset[str]:
+    return getattr(policy, "step_inputs", frozenset())
 
 
 def _check_target(target: Any, members: Tensor) -> None:

@@ -10,6 +10,7 @@ from ensemblekit.losses.ensemble_losses import (
     NestedCE,
     kd_loss,
 )
+from ensemblekit.losses.irene import IreneLoss
 
 BUILTIN_LOSSES = {
     "independent": IndependentCE,
@@ -19,6 +20,7 @@ BUILTIN_LOSSES = {
     "hierarchical_distillation": HierarchicalDistillation,
     "ensemblenet_ensembling": EnsembleNetEnsembling,
     "ensemblenet_codistillation": EnsembleNetCoDistillation,
+    "irene": IreneLoss,
 }
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "HierarchicalDistillation",
     "IndependentCE",
     "IndependentNestedCE",
+    "IreneLoss",
     "NestedCE",
     "kd_loss",
 ]
