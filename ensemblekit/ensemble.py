@@ -32,11 +32,14 @@ class NodeCache:
 
     Anytime inference and halting keep one cache per batch, so moving from
     member ``k`` to ``k+1`` computes only the nodes member ``k+1`` adds.
+    Member logits are kept too (member index -> ``[B, C]``), for heads that
+    read the previous member's logits.
     """
 
     def __init__(self, x: Tensor):
         self.input = x
         self.states: dict[int, State] = {}
+        self.logits: dict[int, Tensor] = {}
 
     @property
     def batch_size(self) -> int:
@@ -47,6 +50,7 @@ class NodeCache:
         b = self.batch_size
         out = NodeCache(self.input[keep])
         out.states = {i: select_batch(s, keep, b) for i, s in self.states.items()}
+        out.logits = {m: z[keep] for m, z in self.logits.items()}
         return out
 
 
@@ -217,10 +221,22 @@ class Ensemble(nn.Module):
         return cache.input if parent is None else cache.states[parent]
 
     def member_logits(self, cache: NodeCache, member: int) -> Tensor:
-        """Logits ``[B, C]`` of one member, computing only the nodes ``cache`` lacks."""
-        path = self.graph.members[member].path
-        self.compute_nodes(cache, path)
-        return call_block(self.heads[member], cache.states[path[-1]])
+        """Logits ``[B, C]`` of one member, computing only the nodes ``cache`` lacks.
+
+        A head whose ``takes_previous_logits`` is true (IMTA's inline subnetwork
+        collaboration, :mod:`ensemblekit.isc`) is called as
+        ``head(*state, previous=logits of member - 1)``.
+        """
+        if member not in cache.logits:
+            path = self.graph.members[member].path
+            self.compute_nodes(cache, path)
+            head, state = self.heads[member], cache.states[path[-1]]
+            if member > 0 and getattr(head, "takes_previous_logits", False):
+                previous = self.member_logits(cache, member - 1)
+                cache.logits[member] = head(*(state if isinstance(state, tuple) else (state,)), previous=previous)
+            else:
+                cache.logits[member] = call_block(head, state)
+        return cache.logits[member]
 
     def forward_output(self, x: Tensor, members: Sequence[int] | None = None) -> EnsembleOutput:
         """Every (or the given) member's logits plus the extras losses need.
@@ -233,8 +249,7 @@ class Ensemble(nn.Module):
         members = list(range(self.num_members)) if members is None else list(members)
         cache = NodeCache(x)
         self.compute_nodes(cache, self.graph.nodes_for(members))
-        logits = torch.stack([call_block(self.heads[m], cache.states[self.graph.members[m].exit_node])
-                              for m in members], dim=1)
+        logits = torch.stack([self.member_logits(cache, m) for m in members], dim=1)
         output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
         if self.halting is not None:
             if "head_input" in _step_inputs(self.halting):

@@ -11,6 +11,7 @@ from ensemblekit.losses.ensemble_losses import (
     kd_loss,
 )
 from ensemblekit.losses.irene import IreneLoss
+from ensemblekit.losses.multi_exit import MultiExitLoss
 
 BUILTIN_LOSSES = {
     "independent": IndependentCE,
@@ -20,6 +21,7 @@ BUILTIN_LOSSES = {
     "hierarchical_distillation": HierarchicalDistillation,
     "ensemblenet_ensembling": EnsembleNetEnsembling,
     "ensemblenet_codistillation": EnsembleNetCoDistillation,
+    "multi_exit": MultiExitLoss,
     "irene": IreneLoss,
 }
 
@@ -32,6 +34,7 @@ __all__ = [
     "IndependentCE",
     "IndependentNestedCE",
     "IreneLoss",
+    "MultiExitLoss",
     "NestedCE",
     "kd_loss",
 ]
