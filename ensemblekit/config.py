@@ -387,6 +387,23 @@ def _component(key: str, spec: Any, kind: str) -> None:
     if not isinstance(name, str):
         raise ConfigError(f"{key} must be a name or a mapping with a 'name' key, got {spec!r}")
     try:
-        registry.get(name)
+        factory = registry.get(name).factory
     except KeyError as err:
         raise ConfigError(f"{key}: {err}") from None
+    options = sorted(k for k in (spec if isinstance(spec, dict) else {}) if k != "name")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        allowed = [p for p in params if p not in ("self", "num_members")]
+        raise ConfigError(f"{key}: {kind} {name!r} does not take {', '.join(unknown)}; "
+                          f"it takes: {', '.join(allowed) or 'no options'}")
+    if kind in ("topology", "loss"):  # cheap to build: check the option values now, not after loading data
+        try:
+            registry.create(spec)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{key}: {err}") from None

@@ -102,6 +102,8 @@ def test_ensemblenet_ensembling_loss_and_no_adapter_at_full_width():
 def test_ensemblenet_rejects_bad_widths():
     with pytest.raises(ValueError, match="width"):
         ek.recipes.ensemblenet(backbone(), width=1.5)
+    with pytest.raises(ValueError, match="custom width"):  # narrow_model scales timm's default width
+        ek.recipes.ensemblenet(backbone(channels=(8, 16, 32, 64)), width=0.5)
 
 
 def test_node_and_head_overrides_of_the_core():

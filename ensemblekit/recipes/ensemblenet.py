@@ -122,6 +122,12 @@ def ensemblenet(
         wide.num_classes = narrow.num_classes = num_classes
     topology = MultiBranch(branches, fork, num_blocks=len(wide))
     first = topology.fork_block(len(wide))
+    wider = [wide.names[b] for b in range(first, len(wide)) if _params(narrow.blocks[b]) > _params(wide.blocks[b])]
+    if wider:
+        raise ValueError(
+            f"the narrowed blocks {', '.join(wider)} are larger than the backbone's own: narrow_model scales the "
+            "architecture's default width, so a backbone created with a custom width cannot be narrowed; "
+            "create it with its default width")
     adapter = _adapter_size(wide, narrow, first, example_input)
 
     graph = topology.build(len(wide))
@@ -139,6 +145,10 @@ def ensemblenet(
                     loss=None if loss is None else LOSSES.create(loss),
                     halting=None if halting is None else _create(HALTING_POLICIES, halting, num_members=branches),
                     init=init, node_modules=node_modules, head_modules=head_modules)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 @torch.no_grad()
