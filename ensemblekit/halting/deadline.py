@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,11 @@ class Deadline(HaltingPolicy):
             raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
         self.seconds = float(seconds)
         self.prefix_flops: list[int] = []
+
+    @classmethod
+    def example_options(cls) -> dict[str, Any]:
+        """Options for :mod:`ensemblekit.testing`: a budget no test reaches (deterministic)."""
+        return {"seconds": 3600.0}
 
     def bind(self, ensemble) -> None:
         """Read the FLOPs of every prefix of ``ensemble`` (cached by the ensemble)."""

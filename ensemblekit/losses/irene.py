@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,6 +76,11 @@ class IreneLoss(LossStrategy):
         self.schedule = schedule
         if cost == "flops":
             self.requires = type(self).requires | {"prefix_costs"}
+
+    @classmethod
+    def example_options(cls) -> dict[str, Any]:
+        """Options for :mod:`ensemblekit.testing`, whose checks train every member at once."""
+        return {"schedule": "joint"}
 
     def check(self, ensemble) -> None:
         """Fail at ``wrap()`` time unless the halting policy provides what the loss reads."""
