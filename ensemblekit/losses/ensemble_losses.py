@@ -77,7 +77,9 @@ class NestedCE(LossStrategy):
     """L_S / L_H: cross-entropy of every nested sub-ensemble (HNE AAAI Eq. 4, arXiv Eq. 10).
 
     ``L_S = sum_{s in nested sizes} CE(ybar_s, y)``; for a tree the sizes are
-    ``1, k, .., k^B`` (one term per sub-tree level ``b = 0..B``).
+    ``1, k, .., k^B`` (one term per sub-tree level ``b = 0..B``); chains,
+    cascades and independent members use every prefix ``1..N``, a
+    multi-branch network ``1`` and ``N``.
     """
 
     def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
