@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ensemblekit import aggregators, topologies
 from ensemblekit.hookspecs import Register, hookimpl
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ensemblekit.blocks import BlockSplit
 
 
 @hookimpl
@@ -35,3 +42,44 @@ def register_halting_policies(register: Register) -> None:
 
     for name, factory in BUILTIN_HALTING_POLICIES.items():
         register(name, factory)
+
+
+def sequential_splitter(model: Any, num_blocks: int | None, example_input: Tensor | None) -> BlockSplit | None:
+    """Splits an ``nn.Sequential`` or a list ``[block0, ..., head]``; ``None`` for anything else."""
+    from ensemblekit.splitting import split_sequential
+
+    return split_sequential(model, num_blocks, example_input=example_input)
+
+
+def _sequential_example() -> dict[str, Any]:
+    import torch
+    from torch import nn
+
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    blocks = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)]
+    return {"model": [*blocks, head], "num_blocks": 2, "example_input": torch.randn(2, 3, 8, 8)}
+
+
+def timm_splitter(model: Any, num_blocks: int | None, example_input: Tensor | None) -> BlockSplit | None:
+    """Splits a timm model at its stages (``None`` for a model that is not from timm)."""
+    from ensemblekit.splitting import split_timm
+
+    return split_timm(model, num_blocks, example_input=example_input)
+
+
+def _timm_example() -> dict[str, Any]:
+    import timm
+    import torch
+
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+    return {"model": model, "num_blocks": 3, "example_input": torch.randn(2, 3, 32, 32)}
+
+
+sequential_splitter.example_options = _sequential_example  # for ensemblekit.testing.check_splitter
+timm_splitter.example_options = _timm_example
+
+
+@hookimpl
+def register_backbone_splitters(register: Register) -> None:
+    register("sequential", sequential_splitter)
+    register("timm", timm_splitter)
