@@ -153,7 +153,8 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training split.
-        batch_size: training batch size.
+        batch_size: the global training batch size; under torchrun each of
+            the N processes takes ``batch_size / N`` of it.
         optimizer: "sgd" (with momentum) or "adamw".
         lr: peak learning rate.
         momentum: SGD momentum.
@@ -168,6 +169,9 @@ class TrainConfig:
         device: "auto" (cuda, then mps, then cpu) or a torch device string.
         progress: progress bar: "tqdm", "rich" or "none".
         checkpoint_every: also save every this many steps (0: at epoch ends only).
+        sync_batchnorm: under torchrun on GPUs, compute BatchNorm statistics
+            over the global batch instead of each process's share (see
+            ``docs/distributed.md``).
         keep_checkpoints: how many recent checkpoints to keep.
     """
 
@@ -187,6 +191,7 @@ class TrainConfig:
     progress: str = "tqdm"
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -197,8 +202,12 @@ class TrainConfig:
         _at_least("train.step_epochs", self.step_epochs, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 0)
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma must be in (0, 1], got {self.gamma}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -301,25 +310,28 @@ def build_ensemble(config: ModelConfig):
     try:
         backbone = timm.create_model(config.backbone, pretrained=False, num_classes=config.num_classes,
                                      in_chans=config.in_chans, **config.backbone_options)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
+    except Exception as err:  # whatever timm raises for this name and these options is a config error
+        if isinstance(err, RuntimeError) and "Unknown model" in str(err):
             close = difflib.get_close_matches(config.backbone, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"model.backbone: unknown timm model {config.backbone!r}{hint}") from err
-        raise
-    except TypeError as err:
         raise ConfigError(f"model.backbone_options {config.backbone_options} are not accepted by "
-                          f"timm model {config.backbone!r}: {err}") from err
+                          f"timm model {config.backbone!r}: {type(err).__name__}: {err}") from err
     example = torch.zeros(1, config.in_chans, config.image_size, config.image_size)
-    if config.recipe is not None:
-        recipe = getattr(recipes, config.recipe)
-        _check_recipe_options(recipe, config.recipe_options, wrap)
-        ensemble = recipe(backbone, **config.recipe_options, init=config.init, halting=config.halting,
-                          example_input=example)
-    else:
-        ensemble = wrap(backbone, config.topology or "tree", aggregator=config.aggregator or "mean",
-                        loss=config.loss or "independent", halting=config.halting, init=config.init,
-                        num_blocks=config.num_blocks, example_input=example)
+    try:
+        if config.recipe is not None:
+            recipe = getattr(recipes, config.recipe)
+            _check_recipe_options(recipe, config.recipe_options, wrap)
+            ensemble = recipe(backbone, **config.recipe_options, init=config.init, halting=config.halting,
+                              example_input=example)
+        else:
+            ensemble = wrap(backbone, config.topology or "tree", aggregator=config.aggregator or "mean",
+                            loss=config.loss or "independent", halting=config.halting, init=config.init,
+                            num_blocks=config.num_blocks, example_input=example)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"[model] cannot be built as configured ({_summary(config)}): {err}") from err
     if ensemble.input_size is None:
         ensemble.example_size = (config.image_size, config.image_size)
     ensemble.build_config = config
@@ -327,6 +339,13 @@ def build_ensemble(config: ModelConfig):
 
 
 # ------------------------------------------------------------------ checks
+def _summary(config: ModelConfig) -> str:
+    if config.recipe is not None:
+        return f"recipe={config.recipe!r}, recipe_options={config.recipe_options}"
+    keys = ("topology", "aggregator", "loss", "halting", "num_blocks")
+    return ", ".join(f"{k}={getattr(config, k)!r}" for k in keys if getattr(config, k) is not None) or "defaults"
+
+
 def _check_recipe_options(recipe: Any, options: dict, wrap: Any) -> None:
     params = inspect.signature(recipe).parameters
     allowed = [p for p in params if params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]

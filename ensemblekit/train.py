@@ -11,6 +11,11 @@ resumes are exact with ``num_workers=0``; with workers, resume from an epoch
 end). A NaN or infinite loss stops the run before the step is applied and
 names the step and batch; nothing is written after the last good checkpoint.
 
+Launched with ``torchrun --nproc-per-node=N``, :func:`train` trains with
+DistributedDataParallel (see :mod:`ensemblekit.distributed`): each process
+takes ``batch_size / N`` items of every global batch, only rank 0 shows
+progress and writes files, and checkpoints hold every process's RNG state.
+
 Example:
     >>> cfg = RunConfig(ModelConfig("resnet10t"), train=TrainConfig(epochs=2))  # doctest: +SKIP
     >>> result = run(cfg, "runs/first")                                         # doctest: +SKIP
@@ -20,13 +25,14 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
 
 from ensemblekit import checkpoint as ckpt
+from ensemblekit import distributed
 from ensemblekit.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
 from ensemblekit.data import load_dataset, make_loader
 from ensemblekit.metrics import Report, anytime_report, collect_members, plot_accuracy_vs_flops
@@ -97,20 +104,6 @@ def select_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on ``(seed, epoch)``, started at item ``start``."""
-
-    def __init__(self, num_items: int, seed: int, epoch: int, start: int = 0):
-        self.num_items, self.seed, self.epoch, self.start = num_items, seed, epoch, start
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(self.num_items, generator=g)[self.start:].tolist()
-
-    def __len__(self) -> int:
-        return self.num_items - self.start
 
 
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
@@ -233,12 +226,30 @@ def train(
         extra: JSON-able settings stored in every checkpoint and required to
             be unchanged on resume (e.g. the data config).
 
+    Under torchrun the model is trained with DDP on every process (see
+    :mod:`ensemblekit.distributed`); the process group is created here when
+    the caller has not created one, and destroyed on return.
+
     Raises:
         FileExistsError: ``out_dir`` already holds checkpoints and ``resume`` is off.
         CheckpointError: the checkpoint to resume is damaged or of another model or settings.
         NonFiniteLossError: the loss became NaN or infinite.
     """
     config = config or TrainConfig()
+    env = distributed.detect()
+    device = distributed.process_device(select_device(config.device), env)
+    created = distributed.init(env, device)
+    try:
+        return _train(model, train_set, config, env, device, out_dir=out_dir, resume=resume,
+                      num_workers=num_workers, extra=extra)
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distributed.DistEnv,
+           device: torch.device, *, out_dir: str | Path | None, resume: bool, num_workers: int,
+           extra: dict[str, Any] | None) -> TrainResult:
     extra = dict(extra or {})
     start_time = time.perf_counter()
     folder = None if out_dir is None else Path(out_dir) / CHECKPOINTS
@@ -252,11 +263,14 @@ def train(
         raise FileExistsError(f"{out_dir} already holds checkpoints of a run ({existing[-1].name}); "
                               "resume it (--resume / resume=True) or choose another output folder")
 
-    device = select_device(config.device)
     model.to(device)
     n = len(train_set)
     if n == 0:
         raise ValueError("the training set is empty")
+    if config.batch_size % env.world_size or n < env.world_size:
+        raise ValueError(f"train.batch_size={config.batch_size} is the global batch of {env.world_size} processes: "
+                         f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
+                         f"{env.world_size} items")
     drop_last = n > config.batch_size
     steps_per_epoch = n // config.batch_size if drop_last else 1
     optimizer = make_optimizer(model.parameters(), config)
@@ -269,44 +283,66 @@ def train(
         if not existing:
             raise FileNotFoundError(f"nothing to resume: {folder} holds no checkpoints")
         last_good = ckpt.resolve(folder)
-        step, history, meter = _restore(last_good, model, optimizer, scheduler, settings)
+        step, history, meter = _restore(last_good, model, optimizer, scheduler, settings, env, config.seed)
         if step > config.epochs * steps_per_epoch:
             raise ckpt.CheckpointError(f"{last_good} is at step {step}, past the {config.epochs} epochs of this run")
+        found = distributed.all_gather_objects(str(last_good), env)
+        if len(set(found)) > 1:
+            raise ckpt.CheckpointError(f"the processes found different checkpoints to resume ({', '.join(found)}); "
+                                       "out_dir must be on a file system that every process sees")
+    elif env.enabled:
+        seed_everything(distributed.rank_seed(config.seed, env.rank))  # each process draws its own augmentations
 
     def save() -> Path:
-        opt_tensors, opt_plain = _optimizer_state(optimizer)
-        rng_tensors, rng_plain = _rng_state()
-        state = {"step": step, "steps_per_epoch": steps_per_epoch, "history": history, "epoch_sums": meter.sums,
-                 "optimizer": opt_plain, "scheduler": None if scheduler is None else scheduler.state_dict(),
-                 "rng": rng_plain}
         target = folder / f"step-{step:07d}"
-        ckpt.write_checkpoint(target, model, model.build_config, trainer_tensors={**opt_tensors, **rng_tensors},
-                              trainer_state=state, extra=settings, overwrite=True)
-        ckpt.atomic_write(folder / ckpt.LATEST, target.name + "\n")
-        for old in _step_dirs(folder)[:-config.keep_checkpoints]:
-            shutil.rmtree(old)
+        rng = distributed.all_gather_objects(_rng_state(), env)  # every process's, so each resumes its own
+        if env.is_main:
+            opt_tensors, opt_plain = _optimizer_state(optimizer)
+            rng_tensors = {(f"rank{r}.{k}" if r else k): v for r, (t, _) in enumerate(rng) for k, v in t.items()}
+            state = {"step": step, "steps_per_epoch": steps_per_epoch, "history": history,
+                     "epoch_sums": meter.sums, "optimizer": opt_plain,
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+                     "rng": rng[0][1], "rng_ranks": [plain for _, plain in rng[1:]]}
+            ckpt.write_checkpoint(target, model, model.build_config, trainer_tensors={**opt_tensors, **rng_tensors},
+                                  trainer_state=state, extra=settings, overwrite=True)
+            ckpt.atomic_write(folder / ckpt.LATEST, target.name + "\n")
+            for old in _step_dirs(folder)[:-config.keep_checkpoints]:
+                shutil.rmtree(old)
+        distributed.barrier(env)  # no process goes on (or resumes) before the checkpoint is complete
         return target
 
     total_steps = config.epochs * steps_per_epoch
+    sampler = distributed.ShardedEpochSampler(train_set, config.batch_size, env, seed=config.seed, drop_last=drop_last)
+    progress = config.progress if env.is_main else "none"
+    step_fn = None
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         model.train()
-        sampler = EpochSampler(n, config.seed, epoch, start=skip * config.batch_size)
-        loader = make_loader(train_set, config.batch_size, shuffle=False, num_workers=num_workers,
-                             seed=config.seed, sampler=sampler, drop_last=drop_last)
+        sampler.set_epoch(epoch, start=skip * config.batch_size)
+        loader = make_loader(train_set, config.batch_size // env.world_size, shuffle=False, num_workers=num_workers,
+                             seed=distributed.rank_seed(config.seed, env.rank), sampler=sampler, drop_last=drop_last)
         epoch_start = time.perf_counter()
-        with _progress(config.progress, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}") as bar:
+        with _progress(progress, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}") as bar:
             for batch, (x, y) in enumerate(loader, start=skip):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                output = model.forward_output(x)
-                result = model.loss(output, y)
+                if step_fn is None:
+                    step_fn = distributed.data_parallel(model, env, device, sync_batchnorm=config.sync_batchnorm,
+                                                        probe=(x, y))
+                output, result = step_fn(x, y)
                 loss = result.total
-                if not torch.isfinite(loss):
+                with torch.no_grad():  # one reduction over the processes: loss, accuracy, bad inputs, loss parts
+                    correct = (output.ensemble().argmax(-1) == y).sum()
+                    local = [loss, correct, ~torch.isfinite(x).all(), *result.parts.values()]
+                    totals = distributed.all_sum(torch.stack([v.detach().double().reshape(()) for v in local]), env)
+                mean_loss = float(totals[0]) / env.world_size
+                if not math.isfinite(mean_loss):
                     kept = (f"the last good checkpoint is {last_good} (nothing was written after it)"
                             if last_good else "no checkpoint had been written yet")
+                    cause = ("the batch holds NaN or infinite inputs" if totals[2] > 0 else
+                             "the inputs are finite, so training diverged (lower train.lr or set train.grad_clip)")
                     raise NonFiniteLossError(
-                        f"training stopped: the loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}, "
-                        f"batch {batch + 1} of {steps_per_epoch}); {kept}")
+                        f"training stopped: the loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}, "
+                        f"batch {batch + 1} of {steps_per_epoch}); {cause}; {kept}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip is not None:
@@ -315,8 +351,8 @@ def train(
                 if scheduler is not None:
                     scheduler.step()
                 step += 1
-                correct = int((output.ensemble().argmax(-1) == y).sum())
-                meter.add(loss.item(), result.parts, correct, len(y))
+                parts = {k: float(v) / env.world_size for k, v in zip(result.parts, totals[3:])}
+                meter.add(mean_loss, parts, int(totals[1]), len(y) * env.world_size)
                 bar.update(meter.loss(), meter.accuracy())
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch:
@@ -329,7 +365,8 @@ def train(
     return TrainResult(step, history, last_good, time.perf_counter() - start_time)
 
 
-def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any]):
+def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any],
+             env: distributed.DistEnv, seed: int):
     directory, manifest = ckpt.read_manifest(directory)
     manifest_path = directory / ckpt.MANIFEST
     ours = asdict(model.build_config)
@@ -350,7 +387,14 @@ def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: 
     _set_optimizer_state(optimizer, tensors, state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(tensors, state["rng"])
+    ranks = state.get("rng_ranks", [])
+    if env.rank == 0:
+        _set_rng_state(tensors, state["rng"])
+    elif env.rank <= len(ranks):
+        prefix = f"rank{env.rank}."
+        _set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, ranks[env.rank - 1])
+    else:  # the checkpoint's run had fewer processes: this one starts a fresh stream
+        seed_everything(distributed.rank_seed(seed, env.rank) + state["step"])
     return state["step"], state["history"], _Meter(state["epoch_sums"])
 
 
@@ -415,7 +459,8 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     """Build, train and evaluate as ``config`` says; write checkpoints, a report and a plot to ``out_dir``.
 
     Files: ``checkpoints/``, ``report.json``, ``report.txt`` and
-    ``accuracy_vs_flops.png``; they are written only when the run succeeds.
+    ``accuracy_vs_flops.png``; they are written only when the run succeeds,
+    and under torchrun only by rank 0 (every process evaluates).
     """
     out_dir = Path(out_dir)
     data = config.data
@@ -431,7 +476,7 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     report = evaluate(model, eval_set, config.data.eval_batch_size, config.train.device, config.data.num_workers)
     title = (f"{model_config.backbone} on {info.name} ({data.eval_split}): {report.num_samples} samples, "
              f"{report.num_members} members")
-    files = write_report(report, out_dir, title, log=log)
+    files = write_report(report, out_dir, title, log=log) if distributed.detect().is_main else {}
     return RunResult(model, result, report, {"checkpoint": result.checkpoint, **files})
 
 

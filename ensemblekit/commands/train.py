@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from ensemblekit import distributed
     from ensemblekit.config import load_config
     from ensemblekit.train import run as run_training
 
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as err:
         print(f"ensemblekit train: error: {err}", file=sys.stderr)
         return 2
+    if not distributed.detect().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(f"checkpoint: {result.train.checkpoint}")
     for key in ("report_json", "report_txt", "plot"):
         print(f"{key.replace('_', ' ')}: {result.files[key]}")
