@@ -9,7 +9,7 @@ the loss needs) and ``ens.loss(out, y).total``. Afterwards the anytime table
 calibration and FLOPs of the first k members for every k.
 
 Run:
-    python examples/02_train_hne.py            # 16 members (depth 4), 10 epochs: about a minute per epoch on a CPU
+    python examples/02_train_hne.py            # 16 members (depth 4), 10 epochs: about a minute on a CPU
     python examples/02_train_hne.py --smoke    # depth 2, a few steps: seconds
 """
 
