@@ -1,0 +1,130 @@
+"""Cutting a backbone into blocks: :func:`split` and the splitter registry.
+
+A *splitter* is a callable ``(model, num_blocks, example_input) -> BlockSplit | None``
+that returns ``None`` for models it does not handle. :func:`split` asks the
+registered splitters first (in registration order), then the built-in ones
+(sequences of modules, then timm models); the first answer wins.
+
+Example:
+    >>> import timm
+    >>> blocks = split(timm.create_model("resnet10t", pretrained=False), 3)
+    >>> len(blocks), blocks.feature_format
+    (3, ['NCHW', 'NCHW', 'NCHW'])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from ensemblekit.blocks import BlockSplit
+from ensemblekit.splitting.errors import SplitError
+from ensemblekit.splitting.sequential import Chain, split_sequential
+from ensemblekit.splitting.timm import WIDTH_ARGS, narrow_model, split_timm, width_arg
+
+__all__ = [
+    "WIDTH_ARGS",
+    "Chain",
+    "SplitError",
+    "Splitter",
+    "narrow_model",
+    "register_splitter",
+    "split",
+    "split_sequential",
+    "split_timm",
+    "splitters",
+    "unregister_splitter",
+    "width_arg",
+]
+
+Splitter = Callable[[Any, Optional[int], Optional[torch.Tensor]], Optional[BlockSplit]]
+"""``(model, num_blocks, example_input) -> BlockSplit | None``."""
+
+
+def _sequential(model: Any, num_blocks: int | None, example_input: torch.Tensor | None) -> BlockSplit | None:
+    return split_sequential(model, num_blocks, example_input=example_input)
+
+
+def _timm(model: Any, num_blocks: int | None, example_input: torch.Tensor | None) -> BlockSplit | None:
+    return split_timm(model, num_blocks, example_input=example_input)
+
+
+_BUILTIN: tuple[Splitter, ...] = (_sequential, _timm)
+_registered: list[Splitter] = []
+
+
+def register_splitter(fn: Splitter) -> Splitter:
+    """Add a splitter, tried before the built-in ones (and after those registered earlier).
+
+    Registering the same callable twice has no effect. Usable as a decorator.
+
+    Args:
+        fn: ``(model, num_blocks, example_input) -> BlockSplit | None``;
+            returns ``None`` for models it does not handle and raises
+            :class:`SplitError` for models it handles but cannot split as asked.
+
+    Returns:
+        ``fn`` itself.
+
+    Example:
+        >>> @register_splitter
+        ... def my_splitter(model, num_blocks, example_input):
+        ...     return None  # not one of mine
+        >>> my_splitter in splitters()
+        True
+        >>> unregister_splitter(my_splitter)
+    """
+    if fn not in _registered:
+        _registered.append(fn)
+    return fn
+
+
+def unregister_splitter(fn: Splitter) -> None:
+    """Remove a splitter added by :func:`register_splitter` (no effect if absent)."""
+    if fn in _registered:
+        _registered.remove(fn)
+
+
+def splitters() -> tuple[Splitter, ...]:
+    """All splitters in the order :func:`split` tries them."""
+    return (*_registered, *_BUILTIN)
+
+
+def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Tensor | None = None) -> BlockSplit:
+    """Cut a backbone into blocks and a head.
+
+    ``head(blocks[-1](...blocks[0](x)))`` equals ``model(x)``. The blocks use
+    the model's own modules and parameters; deep-copy them for independent ones.
+
+    Args:
+        model: a timm model, an ``nn.Sequential`` or a list of modules (the
+            last one is the head), or anything a registered splitter handles.
+        num_blocks: how many blocks (default: the model's natural stages, or
+            one per element of a sequence); other numbers merge or subdivide
+            stages so that the blocks' FLOPs are balanced.
+        example_input: an input the model accepts, used to measure shapes and
+            FLOPs (default: a small input guessed from the model).
+
+    Returns:
+        A :class:`~ensemblekit.blocks.BlockSplit`.
+
+    Raises:
+        SplitError: when no splitter handles the model, or it cannot be split as asked.
+
+    Example:
+        >>> from torch import nn
+        >>> head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        >>> s = split([nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), head], 1)
+        >>> len(s), s.names, s.num_classes
+        (1, ['0..1'], 4)
+    """
+    for splitter in splitters():
+        result = splitter(model, num_blocks, example_input)
+        if result is not None:
+            return result
+    raise SplitError(
+        f"cannot split {type(model).__name__}: it is neither a timm model nor a sequence of modules, and no "
+        "registered splitter handles it; pass an nn.Sequential of blocks or a list of modules "
+        "[block0, block1, ..., head] (the last module is the head)"
+    )
