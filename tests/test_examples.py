@@ -24,6 +24,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MPLBACKEND="Agg", PYTHONHASHSEED="0", PYTHONUNBUFFERED="1")
+    # PYTHONHASHSEED=0: torchrun's processes must build their modules in the same order (see 08_ddp.py).
     # The repository first, so the examples import this checkout even where it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
@@ -48,3 +49,23 @@ def test_example_smoke(path: Path, tmp_path: Path):
     assert proc.returncode == 0, (
         f"{path.name} --smoke exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
         f"\n--- stderr ---\n{proc.stderr[-4000:]}")
+
+
+DDP_EXAMPLE = ROOT / "examples" / "08_ddp.py"
+
+
+@pytest.mark.skipif(not DDP_EXAMPLE.exists(), reason="examples/08_ddp.py not present")
+def test_ddp_example_under_torchrun(tmp_path: Path):
+    """The DDP example also runs as 2 CPU processes (gloo) under torchrun."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    # --standalone: a local rendezvous on a free port, so parallel test runs do not collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(DDP_EXAMPLE), "--smoke"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, (
+        f"torchrun 08_ddp.py --smoke exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
+        f"\n--- stderr ---\n{proc.stderr[-4000:]}")
+    assert "on 2 process(es)" in proc.stdout
