@@ -1,0 +1,69 @@
+"""The benchmark runs end to end on tiny settings (its numbers are not tested)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensemblekit import bench
+from ensemblekit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def allocator(monkeypatch):
+    for key, value in bench.ALLOCATOR_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_quick_bench_prints_every_section_with_targets(allocator, capsys):
+    assert main(["bench", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: cpu")
+    assert "threads" in out and "allocator: MALLOC_MMAP_MAX_=0" in out
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert {line[1] for line in lines} == {str(s) for s in bench.SECTIONS}
+    judged = [line for line in lines if "(target" in line]
+    assert judged and all(line.endswith(("-> met", "-> NOT MET")) or "skipped" in line for line in judged)
+    assert "auto vs the best strategy" in out and "share of one model's GFLOP/s" in out
+    assert "bench wall-clock" in out.splitlines()[-1]
+
+
+def test_missing_torchensemble_is_reported_as_skipped(allocator, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchensemble", None)
+    assert main(["bench", "--quick", "--device", "cpu", "--sections", "3"]) == 0
+    assert "skipped: torchensemble not installed" in capsys.readouterr().out
+
+
+def test_compile_line_runs_on_tiny_settings():
+    settings = dataclasses.replace(bench.QUICK, compile_members=(2,))
+    out: list[str] = []
+    bench.Bench(settings, torch.device("cpu"), out.append).section2()
+    assert sum("compile " in line for line in out) == 2  # eval and train
+
+
+def test_bench_reexecutes_itself_with_the_allocator_settings():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings only apply to glibc")
+    env = {k: v for k, v in os.environ.items() if k not in bench.ALLOCATOR_ENV and k != bench.REEXEC_FLAG}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "ensemblekit", "bench", "--quick", "--device", "cpu",
+                             "--sections", "4"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "(set by re-executing the bench)" in result.stdout
+    assert "[4] eval  wrap() one member" in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["8", "a,b"])
+def test_bad_sections_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--sections", bad])
+    assert "sections" in capsys.readouterr().err
