@@ -19,7 +19,7 @@ from ensemblekit.interfaces import (
     LossResult,
     LossStrategy,
 )
-# split() is added here when ensemblekit.splitting lands
+from ensemblekit.splitting import split
 from ensemblekit.topologies import SharingTopology
 from ensemblekit.wrap import wrap
 
@@ -43,6 +43,7 @@ __all__ = [
     "load",
     "losses",
     "recipes",
+    "split",
     "topologies",
     "wrap",
 ]

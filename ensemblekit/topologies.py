@@ -125,7 +125,7 @@ class SharingTopology(ABC):
         """The node graph for a backbone of ``num_blocks`` blocks."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k.lstrip('_')}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
 
 
