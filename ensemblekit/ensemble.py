@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -107,6 +108,11 @@ class Ensemble(nn.Module):
             branches); used as given, neither copied nor re-initialised.
         head_modules: member index -> module used as that member's head
             instead of a copy of the backbone's head; used as given.
+
+    Attributes:
+        check_finite: make :meth:`check_input` reject inputs holding NaN or
+            Inf (off by default: the check reads every value and, on a GPU,
+            waits for it; the trainer names a batch whose loss is not finite anyway).
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class Ensemble(nn.Module):
         self.loss_strategy = loss
         self.halting = halting
         self.execution = execution
+        self.check_finite = False
         self._executor = make_executor(execution)
         if halting is not None:
             self._bind(halting)
@@ -204,6 +211,14 @@ class Ensemble(nn.Module):
                 f"input is {tuple(x.shape[-2:])} but the backbone only accepts {tuple(self.input_size)}; "
                 "resize the images or create the backbone with img_size set"
             )
+        weight = next(self.nodes[0].parameters(), None)
+        if weight is not None and x.device != weight.device:
+            raise ValueError(f"input is on {x.device} but the ensemble is on {weight.device}; move one with .to()")
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input is {x.dtype} but the ensemble's weights are {weight.dtype}; "
+                            f"convert with x.to({weight.dtype}) or run under torch.autocast")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
 
     def compute_nodes(self, cache: NodeCache, node_indices: Sequence[int]) -> None:
         """Evaluate the nodes in ``node_indices`` missing from ``cache``, level by level."""
@@ -246,7 +261,7 @@ class Ensemble(nn.Module):
             is ``b m c`` in anytime order.
         """
         self.check_input(x)
-        members = list(range(self.num_members)) if members is None else list(members)
+        members = list(range(self.num_members)) if members is None else self._member_list(members)
         cache = NodeCache(x)
         self.compute_nodes(cache, self.graph.nodes_for(members))
         logits = torch.stack([self.member_logits(cache, m) for m in members], dim=1)
@@ -256,6 +271,16 @@ class Ensemble(nn.Module):
                 output.extras["head_inputs"] = {m: cache.states[self.graph.members[m].exit_node] for m in members}
             output.extras.update(self.halting.training_extras(output, self))
         return output
+
+    def _member_list(self, members: Any) -> list[int]:
+        """``members`` as a list of valid member indices, or a clear error."""
+        try:
+            out = [operator.index(m) for m in members]
+        except TypeError:
+            raise TypeError(f"members must be a sequence of member indices, got {members!r}") from None
+        if not out or not all(0 <= m < self.num_members for m in out):
+            raise ValueError(f"members must be a non-empty list of indices in 0..{self.num_members - 1}, got {out}")
+        return out
 
     def forward_members(self, x: Tensor) -> Tensor:
         """Member logits ``[B, M, C]`` in anytime (depth-first) order."""
@@ -271,6 +296,13 @@ class Ensemble(nn.Module):
             raise ValueError("this ensemble has no loss; pass loss=... to ensemblekit.wrap()")
         if isinstance(output, Tensor):
             output = EnsembleOutput(output, self.aggregator, self.nested_sizes)
+        if not isinstance(output, EnsembleOutput):
+            raise TypeError(f"loss() takes the EnsembleOutput of forward_output(x), got {type(output).__name__}")
+        if output.members.ndim != 3 or output.members.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"loss() takes member logits [B, M, {self.num_classes}] (forward_output(x)), got a tensor of shape "
+                f"{tuple(output.members.shape)}; forward(x) returns the aggregated prediction, not the members"
+            )
         _check_target(target, output.members)
         return self.loss_strategy(output, target)
 

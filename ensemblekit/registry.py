@@ -137,10 +137,13 @@ class Registry:
 
 def _check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     """Unknown, missing and wrongly typed options fail here, naming the option, not inside the factory."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
+    if isinstance(factory, type) and getattr(factory.__init__, "__module__", "").startswith("torch."):
+        params = {}  # no __init__ of its own: torch's (nn.Module's *args, **kwargs) takes no options
+    else:
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            return
     accepted = [p for p in params if p != "self"]
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))

@@ -282,7 +282,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     if resume:
         if not existing:
             raise FileNotFoundError(f"nothing to resume: {folder} holds no checkpoints")
-        last_good = ckpt.resolve(folder)
+        # a run killed between writing its first checkpoint and its "latest" pointer has no pointer yet
+        last_good = ckpt.resolve(folder) if (folder / ckpt.LATEST).is_file() else existing[-1]
         step, history, meter = _restore(last_good, model, optimizer, scheduler, settings, env, config.seed)
         if step > config.epochs * steps_per_epoch:
             raise ckpt.CheckpointError(f"{last_good} is at step {step}, past the {config.epochs} epochs of this run")

@@ -61,6 +61,7 @@ def wrap(
         >>> ens(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
+    _check_arguments(num_classes, num_blocks, exit_head, example_input)
     topo = TOPOLOGIES.create(topology, **topology_options)
     split = _split(model, num_blocks or topo.num_blocks, example_input, topo)
     if num_classes is not None and num_classes != split.num_classes:
@@ -72,6 +73,17 @@ def wrap(
     policy = None if halting is None else _create(HALTING_POLICIES, halting, num_members=num_members)
     return Ensemble(split, topo, agg, loss=loss_strategy, halting=policy, init=init,
                     exit_head=exit_head, execution=execution)
+
+
+def _check_arguments(num_classes: Any, num_blocks: Any, exit_head: Any, example_input: Any) -> None:
+    for name, value, minimum in (("num_classes", num_classes, 1), ("num_blocks", num_blocks, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
+    if not callable(exit_head):
+        raise TypeError(f"exit_head must be a callable (in_features, num_classes, fmt, num_prefix_tokens) -> module, "
+                        f"got {exit_head!r}")
+    if example_input is not None and not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a tensor the backbone accepts, got {type(example_input).__name__}")
 
 
 def _create(registry, spec: Any, **context: Any) -> Any:
