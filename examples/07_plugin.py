@@ -107,6 +107,7 @@ def main() -> None:
 
     opt = torch.optim.SGD(ens.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = make_loader(train_set, 64, shuffle=True, seed=args.seed, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps or args.epochs * len(loader))
     step = 0
     for _ in range(args.epochs):
         ens.train()
@@ -115,6 +116,7 @@ def main() -> None:
             opt.zero_grad()
             result.total.backward()
             opt.step()
+            sched.step()
             step += 1
             if step == max_steps:
                 break
