@@ -2,8 +2,8 @@
 
 Shows ``ek.recipes.ensemblenet`` (Lee et al.): the blocks before ``fork`` are
 shared, each of the ``branches`` members gets its own copy of the later blocks
-narrowed to 1/1.5 of the width, so the whole ensemble has about as many
-parameters as the backbone. The same loop as example 02 trains it with
+narrowed to 1/1.5 of the width (with two branches the whole ensemble has about
+as many parameters as the backbone). The same loop as example 02 trains it with
 EnsembleNet's co-distillation loss (members distilled from the ensemble, the
 ensemble from the labels; ``--loss ensemblenet_ensembling`` for Eq. 2 instead),
 then prints the anytime table.
