@@ -239,6 +239,13 @@ def all_sum(values: Tensor, env: DistEnv) -> Tensor:
     return values
 
 
+def broadcast_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics drift apart on per-process batches)."""
+    if env.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(env: DistEnv) -> None:
     """Wait until every process gets here."""
     if env.enabled:

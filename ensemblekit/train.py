@@ -363,6 +363,7 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                 if folder is not None and (end_of_epoch or (config.checkpoint_every
                                                             and step % config.checkpoint_every == 0)):
                     last_good = save()
+    distributed.broadcast_buffers(model, env)  # every process ends with rank 0's BatchNorm statistics, as saved
     return TrainResult(step, history, last_good, time.perf_counter() - start_time)
 
 

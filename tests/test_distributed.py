@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from ensemblekit import distributed  # noqa: E402
 from ensemblekit.blocks import BlockSplit  # noqa: E402
-from ensemblekit.config import ModelConfig, TrainConfig  # noqa: E402
+from ensemblekit.config import ModelConfig, TrainConfig, build_ensemble  # noqa: E402
 from ensemblekit.distributed import DistEnv, ShardedEpochSampler  # noqa: E402
 from ensemblekit.train import NonFiniteLossError, seed_everything, train  # noqa: E402
 from ensemblekit.wrap import wrap  # noqa: E402
@@ -34,6 +34,8 @@ from tests.conftest import toy_split  # noqa: E402
 
 EQUAL = TrainConfig(epochs=2, batch_size=8, lr=0.1, progress="none", device="cpu", schedule="constant")
 RESUME = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress="none", device="cpu", checkpoint_every=3)
+TIMM = ModelConfig("resnet10t", num_classes=4, image_size=8, topology={"name": "tree", "depth": 1},
+                   backbone_options={"stem_width": 4, "channels": [4, 8, 8, 8]})
 
 
 # ------------------------------------------------------------------ models and data
@@ -119,6 +121,11 @@ def worker(out: Path) -> None:
     save_file(full.state_dict(), str(out / f"full-{r}.safetensors"))
     save_file(resumed.state_dict(), str(out / f"resumed-{r}.safetensors"))
 
+    seed_everything(0)
+    timm_model = build_ensemble(TIMM)  # split with torch.fx: its module order must not depend on the hash seed
+    train(timm_model, Noisy(), replace(EQUAL, epochs=1))
+    save_file(timm_model.state_dict(), str(out / f"timm-{r}.safetensors"))
+
     data = fixed_data()
     data.tensors[0][13] = float("nan")  # lands in one process's share of one batch
     with pytest.raises(NonFiniteLossError) as err:
@@ -151,6 +158,8 @@ def test_two_processes_under_torchrun(tmp_path):
     for key, value in single.state_dict().items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    timm = [load_file(str(tmp_path / f"timm-{r}.safetensors")) for r in (0, 1)]
+    assert all(torch.equal(timm[0][k], timm[1][k]) for k in timm[0])
     info = [json.loads((tmp_path / f"info-{r}.json").read_text()) for r in (0, 1)]
     for ours, theirs in zip(info[0]["history"], reference.history):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
@@ -169,6 +178,16 @@ def test_two_processes_under_torchrun(tmp_path):
 
     assert info[0]["nan"] == info[1]["nan"]  # both processes stop at the same step: no hang
     assert "loss is nan at step 2 (epoch 1, batch 2 of 6); the batch holds NaN or infinite inputs" in info[0]["nan"]
+
+
+def test_parameter_order_does_not_depend_on_the_hash_seed():
+    """DDP pairs parameters by position, and checkpoints store optimizer state by position."""
+    script = ("import torch; from ensemblekit.config import ModelConfig, build_ensemble; "
+              f"print([n for n, _ in build_ensemble(ModelConfig(**{TIMM.__dict__!r})).named_parameters()])")
+    orders = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed}).stdout
+              for seed in ("1", "2")]
+    assert orders[0] == orders[1]
 
 
 def test_detect_reads_torchrun_variables():

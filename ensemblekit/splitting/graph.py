@@ -191,7 +191,9 @@ class GraphBlock(nn.Module):
     def __init__(self, root: nn.Module, graphs: Mapping[bool, fx.Graph],
                  constants: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        targets = {n.target for g in graphs.values() for n in g.nodes if n.op in ("get_attr", "call_module")}
+        # graph order, not a set's: parameter order must not depend on the hash seed (DDP, optimizer state)
+        ops = ("get_attr", "call_module")
+        targets = dict.fromkeys(n.target for g in graphs.values() for n in g.nodes if n.op in ops)
         for target in sorted(targets, key=lambda t: t.count(".")):
             _install(root, self, target, constants or {})
         for module in self._containers():
