@@ -65,8 +65,10 @@ class Learned(HaltingPolicy):
     """IRENE's selector: a recurrent cell over per-member features -> ``h_t``.
 
     Features of member ``t`` (detached, so only the losses that name the
-    selector train it): its softmax ``y_t`` (IRENE feeds "the t-th model
-    outcomes") and, with ``aux_head``, the uncertainty
+    selector train it): its softmax ``y_t`` sorted in decreasing order (IRENE
+    feeds "the t-th model outcomes"; sorted, the input says how confident the
+    member is whatever the class, which a recurrent cell cannot compute from
+    raw probabilities with one linear layer) and, with ``aux_head``, the uncertainty
     ``KL(y_t || softmax(a_t))`` between the member's head and a second,
     auxiliary head ``a_t`` on the same features (IRENE App. A.1.2, after Cho
     et al. 2022). The auxiliary head is a re-initialised copy of the member's
@@ -157,7 +159,7 @@ class Learned(HaltingPolicy):
                   state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
         """One selector step: halting logit ``[B]`` and the new recurrent state."""
         log_p = logits.detach().float().log_softmax(dim=-1)
-        features = [log_p.exp()]
+        features = [log_p.exp().sort(dim=-1, descending=True).values]
         if aux_logits is not None:
             log_q = aux_logits.detach().float().log_softmax(dim=-1)
             features.append(F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1, keepdim=True))

@@ -147,7 +147,7 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
     seed_everything(seed)
     average = ek.wrap(backbone_model(), "cascade", members=members, aggregator="mean_probs", loss="independent")
     fit(average, loader, epochs, lr=lr, device=dev, log=logger("average"))
-    seed_everything(seed + 1)
+    seed_everything(seed)  # IRENE's first member starts from the single model's initial weights
     irene = ek.recipes.irene(backbone_model(), members=members, ens_weight=ens_weight, cost_weight=cost_weight,
                              rank_weight=rank_weight, schedule=schedule)
     fit(irene, loader, epochs, lr=lr, selector_lr=selector_lr, device=dev, log=logger("irene"))
