@@ -64,7 +64,7 @@ def measure_costs(ensemble) -> EnsembleCosts:
     h, w = ensemble.input_size or ensemble.example_size
     device = next(ensemble.parameters()).device
     x = torch.zeros(1, ensemble.in_chans or 3, h, w, device=device)
-    was_training = ensemble.training
+    modes = {module: module.training for module in ensemble.modules()}
     ensemble.eval()
     memo: dict[tuple, int] = {}
 
@@ -86,7 +86,8 @@ def measure_costs(ensemble) -> EnsembleCosts:
             for head, member in zip(ensemble.heads, ensemble.graph.members)
         ]
     finally:
-        ensemble.train(was_training)
+        for module, mode in modes.items():  # not train(): frozen parts keep their own mode
+            module.training = mode
     return EnsembleCosts(
         node_flops=node_flops,
         node_params=[_params(n) for n in ensemble.nodes],

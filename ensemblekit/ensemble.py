@@ -147,7 +147,7 @@ class Ensemble(nn.Module):
         self.check_finite = False
         self._executor = make_executor(execution)
         if halting is not None:
-            self._bind(halting)
+            halting.bind(self)
         if loss is not None:
             loss.check(self)
 
@@ -267,7 +267,7 @@ class Ensemble(nn.Module):
         logits = torch.stack([self.member_logits(cache, m) for m in members], dim=1)
         output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
         if self.halting is not None:
-            if "head_input" in _step_inputs(self.halting):
+            if "head_input" in self.halting.step_inputs:
                 output.extras["head_inputs"] = {m: cache.states[self.graph.members[m].exit_node] for m in members}
             output.extras.update(self.halting.training_extras(output, self))
         return output
@@ -319,12 +319,6 @@ class Ensemble(nn.Module):
         return self.costs.prefix_table()
 
     # ----------------------------------------------------- adaptive inference
-    def _bind(self, policy: HaltingPolicy) -> None:
-        """Let a policy that defines ``bind(ensemble)`` read this ensemble (heads, costs)."""
-        bind = getattr(policy, "bind", None)
-        if bind is not None:
-            bind(self)
-
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
                 max_members: int | None = None) -> Iterator:
         """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.anytime`."""
@@ -338,14 +332,9 @@ class Ensemble(nn.Module):
 
         After each member the policy decides, per sample, whether to stop;
         stopped samples are removed from every cached state, so the next
-        member only runs on the samples still going.
-
-        A policy may define ``bind(ensemble)``, called here and when it is
-        given to the constructor, and ``step_inputs``, the names of what it
-        reads from :attr:`HaltingStep.extras`: "head_input" (the member's
-        head input state; :meth:`forward_output` then puts every member's in
-        ``extras["head_inputs"]``, member -> state) and "seconds" (``[B]``,
-        wall-clock seconds since the first member started).
+        member only runs on the samples still going. The policy's
+        ``step_inputs`` say which extras each step carries (see
+        :class:`~ensemblekit.interfaces.HaltingPolicy`).
         """
         from ensemblekit.anytime import Clock
 
@@ -356,8 +345,8 @@ class Ensemble(nn.Module):
             raise TypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
                             f"got {type(policy).__name__}")
         self.check_input(x)
-        self._bind(policy)
-        needs = _step_inputs(policy)
+        policy.bind(self)
+        needs = policy.step_inputs
         b, m_total = x.shape[0], self.num_members
         prefix_flops = [row.flops for row in self.cost_table()]
         active = torch.arange(b, device=x.device)
@@ -398,10 +387,6 @@ def _override(modules: list[nn.Module], replace: dict[int, nn.Module] | None, ki
             raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
         modules[index] = module
     return modules
-
-
-def _step_inputs(policy: HaltingPolicy) -> frozenset[str]:
-    return getattr(policy, "step_inputs", frozenset())
 
 
 def _check_target(target: Any, members: Tensor) -> None:

@@ -171,9 +171,18 @@ class HaltingPolicy(nn.Module, ABC):
     sample stops now. After the last member every sample stops regardless.
     A policy with parameters is trained through the loss; one that needs
     held-out data overrides :meth:`calibrate`.
+
+    ``step_inputs`` names what the policy reads from :attr:`HaltingStep.extras`:
+    "head_input" (the member's head input state; ``forward_output`` then also
+    puts every member's in ``extras["head_inputs"]``) and "seconds" (``[B]``
+    wall-clock seconds since the first member started).
     """
 
     provides: ClassVar[frozenset[str]] = frozenset()
+    step_inputs: ClassVar[frozenset[str]] = frozenset()
+
+    def bind(self, ensemble: Ensemble) -> None:
+        """Called when the policy is given to an ensemble (to read its heads or costs)."""
 
     @abstractmethod
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor] | None]:
