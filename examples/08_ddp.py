@@ -14,12 +14,9 @@ The ready-made loop ``ensemblekit.train.train`` (and ``ensemblekit train``)
 does all of this by itself under torchrun; see docs/distributed.md.
 
 Run:
-    python examples/08_ddp.py --smoke                                   # one process
-    PYTHONHASHSEED=0 torchrun --nproc-per-node=2 examples/08_ddp.py --smoke   # two processes (CPU: gloo)
-    PYTHONHASHSEED=0 torchrun --nproc-per-node=4 examples/08_ddp.py           # e.g. 4 GPUs
-
-PYTHONHASHSEED=0 makes every process build its modules in the same order, which
-DDP needs (``data_parallel`` checks it and names the first difference).
+    python examples/08_ddp.py --smoke                                # one process
+    torchrun --nproc-per-node=2 examples/08_ddp.py --smoke           # two processes (CPU: gloo)
+    torchrun --nproc-per-node=4 examples/08_ddp.py                   # e.g. 4 GPUs
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ TIMEOUT_S = 300
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               MPLBACKEND="Agg", PYTHONHASHSEED="0", PYTHONUNBUFFERED="1")
-    # PYTHONHASHSEED=0: torchrun's processes must build their modules in the same order (see 08_ddp.py).
+               MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    # No PYTHONHASHSEED: torchrun's processes, each with its own hash seed, must still agree.
+    env.pop("PYTHONHASHSEED", None)
     # The repository first, so the examples import this checkout even where it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
