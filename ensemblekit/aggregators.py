@@ -91,3 +91,13 @@ class WeightedMean(Aggregator):
 
     def value(self, state: AggregatorState) -> Tensor:
         return state["sum"] / state["weight"]
+
+
+class LastExit(Aggregator):
+    """The newest member alone: a multi-exit network's prediction after exit ``k`` is exit ``k``'s logits."""
+
+    def update(self, state: AggregatorState | None, logits: Tensor, index: int) -> AggregatorState:
+        return {"logits": logits}
+
+    def value(self, state: AggregatorState) -> Tensor:
+        return state["logits"]

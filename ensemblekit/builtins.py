@@ -26,6 +26,7 @@ def register_aggregators(register: Register) -> None:
     register("mean_probs", aggregators.MeanProbs)
     register("vote", aggregators.Vote)
     register("weighted", aggregators.WeightedMean)
+    register("last", aggregators.LastExit)
 
 
 @hookimpl

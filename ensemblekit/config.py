@@ -18,7 +18,8 @@ A config file has up to three sections; every key is optional except
     optimizer = "sgd"
     lr = 0.05
 
-Instead of topology/aggregator/loss, ``recipe = "hne"`` (or ``"ensemblenet"``)
+Instead of topology/aggregator/loss, ``recipe = "hne"`` (or ``"ensemblenet"``,
+``"multi_exit"``, ``"irene"``)
 with ``recipe_options = { depth = 3 }`` builds the ensemble as the paper did.
 Unknown keys and invalid values fail with a message that names the key and
 the allowed values. :class:`ModelConfig` is also what a checkpoint stores to
@@ -34,7 +35,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-RECIPES = ("hne", "ensemblenet")
+RECIPES = ("hne", "ensemblenet", "multi_exit", "irene")
 INIT_MODES = ("reinit", "copy")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -57,7 +58,7 @@ class ModelConfig:
         in_chans: input channels.
         image_size: side of the square inputs (for splitting and FLOP counts).
         backbone_options: extra keywords of ``timm.create_model``.
-        recipe: "hne" or "ensemblenet" (then topology, aggregator, loss come
+        recipe: "hne", "ensemblenet", "multi_exit" or "irene" (then topology, aggregator, loss come
             from the recipe and ``recipe_options``), or None.
         recipe_options: keywords of the recipe (``depth``, ``branching``,
             ``alpha``, ``branches``, ``fork``, ``width``, ``loss``, ...).

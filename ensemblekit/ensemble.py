@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ensemblekit.batching import select_batch
 from ensemblekit.blocks import BlockSplit, State, call_block
 from ensemblekit.execution import make_executor
-from ensemblekit.heads import ExitHead, feature_dim, fresh_copy, replace_classifier
+from ensemblekit.heads import ExitHead, feature_dim, fresh_copy
 from ensemblekit.interfaces import (
     Aggregator,
     EnsembleOutput,

@@ -14,7 +14,8 @@ from ensemblekit.gradient_equilibrium import apply_gradient_equilibrium, equilib
 from ensemblekit.interfaces import EnsembleOutput
 from ensemblekit.isc import ISCExit
 from ensemblekit.losses.multi_exit import MultiExitLoss
-from ensemblekit.recipes.multi_exit import LastExit, multi_exit, start_phase2
+from ensemblekit.aggregators import LastExit
+from ensemblekit.recipes.multi_exit import multi_exit, start_phase2
 from tests.conftest import toy_split
 
 N_EXITS = 4

@@ -40,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size:
         example = torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], args.img_size, args.img_size)
     ens = ek.wrap(model, args.topology, example_input=example, **options)
-    if args.img_size:
-        ens.example_size = (args.img_size, args.img_size)
     show(ens, args.model, Console())
     return 0
 

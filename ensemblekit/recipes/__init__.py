@@ -1,44 +1,14 @@
 """Recipes: each configures topology, aggregator and loss as its paper did.
 
-``ek.recipes.hne``, ``ek.recipes.ensemblenet``, ``ek.recipes.multi_exit`` and
-``ek.recipes.irene`` each live in their own module and are imported on first use.
+* :func:`hne`: HNE's tree with hierarchical distillation (Ruiz & Verbeek).
+* :func:`ensemblenet`: a shared trunk with narrow co-distilled branches (Lee et al.).
+* :func:`multi_exit`: a multi-exit chain with IMTA's training techniques (Li et al., ICCV 2019).
+* :func:`irene`: a cascade with IRENE's learned halting selector (Li et al., AAAI 2023).
 """
 
-from __future__ import annotations
+from ensemblekit.recipes.ensemblenet import ensemblenet
+from ensemblekit.recipes.hne import hne
+from ensemblekit.recipes.irene import irene
+from ensemblekit.recipes.multi_exit import multi_exit
 
-import importlib
-import sys
-import types
-from typing import Any
-
-_RECIPES = {
-    "hne": "ensemblekit.recipes.hne",
-    "ensemblenet": "ensemblekit.recipes.ensemblenet",
-    "multi_exit": "ensemblekit.recipes.multi_exit",
-    "irene": "ensemblekit.recipes.irene",
-}
-
-__all__ = sorted(_RECIPES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _RECIPES:
-        raise AttributeError(f"module 'ensemblekit.recipes' has no recipe {name!r}; recipes: {', '.join(__all__)}")
-    return getattr(importlib.import_module(_RECIPES[name]), name)
-
-
-class _RecipesModule(types.ModuleType):
-    """Keeps ``recipes.<name>`` the recipe function once its submodule has been imported.
-
-    Importing ``ensemblekit.recipes.hne`` (directly or through ``__getattr__``)
-    binds the submodule to the package under the recipe's own name; this binds
-    the recipe function instead.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _RECIPES and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _RecipesModule
+__all__ = ["ensemblenet", "hne", "irene", "multi_exit"]

@@ -16,27 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ensemblekit.ensemble import Ensemble
 from ensemblekit.gradient_equilibrium import apply_gradient_equilibrium
 from ensemblekit.heads import ExitHead
-from ensemblekit.interfaces import Aggregator, AggregatorState
+from ensemblekit.aggregators import LastExit
 from ensemblekit.isc import add_isc
 from ensemblekit.losses.multi_exit import MultiExitLoss
 from ensemblekit.topologies import Chain
 from ensemblekit.wrap import wrap
-
-
-class LastExit(Aggregator):
-    """A multi-exit network's prediction after exit ``k`` is exit ``k``'s own logits."""
-
-    def update(self, state: AggregatorState | None, logits: Tensor, index: int) -> AggregatorState:
-        return {"logits": logits}
-
-    def value(self, state: AggregatorState) -> Tensor:
-        return state["logits"]
 
 
 def multi_exit(
