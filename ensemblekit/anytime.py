@@ -106,7 +106,7 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
             FLOPs per image (the first member always runs).
         max_members: stop after this many members.
 
-    Example:
+    Examples:
         >>> for step in ens.anytime(x, deadline=0.05):  # doctest: +SKIP
         ...     show(step.prediction.argmax(-1), step.members, step.seconds)
     """

@@ -8,7 +8,7 @@ calibration predicted. The anytime curve (every sample uses the first ``k``
 members) is measured on the same test set for comparison, and
 :func:`plot_budget` draws both (MSDNet / IMTA "budgeted batch classification").
 
-Example:
+Examples:
     >>> report = budget_sweep(ens, val_loader, test_loader)  # doctest: +SKIP
     >>> print(report.table())                                # doctest: +SKIP
     >>> plot_budget(report, "budget.png")                    # doctest: +SKIP

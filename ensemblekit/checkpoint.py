@@ -15,7 +15,7 @@ into place in one step, so a crash leaves either the old checkpoint or the
 new one, never a mix. Any damage (a missing, truncated or altered file) is
 caught by the sizes and checksums and reported with the file's name.
 
-Example:
+Examples:
     >>> ens = build_ensemble(ModelConfig("resnet10t", num_classes=10))  # doctest: +SKIP
     >>> save(ens, "model.ek")                                           # doctest: +SKIP
     >>> same = ek.load("model.ek")                                      # doctest: +SKIP

@@ -13,7 +13,7 @@ Held-out parts are drawn once with a fixed seed (stratified by class where the
 class counts allow it), so every run, process and machine sees the same split.
 Items are ``(image [C, H, W] float32 normalised, label int)``.
 
-Example:
+Examples:
     >>> train, info = load_dataset("digits", "train")
     >>> loader = make_loader(train, batch_size=64, shuffle=True, seed=0)
     >>> info.num_classes, tuple(next(iter(loader))[0].shape)
@@ -131,7 +131,7 @@ def split_indices(
     held-out part can hold one item per class; a seeded random split otherwise
     (tiny datasets). Both parts are sorted.
 
-    Example:
+    Examples:
         >>> keep, held = split_indices([0, 1] * 10, 0.2)
         >>> len(keep), len(held)
         (16, 4)
@@ -195,7 +195,7 @@ def load_digits_dataset(
     the positions in :func:`sklearn.datasets.load_digits`. Augmentation is a random pad-and-crop
     (no flip: digits are not mirror-symmetric).
 
-    Example:
+    Examples:
         >>> ds, info = load_digits_dataset("val")
         >>> len(ds), info.input_shape
         (180, (3, 32, 32))
@@ -374,7 +374,7 @@ def load_dataset(
         FileNotFoundError: data missing or laid out wrongly (the message says
             what to put where).
 
-    Example:
+    Examples:
         >>> test, info = load_dataset("digits", "test")
         >>> len(test), info.num_classes
         (359, 10)
@@ -406,7 +406,7 @@ def make_loader(
     per-worker seeds (so random augmentations repeat too). ``shuffle`` and
     ``sampler`` exclude each other.
 
-    Example:
+    Examples:
         >>> ds, _ = load_dataset("digits", "val")
         >>> a = [y.tolist() for _, y in make_loader(ds, 32, shuffle=True, seed=1)]
         >>> a == [y.tolist() for _, y in make_loader(ds, 32, shuffle=True, seed=1)]

@@ -24,7 +24,7 @@ def count_flops(fn_or_module: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     Returns:
         The total FLOPs of the call, for the whole batch.
 
-    Example:
+    Examples:
         >>> import torch
         >>> count_flops(torch.nn.Linear(4, 3), torch.zeros(2, 4))
         48

@@ -73,7 +73,7 @@ class RescaleInputGradient:
 def equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
     """``(exit scale, later-blocks scale) = (1/(n-i), (n-i-1)/(n-i))`` for exits ``i = 0..n-1``.
 
-    Example:
+    Examples:
         >>> equilibrium_scales(3)
         [(0.3333333333333333, 0.6666666666666666), (0.5, 0.5), (1.0, 0.0)]
     """

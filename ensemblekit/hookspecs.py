@@ -14,7 +14,7 @@ name already taken (by the plugin itself or another one) is an error that
 names both plugins. What a plugin registers takes effect only once all of
 its hooks have returned; if one raises, nothing of that plugin is kept.
 
-Example:
+Examples:
     >>> import ensemblekit
     >>> from ensemblekit.aggregators import MeanProbs
     >>> @ensemblekit.hookimpl

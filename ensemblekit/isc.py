@@ -100,7 +100,9 @@ def add_isc(ensemble: nn.Module, mode: str = "concat", width: int | None = None,
 
     Args:
         ensemble: an :class:`~ensemblekit.Ensemble` (a chain, for IMTA).
-        mode, width, detach: see :class:`ISCExit`.
+        mode: "concat" (the authors' projection) or "add"; see :class:`ISCExit`.
+        width: width of the projection (default: the classifier's input width).
+        detach: stop the gradient into the earlier exit.
     """
     for k in range(1, ensemble.num_members):
         if isinstance(ensemble.heads[k], ISCExit):

@@ -6,7 +6,7 @@ logits once with :func:`collect_members`, then :func:`anytime_report` measures
 every prefix of members (the anytime curve) and :func:`plot_accuracy_vs_flops`
 draws the curves of several models in one figure.
 
-Example:
+Examples:
     >>> members, labels = collect_members(model, test_loader, "cpu")  # doctest: +SKIP
     >>> report = anytime_report(members, labels, aggregator, costs=costs)  # doctest: +SKIP
     >>> print(report.table())  # doctest: +SKIP
@@ -52,7 +52,7 @@ def collect_members(
     Returns:
         ``(members [N, M, C] float32, labels [N] int64)``, both on the CPU.
 
-    Example:
+    Examples:
         >>> loader = [(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))]
         >>> members, labels = collect_members(lambda x: torch.zeros(len(x), 2, 5), loader)
         >>> tuple(members.shape), tuple(labels.shape)
@@ -125,7 +125,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``nan`` becomes ``None``).
 
-        Example:
+        Examples:
             >>> r = Report(10, 2, [0.5], [0.5], [float("nan")], [0.1], [0.7])
             >>> r.to_dict()["prefix_diversity"]
             [None]
@@ -139,7 +139,7 @@ class Report:
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
         """Inverse of :meth:`to_dict` (``None`` in lists becomes ``nan``).
 
-        Example:
+        Examples:
             >>> r = Report(10, 2, [0.5], [0.5], [float("nan")], [0.1], [0.7])
             >>> Report.from_dict(r.to_dict()).prefix_accuracy
             [0.5]
@@ -168,7 +168,7 @@ class Report:
     def table(self, title: str | None = None) -> str:
         """The report as an aligned text table (Markdown), one row per prefix size.
 
-        Example:
+        Examples:
             >>> r = Report(10, 2, [0.5, 0.6], [0.5, 0.4], [float("nan"), 0.3], [0.1, 0.05], [0.7, 0.6])
             >>> "60.00" in r.table()
             True
@@ -237,7 +237,7 @@ def anytime_report(
     Returns:
         A :class:`Report`.
 
-    Example:
+    Examples:
         >>> from ensemblekit.aggregators import MeanLogits
         >>> members = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 3.0]]])
         >>> r = anytime_report(members, torch.tensor([0, 1]), MeanLogits())
@@ -297,7 +297,7 @@ def plot_accuracy_vs_flops(reports: Mapping[str, Report], path: str | Path, titl
     Returns:
         ``path``.
 
-    Example:
+    Examples:
         >>> plot_accuracy_vs_flops({"HNE": report_a, "baseline": report_b}, "acc_flops.png")  # doctest: +SKIP
     """
     if not reports:

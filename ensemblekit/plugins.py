@@ -12,7 +12,7 @@ Two environment variables, read when loading, choose the installed plugins
 * ``ENSEMBLEKIT_PLUGINS_BLOCK``: do not load these.
 * ``ENSEMBLEKIT_PLUGINS_ONLY``: load only these.
 
-Example:
+Examples:
     >>> from ensemblekit.plugins import plugin_infos
     >>> [p.name for p in plugin_infos() if p.builtin]
     ['ensemblekit.builtins']
@@ -117,7 +117,7 @@ def load_plugins() -> None:
 def plugin_infos() -> list[PluginInfo]:
     """Every plugin in load order (built-ins first), loading them if needed.
 
-    Example:
+    Examples:
         >>> from ensemblekit.plugins import plugin_infos
         >>> plugin_infos()[0].name, plugin_infos()[0].status
         ('ensemblekit.builtins', 'loaded')
@@ -132,7 +132,7 @@ def register_plugin(plugin: object, name: str) -> PluginInfo:
     Raises:
         PluginError: the plugin failed (its error is also kept in :func:`plugin_infos`).
 
-    Example:
+    Examples:
         >>> import ensemblekit
         >>> from ensemblekit.aggregators import MeanLogits
         >>> class Mine:

@@ -58,7 +58,7 @@ class Registry:
     def check_new(self, name: str, factory: Callable[..., Any], *, plugin: str = "?") -> None:
         """Raise the error :meth:`register` would raise for ``name``, without registering it.
 
-        Example:
+        Examples:
             >>> from ensemblekit.aggregators import MeanLogits
             >>> AGGREGATORS.check_new("my_mean", MeanLogits, plugin="mine")  # free: no error
         """
@@ -214,7 +214,7 @@ class SplitterRegistry(Registry):
     :func:`~ensemblekit.splitting.register_splitter`, plugins' before the
     built-in ones, so a plugin can take over a model a built-in would split.
 
-    Example:
+    Examples:
         >>> [e.name for e in SPLITTERS.entries() if e.plugin == "ensemblekit.builtins"]
         ['sequential', 'timm']
     """

@@ -23,7 +23,7 @@ the keyword arguments to use::
 A splitter's ``example_options()`` returns ``model``, ``num_blocks`` and
 ``example_input``: a model it handles, checked to be split faithfully.
 
-Example:
+Examples:
     >>> from ensemblekit.testing import check_component
     >>> check_component("aggregator", "mean")  # raises ConformanceError on a violation
 """
@@ -66,7 +66,7 @@ def _seeded() -> Iterator[None]:
 def isolated_plugins() -> Iterator[None]:
     """Reset the plugin state on entry and exit, so what a test registers does not leak.
 
-    Example:
+    Examples:
         >>> from ensemblekit.plugins import register_plugin
         >>> with isolated_plugins():
         ...     info = register_plugin(object(), "empty")
@@ -92,7 +92,7 @@ def example_options(factory: Any) -> dict[str, Any]:
 def build(kind: str, name: str, num_members: int = MEMBERS) -> Any:
     """Build registered component ``name`` of ``kind`` with its example options.
 
-    Example:
+    Examples:
         >>> build("aggregator", "weighted").log_weights.shape
         torch.Size([4])
     """
@@ -288,7 +288,7 @@ def check_splitter(splitter: Any, model: Any = None, num_blocks: int | None = No
 def toy_split(num_blocks: int, num_classes: int = CLASSES, channels: int = 3) -> BlockSplit:
     """``num_blocks`` tiny conv blocks on 8x8 images and a pool + linear head.
 
-    Example:
+    Examples:
         >>> len(toy_split(3))
         3
     """

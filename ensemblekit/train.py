@@ -16,7 +16,7 @@ DistributedDataParallel (see :mod:`ensemblekit.distributed`): each process
 takes ``batch_size / N`` items of every global batch, only rank 0 shows
 progress and writes files, and checkpoints hold every process's RNG state.
 
-Example:
+Examples:
     >>> cfg = RunConfig(ModelConfig("resnet10t"), train=TrainConfig(epochs=2))  # doctest: +SKIP
     >>> result = run(cfg, "runs/first")                                         # doctest: +SKIP
     >>> print(result.report.table())                                            # doctest: +SKIP

@@ -53,7 +53,7 @@ def wrap(
     Returns:
         An :class:`~ensemblekit.Ensemble`.
 
-    Example:
+    Examples:
         >>> import timm, torch, ensemblekit as ek
         >>> ens = ek.wrap(timm.create_model("resnet10t", num_classes=10), topology="tree", depth=2)
         >>> ens.num_members

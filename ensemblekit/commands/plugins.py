@@ -1,6 +1,6 @@
 """``ensemblekit plugins``: every plugin, its package, its components and any load error.
 
-Example:
+Examples:
     $ ensemblekit plugins
     ensemblekit.builtins  ensemblekit 0.1.0  built-in
       topology: cascade, chain, independent, multi_branch, tree

@@ -30,7 +30,7 @@ Q_SEARCH_RANGE = (1e-3, 1e3)
 def exit_distribution(q: float, num_exits: int) -> Tensor:
     """``pi_k = q^k / sum_j q^j`` for ``k = 1..num_exits`` (float64).
 
-    Example:
+    Examples:
         >>> [round(p, 4) for p in exit_distribution(0.5, 3).tolist()]
         [0.5714, 0.2857, 0.1429]
     """

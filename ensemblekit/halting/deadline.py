@@ -25,7 +25,7 @@ class Deadline(HaltingPolicy):
         seconds: wall-clock budget per batch, counted from the start of
             :meth:`~ensemblekit.Ensemble.predict`'s first member.
 
-    Example:
+    Examples:
         >>> result = ens.predict(x, halting=ek.halting.Deadline(0.05))  # doctest: +SKIP
     """
 

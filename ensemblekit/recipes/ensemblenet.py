@@ -95,7 +95,7 @@ def ensemblenet(
     Returns:
         An :class:`~ensemblekit.Ensemble` whose branch nodes are narrow blocks.
 
-    Example:
+    Examples:
         >>> import timm
         >>> base = timm.create_model("resnet10t", num_classes=10)
         >>> ens = ensemblenet(base, branches=2)

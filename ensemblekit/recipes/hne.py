@@ -45,7 +45,7 @@ def hne(
     Returns:
         An :class:`~ensemblekit.Ensemble`.
 
-    Example:
+    Examples:
         >>> import timm
         >>> ens = hne(timm.create_model("resnet10t", num_classes=10), depth=2)
         >>> ens.num_members, type(ens.loss_strategy).__name__

@@ -68,7 +68,7 @@ def irene(
         **options: passed to :func:`ensemblekit.wrap` (``num_classes``,
             ``init``, ``depth``, ``branching``, ``fork``, ``example_input``, ...).
 
-    Example:
+    Examples:
         >>> import timm
         >>> ens = irene(timm.create_model("resnet10t", num_classes=10))
         >>> ens.num_members, type(ens.halting).__name__

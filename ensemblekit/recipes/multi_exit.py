@@ -71,7 +71,7 @@ def multi_exit(
         exit's logits (so ``predict`` and halting policies see each exit's own
         prediction) and whose loss is the multi-exit loss.
 
-    Example:
+    Examples:
         >>> import timm, torch, ensemblekit as ek
         >>> net = ek.recipes.multi_exit(timm.create_model("resnet10t", num_classes=10), isc="concat", ofa=True)
         >>> net.forward_members(torch.randn(2, 3, 32, 32)).shape[1] == net.num_members

@@ -5,7 +5,7 @@ that returns ``None`` for models it does not handle. :func:`split` asks the
 registered splitters first (in registration order), then the built-in ones
 (sequences of modules, then timm models); the first answer wins.
 
-Example:
+Examples:
     >>> import timm
     >>> blocks = split(timm.create_model("resnet10t", pretrained=False), 3)
     >>> len(blocks), blocks.feature_format
@@ -67,7 +67,7 @@ def register_splitter(fn: Splitter) -> Splitter:
     Returns:
         ``fn`` itself.
 
-    Example:
+    Examples:
         >>> @register_splitter
         ... def my_splitter(model, num_blocks, example_input):
         ...     return None  # not one of mine
@@ -112,7 +112,7 @@ def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Ten
     Raises:
         SplitError: when no splitter handles the model, or it cannot be split as asked.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
         >>> s = split([nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), head], 1)

@@ -29,7 +29,7 @@ def balance(costs: Sequence[float], num_blocks: int, *, min_share: float = 0.02)
     Raises:
         SplitError: when ``num_blocks`` is not between 1 and ``len(costs)``.
 
-    Example:
+    Examples:
         >>> balance([4, 1, 1, 1, 1], 2)
         [1, 5]
     """

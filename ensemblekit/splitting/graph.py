@@ -44,7 +44,7 @@ class PathTracer(fx.Tracer):
         autowrap_functions: functions recorded as single ``call_function``
             nodes, for code with data-dependent control flow.
 
-    Example:
+    Examples:
         >>> tracer = PathTracer()
         >>> graph = tracer.trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         >>> [n.meta[PATH] for n in graph.nodes]
@@ -180,7 +180,7 @@ class GraphBlock(nn.Module):
         graphs: ``{False: eval graph, True: train graph}``.
         constants: values stowed by the tracer (see :class:`TracedModel`).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
         >>> traced = trace_modes(model, PathTracer)
         >>> block = GraphBlock(model, traced.graphs)

@@ -23,7 +23,7 @@ class Chain(nn.Sequential):
     next (as :func:`~ensemblekit.blocks.call_block` does), so a chain of
     blocks is itself a block.
 
-    Example:
+    Examples:
         >>> chain = Chain(nn.Linear(2, 3), nn.ReLU())
         >>> chain(torch.zeros(1, 2)).shape
         torch.Size([1, 3])
@@ -118,7 +118,7 @@ def split_sequential(model: Any, num_blocks: int | None = None, *,
     Raises:
         SplitError: fewer than two modules, or more blocks than pieces.
 
-    Example:
+    Examples:
         >>> stem = nn.Conv2d(3, 8, 3)
         >>> head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
         >>> split = split_sequential([stem, nn.ReLU(), head])

@@ -86,7 +86,7 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
     Raises:
         SplitError: when the model cannot be traced or split as asked.
 
-    Example:
+    Examples:
         >>> import timm
         >>> split = split_timm(timm.create_model("resnet10t", pretrained=False))
         >>> split.names
@@ -472,7 +472,7 @@ def width_arg(model: nn.Module | str) -> str | None:
         One of :data:`WIDTH_ARGS`, or ``None`` when :func:`narrow_model`
         cannot narrow this architecture.
 
-    Example:
+    Examples:
         >>> width_arg("resnet18"), width_arg("convnext_atto")
         ('channels', 'dims')
     """
@@ -521,7 +521,7 @@ def narrow_model(model: nn.Module | str, width: float, **kwargs: Any) -> nn.Modu
         SplitError: when the architecture has no width argument; the message
             lists the arguments that are supported.
 
-    Example:
+    Examples:
         >>> import timm
         >>> narrow = narrow_model(timm.create_model("resnet10t", pretrained=False, num_classes=10), 0.5)
         >>> narrow.feature_info[-1]["num_chs"], narrow.num_classes
