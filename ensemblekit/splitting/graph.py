@@ -191,11 +191,7 @@ class GraphBlock(nn.Module):
     def __init__(self, root: nn.Module, graphs: Mapping[bool, fx.Graph],
                  constants: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        # graph order, not a set's: parameter order must not depend on the hash seed (DDP, optimizer state)
-        ops = ("get_attr", "call_module")
-        targets = dict.fromkeys(n.target for g in graphs.values() for n in g.nodes if n.op in ops)
-        for target in sorted(targets, key=lambda t: t.count(".")):
-            _install(root, self, target, constants or {})
+        _install_all(root, self, graphs, constants or {})
         for module in self._containers():
             module.training = root.training
         self._program = _Program(graphs)
@@ -220,6 +216,16 @@ class GraphBlock(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return self._program.functions[self.training](self, *args)
+
+
+def _install_all(root: nn.Module, block: nn.Module, graphs: Mapping[bool, fx.Graph],
+                 constants: Mapping[str, Any]) -> None:
+    """Install on ``block`` every attribute and module the graphs use, parents first."""
+    # graph order, not a set's: parameter order must not depend on the hash seed (DDP, optimizer state)
+    ops = ("get_attr", "call_module")
+    targets = dict.fromkeys(n.target for g in graphs.values() for n in g.nodes if n.op in ops)
+    for target in sorted(targets, key=lambda t: t.count(".")):
+        _install(root, block, target, constants)
 
 
 def _install(root: nn.Module, block: nn.Module, target: str, constants: Mapping[str, Any]) -> None:
@@ -301,13 +307,13 @@ def profile_graph(traced: TracedModel, example_args: Sequence[Any], count_flops:
 
     Counting FLOPs makes the run several times slower.
     """
-    full = GraphBlock(traced.root, traced.graphs, traced.constants)
+    owner = nn.Module()  # what the eval graph uses; no code to generate, the interpreter runs it
+    _install_all(traced.root, owner, {False: traced.graphs[False]}, traced.constants)
     with contextlib.ExitStack() as stack:
         stack.enter_context(training_mode(traced.root, False))
         stack.enter_context(torch.no_grad())
         counter = stack.enter_context(FlopCounterMode(display=False)) if count_flops else None
-        full.eval()
-        profiler = _Profiler(full, traced.graphs[False], counter)
+        profiler = _Profiler(owner, traced.graphs[False], counter)
         output = profiler.run(*example_args)
     return Profile(profiler.flops, profiler.info, output)
 
