@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000
 
-.venv/bin/python -m pytest tests "$@"
+# Two worker processes of one thread each: the machine has 2 cores.
+.venv/bin/python -m pytest -n 2 tests ensemblekit --doctest-modules "$@"
 shopt -s nullglob
 for tests in plugins/*/tests; do
   (cd "$(dirname "$tests")" && "$OLDPWD/.venv/bin/python" -m pytest -q tests)
 done
+.venv/bin/python -m mkdocs build --strict --quiet -d "$(mktemp -d)"
