@@ -39,6 +39,7 @@ MODELS = {
     "efficientnet_b0": {"drop_path_rate": 0.2},
     "test_mambaout": {},  # NHWC stages
     "xcit_nano_12_p16_224": {"img_size": 32},  # tuple state: token map + grid height and width
+    "twins_svt_small": {"img_size": 64, "depths": (1, 1, 1, 1)},  # feature_info names that do not resolve
 }
 
 
@@ -120,6 +121,14 @@ def test_split_metadata_token_and_nhwc_models():
         feature = xcit.feature(state, b)
         assert isinstance(feature, torch.Tensor) and feature.dim() == 3
     assert xcit.feature_index[0] is not None
+
+
+def test_unresolved_feature_info_falls_back_to_the_stage_container():
+    model = _model("twins_svt_small")
+    assert all(f["module"] not in dict(model.named_modules()) for f in model.feature_info)
+    s = _split("twins_svt_small")
+    assert len(s) == len(model.feature_info) == 4
+    assert s.feature_format == ["NLC"] * 4 and s.input_size == (64, 64)
 
 
 def test_in_chans_and_example_input():
