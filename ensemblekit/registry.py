@@ -208,11 +208,10 @@ def accepts(factory: Callable[..., Any], keyword: str) -> bool:
 
 
 class SplitterRegistry(Registry):
-    """Backbone splitters by name, kept in step with :mod:`ensemblekit.splitting`.
+    """Backbone splitters by name; :meth:`ordered` is the order :func:`~ensemblekit.split` tries them.
 
-    Every registered splitter is handed to
-    :func:`~ensemblekit.splitting.register_splitter`, plugins' before the
-    built-in ones, so a plugin can take over a model a built-in would split.
+    Third-party plugins' splitters come before the built-in ones, so a plugin
+    can take over a model a built-in would split.
 
     Examples:
         >>> [e.name for e in SPLITTERS.entries() if e.plugin == "ensemblekit.builtins"]
@@ -222,33 +221,13 @@ class SplitterRegistry(Registry):
     def __init__(self) -> None:
         super().__init__("splitter", object)
 
-    def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?") -> None:
-        self.check_new(name, factory, plugin=plugin)
-        self._withdraw()
-        super().register(name, factory, plugin=plugin)
-        self._hand_over()
-
-    def unregister_plugin(self, plugin: str) -> None:
-        self._withdraw()
-        super().unregister_plugin(plugin)
-        self._hand_over()
-
-    def clear(self) -> None:
-        self._withdraw()
-        super().clear()
-
-    def _withdraw(self) -> None:
-        from ensemblekit.splitting import unregister_splitter
-
-        for entry in self._entries.values():
-            unregister_splitter(entry.factory)
-
-    def _hand_over(self) -> None:
+    def ordered(self) -> list[Callable[..., Any]]:
+        """Splitter functions, plugins' before the built-in ones, each in registration order."""
         from ensemblekit.plugins import BUILTIN_PLUGINS
-        from ensemblekit.splitting import register_splitter
 
-        for entry in sorted(self._entries.values(), key=lambda e: e.plugin in BUILTIN_PLUGINS):
-            register_splitter(entry.factory)
+        _ensure_loaded()
+        entries = sorted(self._entries.values(), key=lambda e: e.plugin in BUILTIN_PLUGINS)
+        return [e.factory for e in entries]
 
 
 def _skipped_plugins_note() -> str:

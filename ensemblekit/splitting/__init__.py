@@ -2,8 +2,10 @@
 
 A *splitter* is a callable ``(model, num_blocks, example_input) -> BlockSplit | None``
 that returns ``None`` for models it does not handle. :func:`split` asks the
-registered splitters first (in registration order), then the built-in ones
-(sequences of modules, then timm models); the first answer wins.
+splitters added with :func:`register_splitter` first (in registration order),
+then those registered by plugins through the ``register_backbone_splitters``
+hook: third-party ones, then the built-in ones (sequences of modules, then
+timm models). The first answer wins.
 
 Examples:
     >>> import timm
@@ -42,20 +44,11 @@ Splitter = Callable[[Any, Optional[int], Optional[torch.Tensor]], Optional[Block
 """``(model, num_blocks, example_input) -> BlockSplit | None``."""
 
 
-def _sequential(model: Any, num_blocks: int | None, example_input: torch.Tensor | None) -> BlockSplit | None:
-    return split_sequential(model, num_blocks, example_input=example_input)
-
-
-def _timm(model: Any, num_blocks: int | None, example_input: torch.Tensor | None) -> BlockSplit | None:
-    return split_timm(model, num_blocks, example_input=example_input)
-
-
-_BUILTIN: tuple[Splitter, ...] = (_sequential, _timm)
 _registered: list[Splitter] = []
 
 
 def register_splitter(fn: Splitter) -> Splitter:
-    """Add a splitter, tried before the built-in ones (and after those registered earlier).
+    """Add a splitter at run time, tried before the plugins' (and after those added earlier).
 
     Registering the same callable twice has no effect. Usable as a decorator.
 
@@ -88,7 +81,9 @@ def unregister_splitter(fn: Splitter) -> None:
 
 def splitters() -> tuple[Splitter, ...]:
     """All splitters in the order :func:`split` tries them."""
-    return (*_registered, *_BUILTIN)
+    from ensemblekit.registry import SPLITTERS
+
+    return (*_registered, *SPLITTERS.ordered())
 
 
 def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Tensor | None = None) -> BlockSplit:
