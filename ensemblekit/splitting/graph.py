@@ -328,7 +328,6 @@ class GraphIndex:
     """
 
     def __init__(self, graph: fx.Graph) -> None:
-        self.graph = graph
         self.nodes = list(graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.module_end: dict[str, int] = {}
@@ -391,14 +390,17 @@ class GraphCuts:
     live: dict[bool, list[list[fx.Node]]]
 
 
-def locate_cuts(traced: TracedModel, cut_paths: Sequence[str]) -> GraphCuts:
+def locate_cuts(indexes: Mapping[bool, GraphIndex], cut_paths: Sequence[str]) -> GraphCuts:
     """Find each cut (the end of a module path) in both graphs and what crosses it.
+
+    Args:
+        indexes: ``{False: index of the eval graph, True: index of the train graph}``.
+        cut_paths: module paths; each cut follows the last operation of its module.
 
     Raises:
         SplitError: when a path has no node, the cuts are not in increasing
             order, or train and eval mode disagree on what crosses a cut.
     """
-    indexes = {mode: GraphIndex(g) for mode, g in traced.graphs.items()}
     positions: dict[bool, list[int]] = {}
     live: dict[bool, list[list[fx.Node]]] = {}
     for mode, index in indexes.items():
@@ -413,7 +415,7 @@ def locate_cuts(traced: TracedModel, cut_paths: Sequence[str]) -> GraphCuts:
     if counts[False] != counts[True]:
         raise SplitError(f"train and eval mode pass different numbers of values between blocks "
                          f"({counts[True]} vs {counts[False]})")
-    return GraphCuts(indexes, positions, live)
+    return GraphCuts(dict(indexes), positions, live)
 
 
 def build_blocks(traced: TracedModel, cuts: GraphCuts) -> tuple[list[GraphBlock], GraphBlock]:

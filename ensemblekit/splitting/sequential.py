@@ -70,16 +70,17 @@ def _pieces(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _run(modules: list[nn.Module], x: torch.Tensor) -> tuple[list[int], list[State]]:
-    """FLOPs and output of each module, applied in order to ``x``."""
-    flops, states = [], []
+def _run(modules: list[nn.Module], x: torch.Tensor, flops: bool = False) -> tuple[list[int], list[State]]:
+    """Output (and, if asked, FLOPs) of each module, applied in order to ``x``."""
+    counts, states = [], []
     state: State = x
     for module in modules:
-        flops.append(count_flops(lambda m=module, s=state: call_block(m, s)))
+        if flops:
+            counts.append(count_flops(lambda m=module, s=state: call_block(m, s)))
         with torch.no_grad():
             state = call_block(module, state)
         states.append(state)
-    return flops, states
+    return counts, states
 
 
 def _feature(state: State, block: int) -> tuple[int | None, FeatureFormat]:
@@ -147,7 +148,7 @@ def split_sequential(model: Any, num_blocks: int | None = None, *,
                     f"this sequence can be cut into at most {len(pieces)} blocks (one per module, nested "
                     f"nn.Sequential opened); asked for {num_blocks}"
                 )
-            flops, piece_states = _run([m for _, m in pieces], x)
+            flops, piece_states = _run([m for _, m in pieces], x, flops=True)
             ends = balance(flops, num_blocks)
             spans = list(zip([0, *ends[:-1]], ends))
             blocks = [pieces[a][1] if b - a == 1 else Chain(*(m for _, m in pieces[a:b])) for a, b in spans]

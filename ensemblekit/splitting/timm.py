@@ -115,7 +115,7 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
         flops = profile_graph(traced, [x], count_flops=True).flops
         ends = balance(_piece_costs(indexes[False], flops, [p.path for p in pieces]), num_blocks)
         groups = [pieces[a:b] for a, b in zip([0, *ends[:-1]], ends)]
-    cuts = locate_cuts(traced, [g[-1].path for g in groups])
+    cuts = locate_cuts(indexes, [g[-1].path for g in groups])
     blocks, head = build_blocks(traced, cuts)
     channels = _stage_channels(model, stages)
     features = [_feature(model, indexes[False], position, live, profile, channels[group[-1].stage])
