@@ -440,6 +440,12 @@ def test_narrow_model(name, kwargs, arg):
     assert len(s) == len(split(model))
 
 
+def test_narrow_model_at_full_width_is_the_same_architecture():
+    model = _model("resnet10t")
+    same = narrow_model(model, 1.0)
+    assert [p.shape for p in same.parameters()] == [p.shape for p in model.parameters()]
+
+
 def test_narrow_model_rejects_families_without_width():
     assert width_arg("mobilenetv3_small_050") is None
     with pytest.raises(SplitError, match="channels, embed_dim"):

@@ -589,8 +589,8 @@ def narrow_model(model: nn.Module | str, width: float, **kwargs: Any) -> nn.Modu
     errors = []
     for granularity in (1, 2, 4):
         scaled = _scaled(arg, value, width, {**settings, **keep}, granularity)
-        if _total(scaled) >= _total(value):
-            break
+        if width < 1 <= _total(scaled) / _total(value):
+            break  # rounding undoes the narrowing
 
         def rewrite(cls: Any, build_kwargs: dict, scaled: Any = scaled) -> dict:
             return {**build_kwargs, arg: scaled} if cls is model_cls else build_kwargs
