@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 
 from ensemblekit.blocks import FeatureFormat
@@ -61,16 +62,25 @@ class ExitHead(nn.Module):
 
 
 def reset_parameters(module: nn.Module) -> nn.Module:
-    """Redraw every parameter of ``module`` with its layers' own initialisation.
+    """Redraw every parameter of ``module`` from its initial distribution.
 
     Every submodule that defines ``reset_parameters`` (convolutions, linear
-    layers, norms) draws anew from the global torch RNG, so copies made one
-    after another start from different random initialisations.
+    layers, norms) draws anew from the global torch RNG. A parameter held
+    directly by a module without one (a position embedding or class token of a
+    token model) is redrawn from a normal with its current mean and standard
+    deviation; a constant one (e.g. a layer-scale vector) is left as it is. So
+    copies made one after another start from different random initialisations.
     """
     for sub in module.modules():
         reset = getattr(sub, "reset_parameters", None)
         if callable(reset):
             reset()
+            continue
+        for param in sub.parameters(recurse=False):
+            std = param.detach().float().std() if param.numel() > 1 else param.new_zeros(())
+            if std > 0:
+                with torch.no_grad():
+                    param.normal_(float(param.detach().float().mean()), float(std))
     return module
 
 

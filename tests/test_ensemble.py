@@ -180,3 +180,24 @@ def test_torch_compile_runs():
     x = torch.randn(2, 3, 8, 8)
     compiled = torch.compile(ens, backend="eager")
     assert torch.allclose(compiled(x), ens(x))
+
+
+class TokenBlock(torch.nn.Module):
+    """A block holding raw parameters, like a ViT stem (position embedding, layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, 3, 1, 1) * 0.02)
+        self.gamma = torch.nn.Parameter(torch.full((1, 3, 1, 1), 1e-5))
+
+    def forward(self, x):
+        return (x + self.pos_embed) * self.gamma
+
+
+def test_copies_redraw_raw_random_parameters_and_keep_constant_ones():
+    split = toy_split(2)
+    split.blocks[0] = TokenBlock()
+    ens = ek.wrap(split, "independent", members=2)
+    first, second = (ens.nodes[m.path[0]] for m in ens.graph.members)
+    assert not torch.equal(first.pos_embed, second.pos_embed)
+    assert torch.equal(first.gamma, second.gamma)
