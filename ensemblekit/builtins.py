@@ -69,10 +69,11 @@ def timm_splitter(model: Any, num_blocks: int | None, example_input: Tensor | No
 
 
 def _timm_example() -> dict[str, Any]:
-    import timm
     import torch
 
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+    from ensemblekit.splitting import create_backbone
+
+    model = create_backbone("resnet10t", num_classes=5)
     return {"model": model, "num_blocks": 3, "example_input": torch.randn(2, 3, 32, 32)}
 
 

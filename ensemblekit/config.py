@@ -300,22 +300,20 @@ def build_ensemble(config: ModelConfig):
     The ensemble remembers ``config`` (as ``ensemble.build_config``) so that
     :func:`ensemblekit.checkpoint.save` can store it next to the weights.
     """
-    import timm
     import torch
 
     from ensemblekit import recipes
+    from ensemblekit.splitting import UnknownBackboneError, create_backbone
     from ensemblekit.wrap import wrap
 
     if config.num_classes is None:
         raise ConfigError("model.num_classes is not set (it is normally taken from the dataset)")
     try:
-        backbone = timm.create_model(config.backbone, pretrained=False, num_classes=config.num_classes,
-                                     in_chans=config.in_chans, **config.backbone_options)
-    except Exception as err:  # whatever timm raises for this name and these options is a config error
-        if isinstance(err, RuntimeError) and "Unknown model" in str(err):
-            close = difflib.get_close_matches(config.backbone, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"model.backbone: unknown timm model {config.backbone!r}{hint}") from err
+        backbone = create_backbone(config.backbone, num_classes=config.num_classes, in_chans=config.in_chans,
+                                   **config.backbone_options)
+    except UnknownBackboneError as err:
+        raise ConfigError(f"model.backbone: {err}") from err
+    except Exception as err:  # whatever timm raises for these options is a config error
         raise ConfigError(f"model.backbone_options {config.backbone_options} are not accepted by "
                           f"timm model {config.backbone!r}: {type(err).__name__}: {err}") from err
     example = torch.zeros(1, config.in_chans, config.image_size, config.image_size)

@@ -27,15 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
     import torch
 
     import ensemblekit as ek
+    from ensemblekit.splitting import create_backbone
 
     options = {k: getattr(args, k) for k in TOPOLOGY_OPTIONS if getattr(args, k) is not None}
     if args.exits is not None:
         options["exits"] = args.exits
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    model = create_backbone(args.model, num_classes=args.num_classes)
     example = None
     if args.img_size:
         example = torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], args.img_size, args.img_size)

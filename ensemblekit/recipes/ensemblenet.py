@@ -102,13 +102,10 @@ def ensemblenet(
         >>> ens.num_members, sum(p.numel() for p in ens.parameters()) < sum(p.numel() for p in base.parameters())
         (2, True)
     """
-    import timm
-
-    from ensemblekit.splitting import SplitError, narrow_model, split
+    from ensemblekit.splitting import SplitError, create_backbone, narrow_model, split
 
     if isinstance(backbone, str):
-        backbone = timm.create_model(backbone, pretrained=False, **({} if num_classes is None else
-                                                                     {"num_classes": num_classes}))
+        backbone = create_backbone(backbone, **({} if num_classes is None else {"num_classes": num_classes}))
     if not 0 < width <= 1:
         raise ValueError(f"width must be in (0, 1], got {width}")
     wide = split(backbone, num_blocks, example_input=example_input)

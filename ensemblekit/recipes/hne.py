@@ -9,6 +9,7 @@ from torch import nn
 from ensemblekit.blocks import BlockSplit
 from ensemblekit.ensemble import Ensemble
 from ensemblekit.losses import HierarchicalDistillation
+from ensemblekit.splitting import create_backbone
 from ensemblekit.topologies import Tree
 from ensemblekit.wrap import wrap
 
@@ -52,9 +53,7 @@ def hne(
         (4, 'HierarchicalDistillation')
     """
     if isinstance(backbone, str):
-        import timm
-
-        backbone = timm.create_model(backbone, pretrained=False, num_classes=options.pop("num_classes", 1000))
+        backbone = create_backbone(backbone, num_classes=options.pop("num_classes", 1000))
     for key in ("topology", "aggregator"):
         if key in options:
             raise TypeError(f"hne() fixes the {key} (a tree and the mean of logits); use ensemblekit.wrap for another")

@@ -75,9 +75,9 @@ def irene(
         (3, 'Learned')
     """
     if isinstance(backbone, str):
-        import timm
+        from ensemblekit.splitting import create_backbone
 
-        backbone = timm.create_model(backbone, pretrained=False, num_classes=options.pop("num_classes", 1000))
+        backbone = create_backbone(backbone, num_classes=options.pop("num_classes", 1000))
     for key in ("aggregator", "loss"):
         if key in options:
             raise TypeError(f"irene() fixes the {key} (mean of probabilities, IRENE's loss); use ensemblekit.wrap")

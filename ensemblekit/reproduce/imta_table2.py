@@ -107,14 +107,13 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
               seed: int = 0, device: str = "auto", budget_plot: str | None = None,
               timing_repeats: int = 3) -> dict[str, Any]:
     """Train and evaluate the five rows of Table 2; returns settings, rows and the paper's numbers."""
-    import timm
-
     from ensemblekit.config import TrainConfig
     from ensemblekit.data import load_dataset, make_loader
     from ensemblekit.isc import add_isc
     from ensemblekit.losses.multi_exit import MultiExitLoss
     from ensemblekit.metrics import collect_members
     from ensemblekit.recipes.multi_exit import multi_exit, start_phase2
+    from ensemblekit.splitting import create_backbone
     from ensemblekit.train import seed_everything, select_device, train
 
     default_1, default_2 = DEFAULT_EPOCHS[data]
@@ -135,7 +134,7 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
     phase1: dict[bool, Any] = {}
     for ge in sorted({row[0] for row in ROWS}):
         seed_everything(seed)  # every row starts from the same weights
-        model = timm.create_model(backbone, pretrained=False, num_classes=info.num_classes)
+        model = create_backbone(backbone, num_classes=info.num_classes)
         net = multi_exit(model, num_blocks=num_blocks, gradient_equilibrium=ge, example_input=example)
         train(net, train_set, config(epochs))
         phase1[ge] = net

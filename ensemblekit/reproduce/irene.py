@@ -123,12 +123,11 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
 
     ``log`` receives every epoch's record (:func:`ensemblekit.irene.fit`) with a ``model`` key.
     """
-    import timm
-
     import ensemblekit as ek
     from ensemblekit.data import load_dataset, make_loader
     from ensemblekit.irene import WoC, fit, utility
     from ensemblekit.metrics import collect_members
+    from ensemblekit.splitting import create_backbone
     from ensemblekit.train import seed_everything, select_device
 
     dev = select_device(device)
@@ -139,7 +138,7 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
     loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
 
     def backbone_model() -> torch.nn.Module:
-        return timm.create_model(backbone, pretrained=False, num_classes=info.num_classes, **(backbone_options or {}))
+        return create_backbone(backbone, num_classes=info.num_classes, **(backbone_options or {}))
 
     def logger(model: str) -> Callable[[dict[str, Any]], None] | None:
         return None if log is None else (lambda record: log({"model": model, **record}))

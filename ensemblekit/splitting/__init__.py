@@ -23,13 +23,22 @@ import torch
 from ensemblekit.blocks import BlockSplit
 from ensemblekit.splitting.errors import SplitError
 from ensemblekit.splitting.sequential import Chain, split_sequential
-from ensemblekit.splitting.timm import WIDTH_ARGS, narrow_model, split_timm, width_arg
+from ensemblekit.splitting.timm import (
+    WIDTH_ARGS,
+    UnknownBackboneError,
+    create_backbone,
+    narrow_model,
+    split_timm,
+    width_arg,
+)
 
 __all__ = [
     "WIDTH_ARGS",
     "Chain",
     "SplitError",
+    "UnknownBackboneError",
     "Splitter",
+    "create_backbone",
     "narrow_model",
     "register_splitter",
     "split",

@@ -10,6 +10,7 @@ the last stage (final norm, pooling, classifier) is the head. See
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import math
 import sys
@@ -627,3 +628,28 @@ def _check_on_meta(arch: str, kwargs: dict) -> None:
             model.eval()(x)
     except NotImplementedError:
         return
+
+
+class UnknownBackboneError(ValueError):
+    """A name that is not a timm model; the message lists close matches."""
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """The timm model ``name``, never with pretrained weights (nothing is downloaded).
+
+    Args:
+        name: a timm model name, e.g. "resnet18".
+        **kwargs: keywords of ``timm.create_model`` (``num_classes``, ``in_chans``, widths).
+
+    Raises:
+        UnknownBackboneError: ``name`` is not a timm model (close names are suggested).
+
+    Examples:
+        >>> create_backbone("resnet10t", num_classes=3).num_classes
+        3
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownBackboneError(f"unknown timm model {name!r}{hint}")
+    return timm.create_model(name, pretrained=False, **kwargs)
