@@ -1,4 +1,4 @@
-"""The full benchmark run: ``ensemblekit bench`` on the CPU and on every CUDA device present.
+"""The full benchmark run: ``ensemblekit bench --full`` on the CPU and on every CUDA device present.
 
 Each device runs in its own process (the bench sets the allocator by
 re-executing itself); the output is printed as it comes and saved, one file
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for device in devices():
-        command = [sys.executable, "-m", "ensemblekit", "bench", "--device", device]
+        command = [sys.executable, "-m", "ensemblekit", "bench", "--full", "--device", device]
         if args.sections:
             command += ["--sections", args.sections]
         path = args.out / f"bench-{device.replace(':', '')}.txt"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -248,7 +247,8 @@ class AutoExecutor(Executor):
     block structure, number of nodes, input sharing and input shapes and
     strides) times each candidate on the real inputs (forward, plus backward
     when gradients are enabled) in interleaved rounds and keeps the one with
-    the lowest median. A candidate that raises on these nodes is never chosen.
+    the fastest run (other processes only ever add time, so the fastest run is
+    the least disturbed one). A candidate that raises on these nodes is never chosen.
     BatchNorm buffers and the random number generators are restored after
     timing, so the measured call leaves no trace; the candidates not chosen
     drop what they cached for these nodes.
@@ -277,7 +277,7 @@ class AutoExecutor(Executor):
 
     @property
     def timings(self) -> dict[LevelSignature, dict[str, float]]:
-        """Median seconds per candidate for each level signature measured so far."""
+        """Fastest seconds of each candidate for each level signature measured so far."""
         return self._timings
 
     def describe(self) -> list[str]:
@@ -309,7 +309,7 @@ class AutoExecutor(Executor):
         return next(c for c, e in self._executors.items() if e.unsupported(modules, inputs) is None)
 
     def _measure(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> dict[str, float]:
-        """Median seconds of each usable candidate on these nodes (``inf`` for one that raised)."""
+        """Fastest seconds of each usable candidate on these nodes (``inf`` for one that raised)."""
         usable = {c: e for c, e in self._executors.items() if e.unsupported(modules, inputs) is None}
         device = _device_of(modules, inputs)
         saved = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]
@@ -333,7 +333,7 @@ class AutoExecutor(Executor):
                 for m, bufs in zip(modules, saved):
                     for k, b in m.named_buffers():
                         b.copy_(bufs[k])
-        return {c: math.inf if c in failed else statistics.median(t) for c, t in times.items()}
+        return {c: math.inf if c in failed else min(t) for c, t in times.items()}
 
 
 EXECUTORS: dict[str, Callable[[], Executor]] = {

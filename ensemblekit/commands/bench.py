@@ -1,6 +1,6 @@
 """``ensemblekit bench``: speed of the execution strategies and of adaptive inference, with targets.
 
-Example:
+Examples:
     $ ensemblekit bench --quick --sections 4
     device: cpu (...)
     ...
@@ -32,7 +32,9 @@ def _sections(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny settings that run in seconds (numbers mean nothing)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny settings that run in seconds (numbers mean nothing)")
+    size.add_argument("--full", action="store_true", help="more rounds and torch.compile at every N (long on a CPU)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
     parser.add_argument("--sections", type=_sections, default=None,
@@ -43,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def argv(args: argparse.Namespace) -> list[str]:
     """The command line that reproduces ``args``."""
     line = ["--device", args.device]
-    if args.quick:
-        line.append("--quick")
+    if args.quick or args.full:
+        line.append("--quick" if args.quick else "--full")
     if args.threads is not None:
         line += ["--threads", str(args.threads)]
     if args.sections is not None:
@@ -68,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = bench.QUICK if args.quick else bench.BenchSettings()
+    settings = bench.QUICK if args.quick else bench.FULL if args.full else bench.DEFAULT
     bench.run_bench(settings, device, args.sections or bench.SECTIONS)
     return 0
