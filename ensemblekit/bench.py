@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ensemblekit as ek
-from ensemblekit.blocks import call_block
 from ensemblekit.execution import EXECUTORS, AutoExecutor
 from ensemblekit.flops import count_flops
 from ensemblekit.interfaces import HaltingPolicy, HaltingStep

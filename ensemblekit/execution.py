@@ -395,7 +395,7 @@ def _pack_channels(inputs: Sequence[Tensor]) -> Tensor:
         base = torch.cat(unique, 1) if len(unique) > 1 else unique[0]
     if index == list(range(len(unique))):
         return base
-    b, c = base.shape[0], unique[0].shape[1]
+    c = unique[0].shape[1]
     grouped = base.unflatten(1, (len(unique), c))
     if index == sorted(index):  # children of one parent are adjacent: a broadcast copy
         counts = torch.tensor([index.count(u) for u in range(len(unique))], device=base.device)
