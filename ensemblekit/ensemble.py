@@ -372,6 +372,8 @@ class Ensemble(nn.Module):
             keep = ~stop
             if not keep.any():
                 break
+            if keep.all():  # no sample stopped: nothing to drop from the cache
+                continue
             n = active.shape[0]
             active, cache = active[keep], cache.select(keep)
             agg_state = select_batch(agg_state, keep, n)

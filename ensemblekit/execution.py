@@ -248,7 +248,10 @@ class AutoExecutor(Executor):
     strides) times each candidate on the real inputs (forward, plus backward
     when gradients are enabled) in interleaved rounds and keeps the one with
     the fastest run (other processes only ever add time, so the fastest run is
-    the least disturbed one). A candidate that raises on these nodes is never chosen.
+    the least disturbed one). When a channels-last strategy is among the
+    candidates, each candidate is charged the conversion of its outputs to
+    channels-last, which a channels-last strategy at the next level would pay
+    (a greedy choice per level otherwise ignores it). A candidate that raises on these nodes is never chosen.
     BatchNorm buffers and the random number generators are restored after
     timing, so the measured call leaves no trace; the candidates not chosen
     drop what they cached for these nodes.
@@ -267,6 +270,7 @@ class AutoExecutor(Executor):
         self.candidates = tuple(candidates)
         self.rounds = rounds
         self._executors = {c: make_executor(c) for c in self.candidates}
+        self._blocks: dict[int, tuple[nn.Module, tuple]] = {}
         self._choices: dict[LevelSignature, str] = {}
         self._timings: dict[LevelSignature, dict[str, float]] = {}
 
@@ -293,7 +297,7 @@ class AutoExecutor(Executor):
         return lines
 
     def run(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> list[State]:
-        key = _signature(modules, inputs)
+        key = _signature(modules, inputs, self._blocks)
         choice = self._choices.get(key)
         if choice is None:
             if torch.compiler.is_compiling():  # never time inside a trace
@@ -312,6 +316,8 @@ class AutoExecutor(Executor):
         """Fastest seconds of each usable candidate on these nodes (``inf`` for one that raised)."""
         usable = {c: e for c, e in self._executors.items() if e.unsupported(modules, inputs) is None}
         device = _device_of(modules, inputs)
+        # outputs in another layout may cost a conversion later: charge it when channels-last is an option
+        charge = any(getattr(e, "channels_last", False) for e in usable.values())
         saved = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]
         times: dict[str, list[float]] = {c: [] for c in usable}
         failed: set[str] = set()
@@ -320,7 +326,7 @@ class AutoExecutor(Executor):
                 for r in range(self.rounds + 1):
                     for c in [c for c in usable if c not in failed]:
                         try:
-                            elapsed = _time_call(usable[c], modules, inputs, device)
+                            elapsed = _time_call(usable[c], modules, inputs, device, charge)
                         except (RuntimeError, ValueError, TypeError, NotImplementedError):
                             if c == "loop":  # the reference itself fails: a real error
                                 raise
@@ -496,24 +502,36 @@ def _device_of(modules: Sequence[nn.Module], inputs: Sequence[State]) -> torch.d
     return next(modules[0].parameters()).device
 
 
-def _signature(modules: Sequence[nn.Module], inputs: Sequence[State]) -> LevelSignature:
+def _signature(modules: Sequence[nn.Module], inputs: Sequence[State],
+               blocks: dict[int, tuple[nn.Module, tuple]]) -> LevelSignature:
+    """The level's signature; ``blocks`` caches the block part per first node (id -> (node, part))."""
     first = modules[0]
+    if id(first) not in blocks:
+        blocks[id(first)] = (first, (type(first).__name__,
+                                     tuple((k, tuple(p.shape)) for k, p in first.named_parameters())))
     unique, index = _unique(inputs)
     leaves = tuple((tuple(v.shape), v.stride(), v.dtype, v._base is not None) if isinstance(v, Tensor) else repr(v)
-                   for s in unique for v in tree_flatten(_as_tuple(s))[0])
-    return LevelSignature(str(_device_of(modules, inputs)), torch.is_grad_enabled(), first.training,
-                          type(first).__name__, tuple((k, tuple(p.shape)) for k, p in first.named_parameters()),
+                   for s in unique for v in (tree_flatten(s)[0] if isinstance(s, tuple) else (s,)))
+    device = unique[0].device if isinstance(unique[0], Tensor) else _device_of(modules, inputs)
+    return LevelSignature(str(device), torch.is_grad_enabled(), first.training, *blocks[id(first)][1],
                           len(modules), tuple(index), leaves)
 
 
 def _time_call(executor: Executor, modules: Sequence[nn.Module], inputs: Sequence[State],
-               device: torch.device) -> float:
-    """Seconds of one forward (and backward, when gradients are enabled) of the level."""
+               device: torch.device, to_channels_last: bool) -> float:
+    """Seconds of one forward (and backward, when gradients are enabled) of the level.
+
+    With ``to_channels_last``, the time to give the outputs channels-last
+    strides is included: what a channels-last strategy at the next level
+    would pay for outputs in another layout.
+    """
     inputs = _detached(inputs)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     _sync(device)
     start = time.perf_counter()
     outputs = executor.run(modules, inputs)
+    if to_channels_last:
+        outputs = [_to_channels_last(o) for o in outputs]
     if torch.is_grad_enabled():
         leaves = [v for v in tree_flatten(outputs)[0] if isinstance(v, Tensor) and v.requires_grad]
         grad_inputs = [v for v in tree_flatten(list(inputs))[0] if isinstance(v, Tensor) and v.requires_grad]
