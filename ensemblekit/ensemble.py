@@ -102,7 +102,8 @@ class Ensemble(nn.Module):
             backbone's weights (fine-tuning a pretrained model).
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
             -> nn.Module`` for exits before the last block (chains).
-        execution: how the nodes of one level run ("loop").
+        execution: how the nodes of one level run (a name from
+            :data:`ensemblekit.execution.EXECUTORS`; default "loop").
         node_modules: node index -> module used as that node instead of a
             copy of the backbone's block (e.g. EnsembleNet's narrower
             branches); used as given, neither copied nor re-initialised.

@@ -16,8 +16,9 @@ replicate it (HNE, Fig. 2).
 
 Every strategy computes the same function (equal outputs and gradients up to
 float rounding). The stacked or concatenated parameters are built from the
-nodes' own parameters on every call, so gradients reach each node's
-parameters, and BatchNorm running statistics updated in training mode are
+nodes' own parameters on every call (in inference they are reused while no
+node tensor changed), so gradients reach each node's parameters, and
+BatchNorm running statistics updated in training mode are
 written back into each node's buffers: the per-node modules, their
 ``state_dict`` and the loop stay the single source of truth.
 """
@@ -456,7 +457,8 @@ class _PackCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, ...], tuple[tuple, tuple[dict, dict]]] = {}
+        # ids -> (the nodes, kept alive so their ids stay theirs; stamp; packed tensors)
+        self._entries: dict[tuple[int, ...], tuple[tuple[nn.Module, ...], tuple, tuple[dict, dict]]] = {}
 
     def get(self, modules: Sequence[nn.Module],
             combine: Callable[[list[Tensor]], Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -466,11 +468,11 @@ class _PackCache:
             key = tuple(id(m) for m in modules)
             stamp = tuple((t.data_ptr(), t._version) for p, b in named for t in (*p.values(), *b.values()))
             entry = self._entries.get(key)
-            if entry is not None and entry[0] == stamp:
-                return entry[1]
+            if entry is not None and entry[1] == stamp:
+                return entry[2]
         packed = tuple({k: combine([n[part][k] for n in named]) for k in named[0][part]} for part in (0, 1))
         if reuse:
-            self._entries[key] = (stamp, packed)
+            self._entries[key] = (tuple(modules), stamp, packed)
         return packed
 
     def forget(self, modules: Sequence[nn.Module]) -> None:

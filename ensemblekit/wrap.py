@@ -46,7 +46,8 @@ def wrap(
         init: "reinit" (each extra copy redrawn) or "copy" (all copies start
             from the backbone's weights).
         exit_head: factory for early-exit heads of a chain.
-        execution: how the nodes of a level run.
+        execution: how the nodes of a level run: "loop", "loop_nhwc", "vmap",
+            "grouped", "grouped_nhwc" or "auto" (see :mod:`ensemblekit.execution`).
         example_input: an input the backbone accepts, used when splitting.
         **topology_options: options of a topology given by name (``depth=4``).
 
