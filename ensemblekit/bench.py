@@ -41,7 +41,6 @@ REEXEC_FLAG = "ENSEMBLEKIT_BENCH_REEXECUTED"
 """Set in the environment of a bench that re-executed itself with :data:`ALLOCATOR_ENV`."""
 
 SECTIONS = (1, 2, 3, 4, 5, 6, 7)
-RECOMPILE_LIMIT = 64
 STRATEGIES = tuple(name for name in EXECUTORS if name != "auto")
 
 
@@ -318,8 +317,10 @@ class Bench:
             compiled = None
             if n in s.compile_members:
                 compiled = self.wrap("independent", execution="loop", members=n)
-                compiled_forward = torch.compile(compiled, backend=s.compile_backend)
-                compiled_members = torch.compile(compiled.forward_members, backend=s.compile_backend)
+                # fullgraph: the whole ensemble is one graph (a graph break is an error, not a slowdown)
+                compiled_forward = torch.compile(compiled, backend=s.compile_backend, fullgraph=True)
+                compiled_members = torch.compile(compiled.forward_members, backend=s.compile_backend,
+                                                 fullgraph=True)
             for mode in ("eval", "train"):
                 variants: dict[str, Callable[[], Any]] = {}
                 if mode == "eval":
@@ -335,10 +336,7 @@ class Bench:
                     if compiled is not None:
                         variants["compile"] = self.ensemble_step(compiled, compiled_members)
                 start = time.perf_counter()
-                # the ensemble's Python level loop splits the trace into one frame per level and mode:
-                # allow them all to compile instead of falling back to eager after dynamo's default 8
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    t = self.time(variants)
+                t = self.time(variants)
                 rate = {k: (single_flops if k == "single" else flops) / v for k, v in t.items()}
                 parts = [f"{k} {v * 1e3:.1f} ms ({rate[k] / rate['single']:.0%})" for k, v in t.items()
                          if k != "single"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,9 @@ class NodeGraph:
         self.members = members
         self.nested_sizes = nested_sizes
         self._validate()
+        self.levels = self._levels()
+        """Node indices grouped by block, in node order (a plain attribute:
+        ``functools.cached_property`` takes a lock that ``torch.compile`` cannot trace)."""
 
     def _validate(self) -> None:
         for i, node in enumerate(self.nodes):
@@ -81,9 +83,7 @@ class NodeGraph:
     def num_nodes(self) -> int:
         return len(self.nodes)
 
-    @cached_property
-    def levels(self) -> list[list[int]]:
-        """Node indices grouped by block, in node order."""
+    def _levels(self) -> list[list[int]]:
         depth = max(node.block for node in self.nodes) + 1
         levels: list[list[int]] = [[] for _ in range(depth)]
         for node in self.nodes:

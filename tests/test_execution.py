@@ -261,6 +261,26 @@ def test_torch_compile_inference_and_training(strategy, backend):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "loop_nhwc", "vmap", "auto"])
+def test_torch_compile_traces_a_timm_tree_in_one_graph(strategy):
+    """fullgraph=True: no graph break anywhere in the ensemble's forward, eval or train."""
+    timm = pytest.importorskip("timm")
+    torch._dynamo.reset()  # each strategy compiles Ensemble.forward anew: stay clear of the recompile limit
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5, channels=(8, 8, 8, 8), stem_width=8)
+    ens = ek.wrap(model, "tree", depth=2, execution=strategy, example_input=torch.randn(1, 3, 16, 16))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    reference = copy.deepcopy(ens)
+    with torch.no_grad():
+        out = torch.compile(ens.eval(), fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(out, reference.eval()(x), atol=1e-5)
+    members = torch.compile(ens.train().forward_members, fullgraph=True, backend="aot_eager")
+    ens.loss(members(x), y).total.backward()
+    reference.train().loss(reference.forward_members(x), y).total.backward()
+    for a, b in zip(ens.parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_costs_are_counted_on_the_plain_nodes():
     ens = ek.wrap(toy_split(3), "tree", depth=2)
     others = [with_executor(ens, strategy) for strategy in STRATEGIES]
