@@ -230,8 +230,7 @@ class Bench:
                    x: Tensor | None = None) -> Callable[[], None]:
         """One SGD step (forward, loss, backward, update) of ``modules`` under ``loss(x, y)``."""
         modules = list(modules)
-        params = [p for m in modules for p in m.parameters()]
-        optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        optimizer = self.optimizer(modules)
         x = self.x if x is None else x
 
         def step() -> None:
@@ -242,6 +241,11 @@ class Bench:
             optimizer.step()
 
         return step
+
+    def optimizer(self, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
+        """SGD with momentum over the modules' parameters, fused where torch has it (as ``ek.train``)."""
+        params = [p for m in modules for p in m.parameters()]
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=self.device.type in ("cpu", "cuda") or None)
 
     def ensemble_step(self, ens: ek.Ensemble, forward_members: Callable[[Tensor], Tensor] | None = None,
                       ) -> Callable[[], None]:
@@ -303,7 +307,54 @@ class Bench:
                         f"{max(t['nets'], t['nets_nhwc']) * 1e3:.1f} ms): speed-up {speedup:.2f}x, "
                         f"FLOPs ratio {ratio:.2f}x, speed-up/FLOPs ratio {speedup / ratio:.2f} "
                         f"(target >= {target} on {self.device.type})", speedup / ratio >= target)
+            self._block_speeds(tree, mode, channels_last=base == "nets_nhwc")
+        self._optimizer_speeds(tree, nets)
         self._describe_auto(1, tree)
+
+    def _optimizer_speeds(self, tree: ek.Ensemble, nets: list[nn.Module]) -> None:
+        """Time the optimizer step alone: it scales with parameters, which the tree shares less than FLOPs."""
+        optimizers = {"tree": self.optimizer([tree]), "nets": self.optimizer(nets)}
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+        t = self.time({k: opt.step for k, opt in optimizers.items()})
+        sizes = {"tree": sum(p.numel() for p in tree.parameters()), "nets": sum(p.numel() for n in nets for p in n.parameters())}
+        self.say(1, f"train the optimizer step alone: tree {t['tree'] * 1e3:.1f} ms ({sizes['tree'] / 1e6:.1f}M parameters) "
+                    f"vs {len(nets)} networks {t['nets'] * 1e3:.1f} ms ({sizes['nets'] / 1e6:.1f}M): "
+                    f"{t['nets'] / t['tree']:.2f}x (it follows the parameter ratio "
+                    f"{sizes['nets'] / sizes['tree']:.2f}x, not the FLOPs ratio; no target)")
+
+    def _block_speeds(self, tree: ek.Ensemble, mode: str, channels_last: bool) -> None:
+        """Time each block of member 1's path alone: the speed-up the tree can reach at those speeds.
+
+        With ``t_b`` the time of block ``b`` and ``n_b`` the tree's nodes of
+        block ``b``, running every node at that speed gives a speed-up of
+        ``M * sum(t_b) / sum(n_b * t_b)``; the FLOPs ratio is the same formula
+        with FLOPs in place of times.
+        """
+        x = self.x.contiguous(memory_format=torch.channels_last) if channels_last else self.x
+        blocks = [copy.deepcopy(tree.nodes[i]).train(mode == "train") for i in tree.graph.members[0].path]
+        inputs = []
+        with torch.no_grad():
+            for block in blocks:
+                inputs.append(x)
+                x = block(x)
+
+        def run(block: nn.Module, x: Tensor) -> Callable[[], None]:
+            if mode == "eval":
+                return self.inference(block, x)
+            x = x.detach().requires_grad_()
+            return lambda: block(x).float().sum().backward()
+
+        t = self.time({str(b): run(block, x) for b, (block, x) in enumerate(zip(blocks, inputs))})
+        times = [t[str(b)] for b in range(len(blocks))]
+        counts = [len(level) for level in tree.graph.levels]
+        reachable = tree.num_members * sum(times) / sum(n * s for n, s in zip(counts, times))
+        self.say(1, f"{mode:5s} one member's blocks alone ({'NHWC' if channels_last else 'NCHW'}): "
+                    + " / ".join(f"{s * 1e3:.2f}" for s in times) + " ms, the tree has "
+                    + " / ".join(map(str, counts)) + f" nodes of each: at these speeds its speed-up is "
+                    f"{reachable:.2f}x (the FLOPs ratio assumes time follows FLOPs; no target)")
 
     def section2(self) -> None:
         """Every strategy and torch.compile for N members, as a fraction of one model's GFLOP/s."""
@@ -386,7 +437,7 @@ class Bench:
         ens.eval()
         with torch.no_grad():
             same = torch.allclose(ens(self.x), bare(self.x), atol=1e-5)
-        rounds = 3 * self.settings.rounds  # one model is cheap and the difference is small: more rounds
+        rounds = 8 * self.settings.rounds  # one model is cheap and the difference is small: more rounds
         t = self.time({"bare": self.inference(bare), "wrapped": self.inference(ens)}, rounds)
         ratio = t["wrapped"] / t["bare"]
         self.say(4, f"eval  wrap() one member {t['wrapped'] * 1e3:.2f} ms vs bare model {t['bare'] * 1e3:.2f} ms "

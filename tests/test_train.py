@@ -165,3 +165,26 @@ def test_evaluate_reports_every_prefix_with_costs():
     assert report.num_samples == 40 and report.num_members == 4
     assert report.prefix_flops == sorted(report.prefix_flops) and report.prefix_params[0] > 0
     assert len(report.member_accuracy) == 4 and len(report.prefix_ece) == 4
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_is_fused_on_the_cpu_and_updates_like_the_plain_one(optimizer):
+    from ensemblekit.train import make_optimizer
+
+    config = replace(FAST, optimizer=optimizer, lr=0.1, weight_decay=5e-4)
+    torch.manual_seed(0)
+    fused_params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    fused = make_optimizer(fused_params, config)
+    plain = (torch.optim.SGD(plain_params, lr=0.1, momentum=config.momentum, nesterov=config.nesterov,
+                             weight_decay=5e-4) if optimizer == "sgd"
+             else torch.optim.AdamW(plain_params, lr=0.1, weight_decay=5e-4))
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(fused_params, plain_params):
+            a.grad = torch.sin(a.detach())
+            b.grad = torch.sin(b.detach())
+        fused.step()
+        plain.step()
+    for a, b in zip(fused_params, plain_params):
+        assert torch.allclose(a, b, atol=1e-6)
