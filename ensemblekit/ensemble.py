@@ -144,9 +144,8 @@ class Ensemble(nn.Module):
         self.aggregator = aggregator
         self.loss_strategy = loss
         self.halting = halting
-        self.execution = execution
         self.check_finite = False
-        self._executor = make_executor(execution)
+        self.execution = execution
         if halting is not None:
             halting.bind(self)
         if loss is not None:
@@ -178,6 +177,15 @@ class Ensemble(nn.Module):
         return heads
 
     # ------------------------------------------------------------ properties
+    @property
+    def execution(self) -> str:
+        """How the nodes of one level run; assign a name to switch (``ens.execution = "auto"``)."""
+        return self._executor.name
+
+    @execution.setter
+    def execution(self, name: str) -> None:
+        self._executor = make_executor(name)
+
     @property
     def num_members(self) -> int:
         return self.graph.num_members
