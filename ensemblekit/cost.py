@@ -78,7 +78,7 @@ def measure_costs(ensemble) -> EnsembleCosts:
         cache = NodeCache(x)
         node_flops = []
         for node in ensemble.graph.nodes:
-            state = ensemble._parent_state(cache, node.index)
+            state = cache.output_of(node.parent)
             node_flops.append(flops_of(ensemble.nodes[node.index], state))
             cache.states[node.index] = call_block(ensemble.nodes[node.index], state)
         head_flops = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -45,6 +45,10 @@ class NodeCache:
     @property
     def batch_size(self) -> int:
         return self.input.shape[0]
+
+    def output_of(self, node: int | None) -> State:
+        """The state of ``node``; ``None`` (a root's parent) is the input."""
+        return self.input if node is None else self.states[node]
 
     def select(self, keep: Tensor) -> NodeCache:
         """A cache holding only the samples selected by ``keep``."""
@@ -229,20 +233,28 @@ class Ensemble(nn.Module):
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError(f"input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
 
-    def compute_nodes(self, cache: NodeCache, node_indices: Sequence[int]) -> None:
-        """Evaluate the nodes in ``node_indices`` missing from ``cache``, level by level."""
+    def compute_nodes(self, cache: NodeCache, node_indices: Sequence[int], keep: Container[int] | None = None) -> None:
+        """Evaluate the nodes in ``node_indices`` missing from ``cache``, level by level.
+
+        Args:
+            keep: when given, a state outside ``keep`` is dropped from the
+                cache once the next level has read it (less memory held in a
+                single forward pass); by default every state stays cached.
+        """
         wanted = set(node_indices) - cache.states.keys()
         for level in self.graph.levels:
             todo = [i for i in level if i in wanted]
             if not todo:
                 continue
-            inputs = [self._parent_state(cache, i) for i in todo]
+            parents = [self.graph.nodes[i].parent for i in todo]
+            inputs = [cache.output_of(p) for p in parents]
             outputs = self._executor.run([self.nodes[i] for i in todo], inputs)
             cache.states.update(zip(todo, outputs))
-
-    def _parent_state(self, cache: NodeCache, node: int) -> State:
-        parent = self.graph.nodes[node].parent
-        return cache.input if parent is None else cache.states[parent]
+            if keep is not None:
+                del inputs
+                for p in set(parents) - {None}:
+                    if p not in keep:
+                        del cache.states[p]
 
     def member_logits(self, cache: NodeCache, member: int) -> Tensor:
         """Logits ``[B, C]`` of one member, computing only the nodes ``cache`` lacks.
@@ -253,7 +265,8 @@ class Ensemble(nn.Module):
         """
         if member not in cache.logits:
             path = self.graph.members[member].path
-            self.compute_nodes(cache, path)
+            if path[-1] not in cache.states:  # its own state suffices (a forward pass drops the others)
+                self.compute_nodes(cache, path)
             head, state = self.heads[member], cache.states[path[-1]]
             if member > 0 and getattr(head, "takes_previous_logits", False):
                 previous = self.member_logits(cache, member - 1)
@@ -272,7 +285,8 @@ class Ensemble(nn.Module):
         self.check_input(x)
         members = list(range(self.num_members)) if members is None else self._member_list(members)
         cache = NodeCache(x)
-        self.compute_nodes(cache, self.graph.nodes_for(members))
+        exits = {self.graph.members[m].exit_node for m in members}
+        self.compute_nodes(cache, self.graph.nodes_for(members), keep=exits)
         logits = torch.stack([self.member_logits(cache, m) for m in members], dim=1)
         output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
         if self.halting is not None:

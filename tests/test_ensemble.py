@@ -134,6 +134,22 @@ def test_predict_with_compaction_matches_full_evaluation(topology):
     assert result.flops.tolist() == [costs[u - 1] for u in expected_used.tolist()]
 
 
+@pytest.mark.parametrize(("topology", "options"), [("tree", {"depth": 2}), ("chain", {}), ("multi_branch", {})])
+def test_a_forward_pass_runs_every_node_once_and_releases_inner_states(topology, options):
+    torch.manual_seed(0)
+    ens = ek.wrap(toy_split(3), topology, **options).eval()
+    x = torch.randn(2, 3, 8, 8)
+    calls = []
+    for node in ens.nodes:
+        node.register_forward_hook(lambda *a: calls.append(1))
+    cache = ek.ensemble.NodeCache(x)
+    exits = {m.exit_node for m in ens.graph.members}
+    ens.compute_nodes(cache, range(ens.graph.num_nodes), keep=exits)
+    assert set(cache.states) == exits  # inner states were dropped once read
+    ens.forward_members(x)
+    assert len(calls) == 2 * ens.graph.num_nodes  # no node computed twice, dropped states included
+
+
 def test_anytime_reuses_nodes_and_matches_prefixes():
     torch.manual_seed(0)
     ens = ek.wrap(toy_split(3), "tree", depth=2).eval()
