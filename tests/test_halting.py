@@ -158,3 +158,8 @@ def test_stopped_samples_leave_the_batch():
     threshold = float(conf[:, 0].sort().values[6])  # 6 of 12 samples stop at exit 0
     ens.predict(x, halting=Confidence([threshold, 2.0, 0.0]))
     assert seen == [6]  # the last block ran on the samples still going only
+
+
+def test_per_member_thresholds_of_the_wrong_length_are_refused_when_wrapping():
+    with pytest.raises(ValueError, match="3 thresholds given for an ensemble of 2 members"):
+        ek.wrap(toy_split(2), "independent", members=2, halting=ek.halting.Confidence([0.5, 0.6, 0.7]))

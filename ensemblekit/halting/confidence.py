@@ -44,6 +44,12 @@ class Confidence(HaltingPolicy):
         """Options for :mod:`ensemblekit.testing`'s conformance checks."""
         return {"threshold": 0.25}
 
+    def bind(self, ensemble) -> None:
+        """Refuse per-member thresholds whose count is not the ensemble's member count."""
+        if self.per_member and len(self.thresholds) != ensemble.num_members:
+            raise ValueError(f"{len(self.thresholds)} thresholds given for an ensemble of {ensemble.num_members} "
+                             f"members; give one per member or a single number")
+
     def threshold(self, index: int, num_members: int) -> Tensor:
         """The threshold of member ``index``."""
         if not self.per_member:
