@@ -11,7 +11,8 @@ per-node modules (:mod:`ensemblekit.cost`). Sections:
 4. ``wrap()`` with one member vs the bare timm model;
 5. per-sample halting: measured vs predicted saving;
 6. anytime inference: first prediction and the whole iteration;
-7. hierarchical distillation vs the independent loss (training step).
+7. hierarchical distillation vs the independent loss (training step);
+8. peak memory of the tree vs the independent networks (:mod:`ensemblekit.bench_memory`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "10000000000
 REEXEC_FLAG = "ENSEMBLEKIT_BENCH_REEXECUTED"
 """Set in the environment of a bench that re-executed itself with :data:`ALLOCATOR_ENV`."""
 
-SECTIONS = (1, 2, 3, 4, 5, 6, 7)
+SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 STRATEGIES = tuple(name for name in EXECUTORS if name != "auto")
 
 
@@ -97,6 +98,7 @@ TARGETS = {
     "halting": 0.8,  # measured saving / predicted saving, at least
     "anytime": 1.1,  # time ratios, at most
     "distillation": 1.1,  # time ratio, at most
+    "memory": 1.0,  # tree memory / independent networks' memory, at most
 }
 
 
@@ -524,10 +526,34 @@ class Bench:
                     f"{t['independent'] * 1e3:.1f} ms: {ratio:.2f}x (target <= {TARGETS['distillation']})",
                  ratio <= TARGETS["distillation"])
 
+    def section8(self) -> None:
+        """Peak memory: the tree vs as many independent networks, inference and training step."""
+        from ensemblekit import bench_memory
+
+        m = 2 ** self.settings.depth
+        reason = bench_memory.unsupported(self.device)
+        if reason is not None:
+            self.say(8, f"memory of the tree vs {m} independent networks", skipped=reason)
+            return
+        sizes = bench_memory.measure(self.settings, self.device)
+        tree, nets = sizes["tree"], sizes["nets"]
+        for mode in ("eval", "train"):
+            total = {k: v["weights"] + v[mode] for k, v in sizes.items()}
+            ratio = total["tree"] / total["nets"]
+            self.say(8, f"{mode:5s} memory: tree {_mb(total['tree'])} (weights {_mb(tree['weights'])} + peak of one "
+                        f"{'call' if mode == 'eval' else 'step'} {_mb(tree[mode])}) vs {m} independent networks "
+                        f"{_mb(total['nets'])} ({_mb(nets['weights'])} + {_mb(nets[mode])}): {ratio:.2f}x "
+                        f"(target <= {TARGETS['memory']})", ratio <= TARGETS["memory"])
+
     def _describe_auto(self, section: int, ens: ek.Ensemble) -> None:
         executor = ens._executor
         if isinstance(executor, AutoExecutor):
             self.say(section, "auto chose: " + "; ".join(executor.describe()))
+
+
+def _mb(size: int) -> str:
+    mb = size / 2**20
+    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.2f} MB"
 
 
 def _load() -> str:

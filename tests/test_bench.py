@@ -62,8 +62,21 @@ def test_bench_reexecutes_itself_with_the_allocator_settings():
     assert "[4] eval  wrap() one member" in result.stdout
 
 
-@pytest.mark.parametrize("bad", ["8", "a,b"])
+@pytest.mark.parametrize("bad", ["9", "a,b"])
 def test_bad_sections_are_refused(bad, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--sections", bad])
     assert "sections" in capsys.readouterr().err
+
+
+def test_memory_is_measured_in_a_child_process():
+    from ensemblekit import bench_memory
+
+    if bench_memory.unsupported(torch.device("cpu")) is not None:
+        pytest.skip(bench_memory.unsupported(torch.device("cpu")))
+    sizes = bench_memory.measure(bench.QUICK, torch.device("cpu"))
+    assert set(sizes) == {"tree", "nets"}
+    assert sizes["tree"]["weights"] < sizes["nets"]["weights"]  # the tree shares its early blocks
+    for model in sizes.values():
+        assert model["weights"] > 0 and model["eval"] >= 0
+        assert model["train"] > model["eval"]  # a step keeps activations and gradients

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
     parser.add_argument("--sections", type=_sections, default=None,
                         help="comma-separated sections to run (default: all): 1 tree vs independent, "
-                             "2 strategies, 3 TorchEnsemble, 4 wrap overhead, 5 halting, 6 anytime, 7 distillation")
+                             "2 strategies, 3 TorchEnsemble, 4 wrap overhead, 5 halting, 6 anytime, 7 distillation, "
+                             "8 memory")
 
 
 def argv(args: argparse.Namespace) -> list[str]:
