@@ -60,6 +60,9 @@ class BenchSettings:
         voting_members: ensemble size of section 3.
         warmup: untimed calls of each variant before timing.
         rounds: timed interleaved rounds.
+        strategy_rounds: rounds of section 2's first pass, which times seven
+            variants per ``N`` (``auto`` and the best of them then get twice
+            ``rounds`` more, head to head).
         compile_backend: ``torch.compile`` backend of section 2.
         compile_members: the sizes of section 2 that are also compiled (inductor
             takes tens of seconds per size and mode on a CPU).
@@ -75,6 +78,7 @@ class BenchSettings:
     voting_members: int = 8
     warmup: int = 2
     rounds: int = 7
+    strategy_rounds: int = 5
     compile_backend: str = "inductor"
     compile_members: tuple[int, ...] = (2,)
 
@@ -82,11 +86,11 @@ class BenchSettings:
 DEFAULT = BenchSettings()
 """``ensemblekit bench``: compiling every size takes minutes on a CPU, so only ``N=2`` is compiled."""
 
-FULL = BenchSettings(rounds=9, compile_members=(2, 4, 8, 16))
+FULL = BenchSettings(rounds=9, strategy_rounds=9, compile_members=(2, 4, 8, 16))
 """The full run (``benchmarks/run_all.py``): more rounds, ``torch.compile`` at every ``N``."""
 
 QUICK = BenchSettings(model="resnet10t", model_args={"channels": (8, 8, 8, 8), "stem_width": 8}, image_size=16,
-                      batch_size=4, depth=2, members=(2,), voting_members=2, warmup=1, rounds=1,
+                      batch_size=4, depth=2, members=(2,), voting_members=2, warmup=1, rounds=1, strategy_rounds=1,
                       compile_backend="eager", compile_members=())
 """Tiny settings that exercise every line in seconds (for tests); the numbers mean nothing."""
 
@@ -389,7 +393,7 @@ class Bench:
                     if compiled is not None:
                         variants["compile"] = self.ensemble_step(compiled, compiled_members)
                 start = time.perf_counter()
-                t = self.time(variants)
+                t = self.time(variants, s.strategy_rounds)
                 rate = {k: (single_flops if k == "single" else flops) / v for k, v in t.items()}
                 parts = [f"{k} {v * 1e3:.1f} ms ({rate[k] / rate['single']:.0%})" for k, v in t.items()
                          if k != "single"]
@@ -573,7 +577,8 @@ def header(settings: BenchSettings, device: torch.device) -> list[str]:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, ensemblekit {ek.__version__}",
         f"allocator: {allocator_status()}",
         f"model: {s.model}({args}) at {s.image_size}x{s.image_size}, batch {s.batch_size}, "
-        f"{s.warmup} warm-up calls then {s.rounds} interleaved rounds, medians",
+        f"{s.warmup} warm-up calls then {s.rounds} interleaved rounds ({s.strategy_rounds} in section 2's "
+        f"first pass), medians",
     ]
 
 
