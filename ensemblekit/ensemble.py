@@ -241,11 +241,11 @@ class Ensemble(nn.Module):
                 cache once the next level has read it (less memory held in a
                 single forward pass); by default every state stays cached.
         """
-        wanted = set(node_indices) - cache.states.keys()
-        for level in self.graph.levels:
-            todo = [i for i in level if i in wanted]
-            if not todo:
-                continue
+        levels: dict[int, list[int]] = {}  # block -> the missing nodes of that level, in node order
+        for i in sorted(set(node_indices) - cache.states.keys()):
+            levels.setdefault(self.graph.nodes[i].block, []).append(i)
+        for block in sorted(levels):
+            todo = levels[block]
             parents = [self.graph.nodes[i].parent for i in todo]
             inputs = [cache.output_of(p) for p in parents]
             outputs = self._executor.run([self.nodes[i] for i in todo], inputs)
