@@ -76,9 +76,9 @@ class BenchSettings:
     depth: int = 4
     members: tuple[int, ...] = (2, 4, 8, 16)
     voting_members: int = 8
-    warmup: int = 2
+    warmup: int = 1
     rounds: int = 7
-    strategy_rounds: int = 5
+    strategy_rounds: int = 3
     compile_backend: str = "inductor"
     compile_members: tuple[int, ...] = (2,)
 
@@ -86,7 +86,7 @@ class BenchSettings:
 DEFAULT = BenchSettings()
 """``ensemblekit bench``: compiling every size takes minutes on a CPU, so only ``N=2`` is compiled."""
 
-FULL = BenchSettings(rounds=9, strategy_rounds=9, compile_members=(2, 4, 8, 16))
+FULL = BenchSettings(warmup=2, rounds=9, strategy_rounds=9, compile_members=(2, 4, 8, 16))
 """The full run (``benchmarks/run_all.py``): more rounds, ``torch.compile`` at every ``N``."""
 
 QUICK = BenchSettings(model="resnet10t", model_args={"channels": (8, 8, 8, 8), "stem_width": 8}, image_size=16,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ensemblekit.batching import select_batch
 from ensemblekit.blocks import BlockSplit, State, call_block
-from ensemblekit.execution import make_executor
+from ensemblekit.execution import AutoExecutor, make_executor
 from ensemblekit.heads import ExitHead, feature_dim, fresh_copy
 from ensemblekit.interfaces import (
     Aggregator,
@@ -284,16 +284,24 @@ class Ensemble(nn.Module):
         """
         self.check_input(x)
         members = list(range(self.num_members)) if members is None else self._member_list(members)
-        cache = NodeCache(x)
-        exits = {self.graph.members[m].exit_node for m in members}
-        self.compute_nodes(cache, self.graph.nodes_for(members), keep=exits)
-        logits = torch.stack([self.member_logits(cache, m) for m in members], dim=1)
+        if isinstance(self._executor, AutoExecutor) and not torch.compiler.is_compiling():
+            key = (str(x.device), x.dtype, tuple(x.shape), x.stride(), torch.is_grad_enabled(), self.training,
+                   tuple(members))
+            self._executor.tune_pass(key, lambda: self._forward_pass(x, members)[1], self)
+        cache, logits = self._forward_pass(x, members)
         output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
         if self.halting is not None:
             if "head_input" in self.halting.step_inputs:
                 output.extras["head_inputs"] = {m: cache.states[self.graph.members[m].exit_node] for m in members}
             output.extras.update(self.halting.training_extras(output, self))
         return output
+
+    def _forward_pass(self, x: Tensor, members: list[int]) -> tuple[NodeCache, Tensor]:
+        """The cache (exit states only) and the members' logits ``b m c``."""
+        cache = NodeCache(x)
+        exits = {self.graph.members[m].exit_node for m in members}
+        self.compute_nodes(cache, self.graph.nodes_for(members), keep=exits)
+        return cache, torch.stack([self.member_logits(cache, m) for m in members], dim=1)
 
     def _member_list(self, members: Any) -> list[int]:
         """``members`` as a list of valid member indices, or a clear error."""

@@ -30,7 +30,7 @@ import math
 import operator
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -75,6 +75,8 @@ class Executor(ABC):
     """
 
     name: str = ""
+    chains: bool = False
+    """Whether consecutive levels run by this strategy pass data more cheaply than level-by-level timing shows."""
 
     def unsupported(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> str | None:
         """Why this strategy cannot run these nodes, or ``None`` when it can."""
@@ -197,6 +199,8 @@ class GroupedExecutor(Executor):
         channels_last: run the packed level on channels-last inputs.
     """
 
+    chains = True  # a packed output feeds the next packed level without a copy
+
     def __init__(self, channels_last: bool = False):
         self.channels_last = channels_last
         self._packs = _PackCache()
@@ -274,6 +278,9 @@ class AutoExecutor(Executor):
         self._blocks: dict[int, tuple[nn.Module, tuple]] = {}
         self._choices: dict[LevelSignature, str] = {}
         self._timings: dict[LevelSignature, dict[str, float]] = {}
+        self._plans: dict[Hashable, dict[str, float]] = {}  # pass key -> seconds of each plan
+        self._seen: list[tuple[LevelSignature, list[nn.Module]]] | None = None  # levels of the pass being tuned
+        self._forced: str | None = None  # the strategy of the plan being timed
 
     @property
     def choices(self) -> dict[LevelSignature, str]:
@@ -281,13 +288,22 @@ class AutoExecutor(Executor):
         return self._choices
 
     @property
+    def plans(self) -> dict[Hashable, dict[str, float]]:
+        """Fastest seconds of each whole-pass plan, per tuned pass (see :meth:`tune_pass`)."""
+        return self._plans
+
+    @property
     def timings(self) -> dict[LevelSignature, dict[str, float]]:
         """Fastest seconds of each candidate for each level signature measured so far."""
         return self._timings
 
     def describe(self) -> list[str]:
-        """One line per measured signature: mode, nodes, input sharing, choice and its margin."""
+        """One line per tuned pass (its plans' times), then per level: mode, nodes, input sharing, choice, margin."""
         lines = []
+        for timings in self._plans.values():
+            best = min(timings, key=timings.__getitem__)
+            lines.append(f"whole pass: kept {best} (" + ", ".join(f"{plan} {t * 1e3:.1f} ms"
+                                                             for plan, t in timings.items()) + ")")
         for key, choice in self._choices.items():
             times = self._timings[key]
             runner_up = min((t for c, t in times.items() if c != choice), default=math.inf)
@@ -299,16 +315,85 @@ class AutoExecutor(Executor):
 
     def run(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> list[State]:
         key = _signature(modules, inputs, self._blocks)
-        choice = self._choices.get(key)
-        if choice is None:
-            if torch.compiler.is_compiling():  # never time inside a trace
-                return self._executors[self._fallback(modules, inputs)].run(modules, inputs)
-            timings = self._timings[key] = self._measure(modules, inputs)
-            choice = self._choices[key] = min(timings, key=timings.__getitem__)
-            for name, executor in self._executors.items():
-                if name != choice:
-                    executor.forget(modules)
+        if self._forced is not None:  # timing a plan: the forced strategy wherever it applies
+            usable = self._executors[self._forced].unsupported(modules, inputs) is None
+            choice = self._forced if usable else self._choices.get(key) or self._fallback(modules, inputs)
+        else:
+            choice = self._choices.get(key)
+            if choice is None:
+                if torch.compiler.is_compiling():  # never time inside a trace
+                    return self._executors[self._fallback(modules, inputs)].run(modules, inputs)
+                timings = self._timings[key] = self._measure(modules, inputs)
+                choice = self._choices[key] = min(timings, key=timings.__getitem__)
+                self._forget_others(choice, modules)
+        if self._seen is not None:
+            self._seen.append((key, list(modules), choice))
         return self._executors[choice].run(modules, inputs)
+
+    def tune_pass(self, key: Hashable, run_pass: Callable[[], Tensor], module: nn.Module) -> None:
+        """Check the per-level choices against whole passes; keep the fastest plan.
+
+        Timing level by level cannot see that a strategy pays off as a chain
+        (a grouped level hands the next one a packed tensor without a copy,
+        so the first grouped level looks slower than it is). The first pass
+        with a new ``key`` makes the per-level choices; then whole passes
+        (forward, plus backward when gradients are enabled) are timed with
+        those choices and with each chaining candidate (``chains``) at every
+        level it can run, in interleaved rounds (a warm-up round, then half
+        as many as per level, at least one; a plan 1.2x slower than the best
+        after the first timed round, or one that raises, is dropped), and the levels of the fastest plan keep its
+        strategies. BatchNorm buffers and random
+        number generators are restored afterwards.
+
+        Args:
+            key: what the pass's speed depends on beyond its levels (input
+                shape, mode, members); each key is tuned once.
+            run_pass: runs the pass and returns its output.
+            module: the module whose parameters and buffers the pass uses.
+        """
+        if key in self._plans or torch.compiler.is_compiling():
+            return
+        params = [p for p in module.parameters() if p.requires_grad]
+        saved = {k: b.clone() for k, b in module.named_buffers()}
+        device = next((p.device for p in params), torch.device("cpu"))
+        chaining = [c for c in self.candidates if self._executors[c].chains]
+        plans: dict[str, list] = {"per level": [], **{c: [] for c in chaining}}  # the levels each plan ran
+        times: dict[str, list[float]] = {plan: [] for plan in plans}
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                run_pass()  # makes the per-level choices
+                for r in range(max(1, self.rounds // 2) + 1):
+                    if r == 2:  # drop the plans that cannot catch up
+                        fastest = min(t[0] for t in times.values())
+                        times = {p: t for p, t in times.items() if p == "per level" or t[0] <= 1.2 * fastest}
+                    for plan in list(times):
+                        self._forced = None if plan == "per level" else plan
+                        self._seen = plans[plan] if r == 0 else None  # the warm-up round records the levels
+                        try:
+                            elapsed = _time_pass(run_pass, params, device)
+                        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+                            if plan == "per level":
+                                raise
+                            del times[plan]
+                            continue
+                        if r > 0:  # the first round warms up
+                            times[plan].append(elapsed)
+        finally:
+            self._seen, self._forced = None, None
+            with torch.no_grad():
+                for k, b in module.named_buffers():
+                    b.copy_(saved[k])
+        timings = self._plans[key] = {plan: min(t) for plan, t in times.items()}
+        best = min(timings, key=timings.__getitem__)
+        for level, modules, choice in plans[best]:
+            self._choices[level] = choice
+            self._timings.setdefault(level, {choice: timings[best]})
+            self._forget_others(choice, modules)
+
+    def _forget_others(self, choice: str, modules: Sequence[nn.Module]) -> None:
+        for name, executor in self._executors.items():
+            if name != choice:
+                executor.forget(modules)
 
     def _fallback(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> str:
         return next(c for c, e in self._executors.items() if e.unsupported(modules, inputs) is None)
@@ -540,6 +625,17 @@ def _time_call(executor: Executor, modules: Sequence[nn.Module], inputs: Sequenc
         if leaves:
             total = sum(v.float().sum() for v in leaves)
             torch.autograd.grad(total, params + grad_inputs, allow_unused=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_pass(run_pass: Callable[[], Tensor], params: list[Tensor], device: torch.device) -> float:
+    """Seconds of one pass, plus its backward to ``params`` when gradients are enabled (``.grad`` untouched)."""
+    _sync(device)
+    start = time.perf_counter()
+    out = run_pass()
+    if torch.is_grad_enabled() and out.requires_grad and params:
+        torch.autograd.grad(out.float().sum(), params, allow_unused=True)
     _sync(device)
     return time.perf_counter() - start
 

@@ -176,7 +176,7 @@ def test_auto_never_chooses_a_strategy_that_fails():
     auto = with_executor(ens, "auto")
     assert torch.allclose(auto(x), ens(x), atol=1e-5)
     executor: AutoExecutor = auto._executor
-    assert all(t["vmap"] == float("inf") for t in executor.timings.values())
+    assert all(t.get("vmap", float("inf")) == float("inf") for t in executor.timings.values())
     assert "vmap" not in executor.choices.values()
 
 
@@ -194,13 +194,17 @@ def test_auto_measures_once_per_signature_and_leaves_no_trace():
     for k, v in loop.state_dict().items():  # timing runs did not move the running statistics
         assert torch.allclose(auto.state_dict()[k].double(), v.double(), atol=1e-6), k
     executor: AutoExecutor = auto._executor
-    assert len(executor.choices) == 3  # one per level (1, 2 and 4 nodes)
-    assert all(set(t) >= {"loop", "vmap", "grouped"} for t in executor.timings.values())
+    measured = [k for k, t in executor.timings.items() if len(t) > 1]
+    assert len(measured) == 3  # one per level (1, 2 and 4 nodes), as the first pass met them
+    assert all(set(executor.timings[k]) >= {"loop", "vmap", "grouped"} for k in measured)
+    assert len(executor.plans) == 1  # then whole passes were timed once, per plan
+    choices = dict(executor.choices)
     auto(x)
-    assert len(executor.choices) == 3
+    assert executor.choices == choices and len(executor.plans) == 1  # nothing measured again
     with torch.no_grad():
         auto.eval()(x)
-    assert len(executor.choices) == 6  # eval without gradients is another signature
+    assert len(executor.plans) == 2  # eval without gradients is another pass
+    assert len([k for k, t in executor.timings.items() if len(t) > 1]) == 6
 
 
 def test_predict_and_anytime_work_with_every_strategy():
@@ -304,3 +308,35 @@ def test_assigning_execution_switches_the_strategy():
     with pytest.raises(ValueError, match="unknown execution strategy 'fast'"):
         ens.execution = "fast"
     assert ens.execution == "grouped"
+
+
+def test_auto_keeps_the_fastest_whole_pass_plan(monkeypatch):
+    """A plan that only wins as a chain (here: made the fastest) replaces the per-level choices."""
+    import ensemblekit.execution as execution
+
+    torch.manual_seed(0)
+    ens = ek.wrap(toy_split(3), "tree", depth=2).train()
+    auto = with_executor(ens, "auto")
+    reference = copy.deepcopy(ens)
+    executor: AutoExecutor = auto._executor
+    real_time_pass = execution._time_pass
+
+    def grouped_is_fastest(run_pass, params, device):
+        real_time_pass(run_pass, params, device)
+        return 0.5 if executor._forced == "grouped" else 1.0
+
+    monkeypatch.setattr(execution, "_time_pass", grouped_is_fastest)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    out = auto.forward_output(x)
+    assert min(next(iter(executor.plans.values())).items(), key=lambda kv: kv[1])[0] == "grouped"
+    executor._seen = seen = []
+    auto.loss(auto.forward_output(x), y).total.backward()
+    executor._seen = None
+    assert [choice for _, _, choice in seen] == ["grouped"] * 3  # every level of the pass now runs grouped
+    reference_out = reference.forward_output(x)
+    assert torch.allclose(out.members, reference_out.members, atol=1e-5)
+    reference.loss(reference.forward_output(x), y).total.backward()
+    for (name, a), b in zip(auto.named_parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4), name
+    for (name, a), b in zip(auto.named_buffers(), reference.buffers()):  # tuning left no trace
+        assert torch.allclose(a.double(), b.double(), atol=1e-6), name
