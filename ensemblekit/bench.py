@@ -522,8 +522,9 @@ class Bench:
             self.say(7, "train hierarchical distillation vs independent loss",
                      skipped="no loss named 'hierarchical_distillation' is registered")
             return
-        independent = self.wrap("tree", depth=self.settings.depth, loss="independent")
-        distilled = self.wrap("tree", depth=self.settings.depth, loss="hierarchical_distillation")
+        # the default strategy for both: only the loss differs (auto would spend its tuning twice)
+        independent = self.wrap("tree", "loop", depth=self.settings.depth, loss="independent")
+        distilled = self.wrap("tree", "loop", depth=self.settings.depth, loss="hierarchical_distillation")
         t = self.time({"independent": self.ensemble_step(independent), "distilled": self.ensemble_step(distilled)})
         ratio = t["distilled"] / t["independent"]
         self.say(7, f"train tree, hierarchical distillation {t['distilled'] * 1e3:.1f} ms vs independent loss "
