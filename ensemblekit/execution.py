@@ -12,7 +12,7 @@ replicate it (HNE, Fig. 2).
 | ``vmap`` | ``torch.func.vmap`` over parameters stacked on the fly | any block without data-dependent Python control flow |
 | ``grouped`` | the nodes packed into one module with ``N``-times grouped convolutions | blocks of conv / BN / element-wise layers |
 | ``grouped_nhwc`` | ``grouped`` on channels-last inputs | the same |
-| ``auto`` | times the strategies that apply, once per (device, shapes, mode), and keeps the fastest | any block |
+| ``auto`` | times the strategies that apply, once per (device, shapes, mode), and keeps the fastest; checks the choices against whole passes (:meth:`AutoExecutor.tune_pass`) | any block |
 
 Every strategy computes the same function (equal outputs and gradients up to
 float rounding). The stacked or concatenated parameters are built from the
@@ -259,7 +259,8 @@ class AutoExecutor(Executor):
     (a greedy choice per level otherwise ignores it). A candidate that raises on these nodes is never chosen.
     BatchNorm buffers and the random number generators are restored after
     timing, so the measured call leaves no trace; the candidates not chosen
-    drop what they cached for these nodes.
+    drop what they cached for these nodes. An ensemble's forward pass then
+    checks these choices against whole passes (:meth:`tune_pass`).
 
     Args:
         candidates: names of the strategies to choose from.
