@@ -319,15 +319,15 @@ class Bench:
 
     def _optimizer_speeds(self, tree: ek.Ensemble, nets: list[nn.Module]) -> None:
         """Time the optimizer step alone: it scales with parameters, which the tree shares less than FLOPs."""
-        optimizers = {"tree": self.optimizer([tree]), "nets": self.optimizer(nets)}
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.grad = torch.zeros_like(p)
+        models = {"tree": [tree], "nets": nets}
+        optimizers = {k: self.optimizer(m) for k, m in models.items()}
+        sizes = {k: sum(p.numel() for module in m for p in module.parameters()) for k, m in models.items()}
+        for m in models.values():
+            for p in (p for module in m for p in module.parameters()):
+                p.grad = torch.zeros_like(p)
         t = self.time({k: opt.step for k, opt in optimizers.items()})
-        sizes = {"tree": sum(p.numel() for p in tree.parameters()), "nets": sum(p.numel() for n in nets for p in n.parameters())}
-        self.say(1, f"train the optimizer step alone: tree {t['tree'] * 1e3:.1f} ms ({sizes['tree'] / 1e6:.1f}M parameters) "
-                    f"vs {len(nets)} networks {t['nets'] * 1e3:.1f} ms ({sizes['nets'] / 1e6:.1f}M): "
+        self.say(1, f"train the optimizer step alone: tree {t['tree'] * 1e3:.1f} ms "
+                    f"({sizes['tree'] / 1e6:.1f}M parameters) vs {len(nets)} networks {t['nets'] * 1e3:.1f} ms ({sizes['nets'] / 1e6:.1f}M): "
                     f"{t['nets'] / t['tree']:.2f}x (it follows the parameter ratio "
                     f"{sizes['nets'] / sizes['tree']:.2f}x, not the FLOPs ratio; no target)")
 
