@@ -280,7 +280,8 @@ class AutoExecutor(Executor):
         self._choices: dict[LevelSignature, str] = {}
         self._timings: dict[LevelSignature, dict[str, float]] = {}
         self._plans: dict[Hashable, dict[str, float]] = {}  # pass key -> seconds of each plan
-        self._seen: list[tuple[LevelSignature, list[nn.Module]]] | None = None  # levels of the pass being tuned
+        # (signature, nodes, strategy) of each level of the pass being recorded while tuning
+        self._seen: list[tuple[LevelSignature, list[nn.Module], str]] | None = None
         self._forced: str | None = None  # the strategy of the plan being timed
 
     @property
@@ -340,11 +341,11 @@ class AutoExecutor(Executor):
         with a new ``key`` makes the per-level choices; then whole passes
         (forward, plus backward when gradients are enabled) are timed with
         those choices and with each chaining candidate (``chains``) at every
-        level it can run, in interleaved rounds (a warm-up round, then half
-        as many as per level, at least one; a plan 1.2x slower than the best
-        after the first timed round, or one that raises, is dropped), and the levels of the fastest plan keep its
-        strategies. BatchNorm buffers and random
-        number generators are restored afterwards.
+        level it can run, in interleaved rounds: a warm-up round, then half
+        as many as per level (at least one). A plan 1.2x slower than the best
+        after the first timed round, or one that raises, is dropped. The
+        levels of the fastest plan keep its strategies. BatchNorm buffers and
+        random number generators are restored afterwards.
 
         Args:
             key: what the pass's speed depends on beyond its levels (input
