@@ -18,6 +18,8 @@ stop-gradient: gradients are the same.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -108,7 +110,33 @@ class IndependentNestedCE(LossStrategy):
         return LossResult(a.total + b.total, {**a.parts, **b.parts})
 
 
-class CoDistillation(LossStrategy):
+class _Distillation(LossStrategy):
+    """``L = (1 - alpha) L_I + alpha * distillation``, the form of HNE's L_D and L_HD.
+
+    Args:
+        alpha: weight of the distillation term, in [0, 1] (paper: 0.5).
+        T: softmax temperature of student and teacher (paper: 2).
+    """
+
+    part = "distillation"
+
+    def __init__(self, alpha: float = 0.5, T: float = 2.0):
+        super().__init__()
+        self.alpha = _check_unit("alpha", alpha)
+        self.T = _check_positive("T", T)
+
+    def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
+        independent = member_ce(output.members, target).sum()
+        distill = self.distillation(output)
+        total = (1 - self.alpha) * independent + self.alpha * distill
+        return LossResult(total, {"independent": independent.detach(), self.part: distill.detach()})
+
+    @abstractmethod
+    def distillation(self, output: EnsembleOutput) -> Tensor:
+        """The distillation term (a scalar)."""
+
+
+class CoDistillation(_Distillation):
     """L_D: every member distilled from the full ensemble (HNE AAAI Eq. 5, arXiv Eq. 11).
 
     ``L = (1 - alpha) L_I + alpha sum_n KD_T(z_n, sg(ybar_N))``.
@@ -118,21 +146,12 @@ class CoDistillation(LossStrategy):
         T: softmax temperature of student and teacher (paper: 2).
     """
 
-    def __init__(self, alpha: float = 0.5, T: float = 2.0):
-        super().__init__()
-        self.alpha = _check_unit("alpha", alpha)
-        self.T = _check_positive("T", T)
-
-    def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
-        independent = member_ce(output.members, target).sum()
+    def distillation(self, output: EnsembleOutput) -> Tensor:
         teacher = output.ensemble().detach()
-        distill = torch.stack([kd_loss(output.members[:, n], teacher, self.T)
-                               for n in range(output.num_members)]).sum()
-        total = (1 - self.alpha) * independent + self.alpha * distill
-        return LossResult(total, {"independent": independent.detach(), "distillation": distill.detach()})
+        return torch.stack([kd_loss(output.members[:, n], teacher, self.T) for n in range(output.num_members)]).sum()
 
 
-class HierarchicalDistillation(LossStrategy):
+class HierarchicalDistillation(_Distillation):
     """L_HD: every smaller nested ensemble distilled from the full one (HNE AAAI Eq. 6, arXiv Eq. 12).
 
     ``L = (1 - alpha) L_I + alpha sum_{s in nested sizes, s < N} KD_T(ybar_s, sg(ybar_N))``;
@@ -143,22 +162,14 @@ class HierarchicalDistillation(LossStrategy):
         T: softmax temperature of student and teacher (paper: 2).
     """
 
-    def __init__(self, alpha: float = 0.5, T: float = 2.0):
-        super().__init__()
-        self.alpha = _check_unit("alpha", alpha)
-        self.T = _check_positive("T", T)
+    part = "hierarchical_distillation"
 
-    def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
-        independent = member_ce(output.members, target).sum()
+    def distillation(self, output: EnsembleOutput) -> Tensor:
         n = output.num_members
-        sizes = tuple(s for s in output.nested_sizes if s < n)
         prefixes = output.prefixes()
         teacher = prefixes[:, n - 1].detach()
-        terms = [kd_loss(prefixes[:, s - 1], teacher, self.T) for s in sizes]
-        distill = torch.stack(terms).sum() if terms else independent.new_zeros(())
-        total = (1 - self.alpha) * independent + self.alpha * distill
-        parts = {"independent": independent.detach(), "hierarchical_distillation": distill.detach()}
-        return LossResult(total, parts)
+        terms = [kd_loss(prefixes[:, s - 1], teacher, self.T) for s in output.nested_sizes if s < n]
+        return torch.stack(terms).sum() if terms else prefixes.new_zeros(())
 
 
 class EnsembleNetEnsembling(LossStrategy):
