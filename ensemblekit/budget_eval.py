@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ensemblekit.halting.budgeted import Budgeted, iter_batches, prefix_predictions
 from ensemblekit.halting.fixed import Fixed
-from ensemblekit.metrics import Report, anytime_report
+from ensemblekit.metrics import Report, anytime_report, save_accuracy_figure
 
 AUTHORS_QS = tuple(p / 20 for p in range(1, 41))
 """The budget parameters of the IMTA code's dynamic evaluation: ``q = p / 20``, ``p = 1..40``."""
@@ -212,13 +212,5 @@ def plot_budget(report: BudgetReport, path: str | Path, title: str | None = None
             markersize=4, linewidth=1.5, label="anytime (first k members for every sample)")
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_xlabel("average FLOPs per image")
-    ax.set_ylabel("top-1 accuracy (%)")
-    if title:
-        ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_accuracy_figure(fig, ax, path, title)

@@ -327,10 +327,15 @@ def plot_accuracy_vs_flops(reports: Mapping[str, Report], path: str | Path, titl
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("members evaluated")
+    ax.grid(True, which="both", alpha=0.3)
+    return save_accuracy_figure(fig, ax, path, title)
+
+
+def save_accuracy_figure(fig: Figure, ax: Any, path: str | Path, title: str | None) -> Path:
+    """Label the accuracy axis, add the title and legend, and save ``fig`` to ``path`` (folders made)."""
     ax.set_ylabel("top-1 accuracy (%)")
     if title:
         ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     path = Path(path)
