@@ -6,12 +6,13 @@
 4
 """
 
-from ensemblekit import aggregators, halting, losses, recipes, topologies
-from ensemblekit.blocks import BlockSplit
-from ensemblekit.checkpoint import load
-from ensemblekit.ensemble import Ensemble, HaltedPrediction, NodeCache
-from ensemblekit.hookspecs import hookimpl
-from ensemblekit.interfaces import (
+from ensemblekit import _moved
+from ensemblekit.build import wrap
+from ensemblekit.components import aggregators, halting, losses, topologies
+from ensemblekit.core.blocks import BlockSplit
+from ensemblekit.core.ensemble import Ensemble, HaltedPrediction, NodeCache
+from ensemblekit.core.graph import SharingTopology
+from ensemblekit.core.interfaces import (
     Aggregator,
     EnsembleOutput,
     HaltingPolicy,
@@ -19,9 +20,12 @@ from ensemblekit.interfaces import (
     LossResult,
     LossStrategy,
 )
+from ensemblekit import methods as recipes
+from ensemblekit.plugins.hookspecs import hookimpl
 from ensemblekit.splitting import split
-from ensemblekit.topologies import SharingTopology
-from ensemblekit.wrap import wrap
+from ensemblekit.training.checkpoint import load
+
+_moved.install()
 
 __version__ = "0.1.0"
 

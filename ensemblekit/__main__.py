@@ -1,5 +1,5 @@
 import sys
 
-from ensemblekit.cli import main
+from ensemblekit.cli.main import main
 
 sys.exit(main())

@@ -38,13 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ensemblekit.batching import select_batch
-from ensemblekit.blocks import BlockSplit
-from ensemblekit.ensemble import Ensemble
-from ensemblekit.interfaces import Aggregator, HaltingPolicy, HaltingStep, LossResult, LossStrategy
-from ensemblekit.plugins import reset_plugins
-from ensemblekit.registry import HALTING_POLICIES, REGISTRIES, SPLITTERS, Registry, accepts
-from ensemblekit.topologies import NodeGraph, SharingTopology, Tree
+from ensemblekit.core.batching import select_batch
+from ensemblekit.core.blocks import BlockSplit
+from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.core.interfaces import Aggregator, HaltingPolicy, HaltingStep, LossResult, LossStrategy
+from ensemblekit.plugins.manager import reset_plugins
+from ensemblekit.core.registry import HALTING_POLICIES, REGISTRIES, SPLITTERS, Registry, accepts
+from ensemblekit.components.topologies import Tree
+from ensemblekit.core.graph import NodeGraph, SharingTopology
 
 BATCH, CLASSES, MEMBERS = 6, 5, 4
 """Sizes the checks use: distinct, so a tensor laid out wrongly is caught."""
@@ -67,7 +68,7 @@ def isolated_plugins() -> Iterator[None]:
     """Reset the plugin state on entry and exit, so what a test registers does not leak.
 
     Examples:
-        >>> from ensemblekit.plugins import register_plugin
+        >>> from ensemblekit.plugins.manager import register_plugin
         >>> with isolated_plugins():
         ...     info = register_plugin(object(), "empty")
     """
@@ -317,7 +318,7 @@ def _ensemble(loss: LossStrategy | None = None, halting: HaltingPolicy | None = 
 
 
 def _mean() -> Aggregator:
-    from ensemblekit.aggregators import MeanLogits
+    from ensemblekit.components.aggregators import MeanLogits
 
     return MeanLogits()
 

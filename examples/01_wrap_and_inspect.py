@@ -21,7 +21,7 @@ import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit.data import load_dataset
+from ensemblekit.training.data import load_dataset
 
 
 def main() -> None:

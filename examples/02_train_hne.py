@@ -5,7 +5,7 @@ of logits, hierarchical distillation ``(1 - alpha) L_I + alpha L_HD``), trained 
 the bundled digits data in your own loop. Two lines differ from training the
 plain backbone: ``out = ens.forward_output(x)`` (every member's logits plus what
 the loss needs) and ``ens.loss(out, y).total``. Afterwards the anytime table
-(``ensemblekit.metrics.anytime_report``) gives the test accuracy, diversity,
+(``ensemblekit.evaluation.reports.anytime_report``) gives the test accuracy, diversity,
 calibration and FLOPs of the first k members for every k.
 
 Run:
@@ -22,8 +22,8 @@ import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit.data import load_dataset, make_loader
-from ensemblekit.metrics import anytime_report, collect_members
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.evaluation.reports import anytime_report, collect_members
 
 
 def main() -> None:

@@ -27,10 +27,10 @@ import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit.data import load_dataset, make_loader
-from ensemblekit.isc import add_isc
-from ensemblekit.losses import MultiExitLoss
-from ensemblekit.recipes.multi_exit import start_phase2
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.methods.imta.isc import add_isc
+from ensemblekit.components.losses import MultiExitLoss
+from ensemblekit.methods.imta.recipe import start_phase2
 
 
 def fit(net, params, loader, epochs: int, lr: float, max_steps: int | None, label: str) -> None:

@@ -3,7 +3,7 @@
 Shows ``ek.recipes.irene`` (Li et al., AAAI 2023): ``members`` networks evaluated
 one after the other (a ``cascade``), averaged in probability, with a small
 recurrent selector that reads each member's output and predicts the halting
-probability ``h_t``. ``ensemblekit.irene.fit`` trains it with the paper's
+probability ``h_t``. ``ensemblekit.methods.irene.woc.fit`` trains it with the paper's
 sequential schedule (Algorithm 1: member t with the earlier ones frozen, the
 selector alongside). ``ens.predict(x)`` then halts per sample where
 ``h_t >= threshold``, dropping halted samples from the batch.
@@ -27,9 +27,9 @@ import torch
 from torch.utils.data import Subset
 
 import ensemblekit as ek
-from ensemblekit.data import load_dataset, make_loader
-from ensemblekit.irene import WoC, fit, utility
-from ensemblekit.metrics import collect_members
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.methods.irene.woc import WoC, fit, utility
+from ensemblekit.evaluation.reports import collect_members
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ after the deadline, so the last step it yields is the best prediction that was
 ready in time. The same rule as a halting policy: ``ens.predict(x,
 halting=ek.halting.Deadline(seconds))``; a FLOPs budget: ``anytime(x, max_flops=...)``.
 
-The tree is trained first with the ready-made loop ``ensemblekit.train.train``
+The tree is trained first with the ready-made loop ``ensemblekit.training.trainer.train``
 (the loop of example 02 packaged, with checkpoints, resume and DDP).
 
 Run:
@@ -24,9 +24,9 @@ import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit.config import TrainConfig
-from ensemblekit.data import load_dataset
-from ensemblekit.train import train
+from ensemblekit.training.config import TrainConfig
+from ensemblekit.training.data import load_dataset
+from ensemblekit.training.trainer import train
 
 
 def main() -> None:

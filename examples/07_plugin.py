@@ -7,7 +7,7 @@ marked ``@ensemblekit.hookimpl`` and named like the hooks
 ``register(name, factory)``. An installed package declares its plugin as an
 entry point of the ``ensemblekit`` group (see docs/plugins.md); here the plugin
 is an inline object registered at run time with
-``ensemblekit.plugins.register_plugin``. After that the name works wherever a
+``ensemblekit.plugins.manager.register_plugin``. After that the name works wherever a
 built-in does: ``ek.wrap(model, aggregator="geomean")``, or with options
 ``aggregator={"name": "geomean", "temperature": 2.0}``, config files, the CLI.
 
@@ -34,11 +34,11 @@ import torch
 
 import ensemblekit
 import ensemblekit as ek
-from ensemblekit.aggregators import MeanLogits, MeanProbs
-from ensemblekit.data import load_dataset, make_loader
-from ensemblekit.interfaces import Aggregator, AggregatorState
-from ensemblekit.metrics import anytime_report, collect_members
-from ensemblekit.plugins import register_plugin
+from ensemblekit.components.aggregators import MeanLogits, MeanProbs
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.core.interfaces import Aggregator, AggregatorState
+from ensemblekit.evaluation.reports import anytime_report, collect_members
+from ensemblekit.plugins.manager import register_plugin
 from ensemblekit.testing import check_component
 
 

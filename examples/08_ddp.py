@@ -1,6 +1,6 @@
 """08: data-parallel (DDP) training of an ensemble in your own loop, under torchrun.
 
-Shows ``ensemblekit.distributed``: the loop of example 02, run by N processes
+Shows ``ensemblekit.training.distributed``: the loop of example 02, run by N processes
 (one per GPU, or CPU processes with the gloo backend). ``distributed.detect()``
 reads torchrun's variables, ``distributed.init`` joins the process group,
 ``ShardedEpochSampler`` deals each process its share of every *global* batch
@@ -10,7 +10,7 @@ wraps forward pass *and* loss in DistributedDataParallel (it returns
 parameters). Only rank 0 prints and evaluates. Started with plain ``python``
 the same script trains in one process, with no process group.
 
-The ready-made loop ``ensemblekit.train.train`` (and ``ensemblekit train``)
+The ready-made loop ``ensemblekit.training.trainer.train`` (and ``ensemblekit train``)
 does all of this by itself under torchrun; see docs/distributed.md.
 
 Run:
@@ -28,10 +28,10 @@ import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit import distributed
-from ensemblekit.data import load_dataset, make_loader
-from ensemblekit.metrics import anytime_report, collect_members
-from ensemblekit.train import select_device
+from ensemblekit.training import distributed
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.evaluation.reports import anytime_report, collect_members
+from ensemblekit.training.trainer import select_device
 
 
 def main() -> None:

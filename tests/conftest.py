@@ -9,7 +9,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
-from ensemblekit.blocks import BlockSplit
+from ensemblekit.core.blocks import BlockSplit
 
 settings.register_profile("ci", deadline=None, max_examples=25)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -24,14 +24,14 @@ from torch.utils.data import Dataset, TensorDataset
 
 import ensemblekit
 import ensemblekit as ek
-from ensemblekit import checkpoint as ckpt
-from ensemblekit.checkpoint import CheckpointError
-from ensemblekit.cli import main
-from ensemblekit.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_ensemble, load_config
-from ensemblekit.data import load_dataset
-from ensemblekit.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, UnknownComponentError
+from ensemblekit.training import checkpoint as ckpt
+from ensemblekit.training.checkpoint import CheckpointError
+from ensemblekit.cli.main import main
+from ensemblekit.training.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_ensemble, load_config
+from ensemblekit.training.data import load_dataset
+from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, UnknownComponentError
 from ensemblekit.splitting import SplitError
-from ensemblekit.train import NonFiniteLossError, seed_everything, train
+from ensemblekit.training.trainer import NonFiniteLossError, seed_everything, train
 from tests.conftest import toy_split
 
 PACKAGE = Path(ensemblekit.__file__).parent

@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configs(args: argparse.Namespace) -> dict:
     """One run config per row of the table."""
-    from ensemblekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from ensemblekit.training.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     backbone, options, size, depth, epochs, batch, lr = DEFAULTS[args.data]
     data = DataConfig(name=args.data, root=args.root, image_size=size)
@@ -115,7 +115,7 @@ def configs(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ensemblekit.train import run_many
+    from ensemblekit.training.trainer import run_many
 
     start = time.perf_counter()
     out = args.out or Path("ensemblekit-runs") / f"hne-table1-{args.data}"
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
               "ours": {label: {str(k): v for k, v in accs.items()} for label, accs in ours.items()},
               "paper": {model: {label: dict(zip(map(str, PAPER_COLUMNS), row)) for label, row in rows.items()}
                         for model, rows in PAPER.get(args.data, {}).items()}}
-    from ensemblekit.checkpoint import atomic_write
+    from ensemblekit.training.checkpoint import atomic_write
 
     atomic_write(out / "hne_table1.json", json.dumps(record, indent=2) + "\n")
     print(f"\noutputs in {out.resolve()}: hne_table1.json, accuracy_vs_flops.png, one folder per loss")

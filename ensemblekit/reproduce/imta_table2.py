@@ -19,7 +19,7 @@ weight decay 1e-4, lr 0.1, batch 64) with a cosine schedule instead of the
 paper's steps at 50% and 75% of each phase (the shared trainer has no
 multi-step schedule). ``--budget-plot`` also calibrates the budgeted policy
 of the full IMTA row on the validation split and plots the budgeted curve
-next to the anytime curve (:mod:`ensemblekit.budget_eval`).
+next to the anytime curve (:mod:`ensemblekit.evaluation.budget`).
 """
 
 from __future__ import annotations
@@ -107,14 +107,14 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
               seed: int = 0, device: str = "auto", budget_plot: str | None = None,
               timing_repeats: int = 3) -> dict[str, Any]:
     """Train and evaluate the five rows of Table 2; returns settings, rows and the paper's numbers."""
-    from ensemblekit.config import TrainConfig
-    from ensemblekit.data import load_dataset, make_loader
-    from ensemblekit.isc import add_isc
-    from ensemblekit.losses.multi_exit import MultiExitLoss
-    from ensemblekit.metrics import collect_members
-    from ensemblekit.recipes.multi_exit import multi_exit, start_phase2
-    from ensemblekit.splitting import create_backbone
-    from ensemblekit.train import seed_everything, select_device, train
+    from ensemblekit.training.config import TrainConfig
+    from ensemblekit.training.data import load_dataset, make_loader
+    from ensemblekit.methods.imta.isc import add_isc
+    from ensemblekit.components.losses.multi_exit import MultiExitLoss
+    from ensemblekit.evaluation.reports import collect_members
+    from ensemblekit.methods.imta.recipe import multi_exit, start_phase2
+    from ensemblekit.backbones import create_backbone
+    from ensemblekit.training.trainer import seed_everything, select_device, train
 
     default_1, default_2 = DEFAULT_EPOCHS[data]
     epochs = default_1 if epochs is None else epochs
@@ -166,7 +166,7 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
         "rows": rows,
     }
     if budget_plot:
-        from ensemblekit.budget_eval import budget_sweep, plot_budget
+        from ensemblekit.evaluation.budget import budget_sweep, plot_budget
 
         report = budget_sweep(full, make_loader(val_set, 256, shuffle=False), test_loader, repeats=timing_repeats)
         plot_budget(report, budget_plot, title=f"{backbone} GE+ISC+OFA on {data} (test)")

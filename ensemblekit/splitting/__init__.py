@@ -20,33 +20,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ensemblekit.blocks import BlockSplit
+from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.splitting.errors import SplitError
 from ensemblekit.splitting.sequential import Chain, split_sequential
-from ensemblekit.splitting.timm import (
-    WIDTH_ARGS,
-    UnknownBackboneError,
-    create_backbone,
-    narrow_model,
-    split_timm,
-    width_arg,
-)
+from ensemblekit.splitting.timm import split_timm
 
 __all__ = [
-    "WIDTH_ARGS",
     "Chain",
     "SplitError",
-    "UnknownBackboneError",
     "Splitter",
-    "create_backbone",
-    "narrow_model",
     "register_splitter",
     "split",
     "split_sequential",
     "split_timm",
     "splitters",
     "unregister_splitter",
-    "width_arg",
 ]
 
 Splitter = Callable[[Any, Optional[int], Optional[torch.Tensor]], Optional[BlockSplit]]
@@ -90,7 +78,7 @@ def unregister_splitter(fn: Splitter) -> None:
 
 def splitters() -> tuple[Splitter, ...]:
     """All splitters in the order :func:`split` tries them."""
-    from ensemblekit.registry import SPLITTERS
+    from ensemblekit.core.registry import SPLITTERS
 
     return (*_registered, *SPLITTERS.ordered())
 
@@ -111,7 +99,7 @@ def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Ten
             FLOPs (default: a small input guessed from the model).
 
     Returns:
-        A :class:`~ensemblekit.blocks.BlockSplit`.
+        A :class:`~ensemblekit.core.blocks.BlockSplit`.
 
     Raises:
         SplitError: when no splitter handles the model, or it cannot be split as asked.

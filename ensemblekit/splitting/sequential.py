@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensemblekit.blocks import BlockSplit, FeatureFormat, State, call_block
-from ensemblekit.flops import count_flops
+from ensemblekit.core.blocks import BlockSplit, FeatureFormat, State, call_block
+from ensemblekit.core.flops import count_flops
 from ensemblekit.splitting.balance import balance
 from ensemblekit.splitting.errors import SplitError
 from ensemblekit.splitting.graph import training_mode
@@ -20,7 +20,7 @@ class Chain(nn.Sequential):
     """An ``nn.Sequential`` whose elements may pass tuple states.
 
     A tuple returned by one element is unpacked into the arguments of the
-    next (as :func:`~ensemblekit.blocks.call_block` does), so a chain of
+    next (as :func:`~ensemblekit.core.blocks.call_block` does), so a chain of
     blocks is itself a block.
 
     Examples:

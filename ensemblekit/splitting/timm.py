@@ -9,20 +9,14 @@ the last stage (final norm, pooling, classifier) is the head. See
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import inspect
-import math
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import timm
 import torch
-from timm.layers import get_notrace_functions, get_notrace_modules, make_divisible, to_2tuple
+from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple
 from torch import fx, nn
 
-from ensemblekit.blocks import BlockSplit, FeatureFormat
+from ensemblekit.core.blocks import BlockSplit, FeatureFormat
 from ensemblekit.splitting.balance import balance
 from ensemblekit.splitting.errors import SplitError
 from ensemblekit.splitting.graph import (
@@ -109,7 +103,7 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
         pieces = _pieces(model, indexes, stages, profile, fine=True)
         if num_blocks > len(pieces):
             raise SplitError(
-                f"{_arch(model)} can be cut into at most {len(pieces)} blocks (cuts are possible after each of "
+                f"{model_arch(model)} can be cut into at most {len(pieces)} blocks (cuts are possible after each of "
                 f"its {len(stages)} stages and after sequence elements where one value is passed on); "
                 f"asked for {num_blocks}"
             )
@@ -131,17 +125,17 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         names=_names(groups, pieces, [_stem_label(model, indexes[False], stages[0]), *stages[1:]]),
         in_chans=int(x.shape[1]),
-        input_size=size if _fixed_size(model) is not None else None,
+        input_size=size if fixed_input_size(model) is not None else None,
         example_size=size,
     )
 
 
-def _arch(model: nn.Module) -> str:
+def model_arch(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(model).__name__)
 
 
-def _in_chans(model: nn.Module) -> list[int]:
+def input_channels(model: nn.Module) -> list[int]:
     """Likely input channels, most likely first: the first conv's, then the config's.
 
     They differ when the model was created with another ``in_chans`` or starts
@@ -161,18 +155,18 @@ def _in_chans(model: nn.Module) -> list[int]:
     return list(dict.fromkeys([*found, int(cfg.get("input_size", (3,))[0]), 3]))
 
 
-def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The only input size the model accepts (as far as its config tells), or ``None``."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if not cfg.get("fixed_input_size") or getattr(model, "dynamic_img_size", False):
         return None
-    size = _img_size_attr(model)
+    size = img_size_attr(model)
     if size is None and "input_size" in cfg:
         size = tuple(int(s) for s in cfg["input_size"][-2:])
     return size
 
 
-def _img_size_attr(model: nn.Module) -> tuple[int, int] | None:
+def img_size_attr(model: nn.Module) -> tuple[int, int] | None:
     for module in model.modules():
         size = getattr(module, "img_size", None)
         if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2):
@@ -186,27 +180,27 @@ def _profile(traced: TracedModel, model: nn.Module, example_input: torch.Tensor 
         try:
             return profile_graph(traced, [example_input]), example_input
         except Exception as err:  # noqa: BLE001 - reported with the model's name
-            raise SplitError(f"{_arch(model)} fails on example_input of shape {tuple(example_input.shape)}: "
+            raise SplitError(f"{model_arch(model)} fails on example_input of shape {tuple(example_input.shape)}: "
                              f"{type(err).__name__}: {err}") from err
     cfg = getattr(model, "pretrained_cfg", None) or {}
     sizes: list[tuple[int, int]] = []
-    fixed = _fixed_size(model)
+    fixed = fixed_input_size(model)
     if fixed is not None:
         sizes.append(fixed)
     sizes.extend((s, s) for s in _TRIAL_SIZES)
-    for size in (_img_size_attr(model), tuple(cfg.get("input_size", (3, 224, 224))[-2:])):
+    for size in (img_size_attr(model), tuple(cfg.get("input_size", (3, 224, 224))[-2:])):
         if size is not None:
             sizes.append(tuple(size))
     generator = torch.Generator().manual_seed(0)
     errors = []
     for size in dict.fromkeys(sizes):
-        for in_chans in _in_chans(model):
+        for in_chans in input_channels(model):
             x = torch.randn(1, in_chans, *size, generator=generator)
             try:
                 return profile_graph(traced, [x]), x
             except Exception as err:  # noqa: BLE001 - the next size may work
                 errors.append(f"{(in_chans, *size)}: {type(err).__name__}: {err}")
-    raise SplitError(f"{_arch(model)} ran on none of the input sizes tried ({'; '.join(errors[-2:])}); "
+    raise SplitError(f"{model_arch(model)} ran on none of the input sizes tried ({'; '.join(errors[-2:])}); "
                      "pass example_input=")
 
 
@@ -223,7 +217,7 @@ def _stage_cuts(model: nn.Module, indexes: dict[bool, GraphIndex]) -> list[str]:
         container = _stage_container(model, len(info), usable, indexes[False])
         paths = container if container is not None else [p for p in paths if usable(p)]
     if not paths:
-        raise SplitError(f"{_arch(model)}: none of its feature_info modules {[f['module'] for f in info]} "
+        raise SplitError(f"{model_arch(model)}: none of its feature_info modules {[f['module'] for f in info]} "
                          "runs in the traced graph; pass an nn.Sequential of blocks or a list of modules instead")
     index = indexes[False]
     by_position = {}
@@ -389,7 +383,7 @@ def _feature(model: nn.Module, index: GraphIndex, position: int, live: list[fx.N
     else:
         found = [n for n in live if rank(n) in (3, 4)] or [n for n in live if rank(n) == 2]
         if not found:
-            raise SplitError(f"{_arch(model)}: no feature map crosses the cut after {last.meta.get(PATH)}; "
+            raise SplitError(f"{model_arch(model)}: no feature map crosses the cut after {last.meta.get(PATH)}; "
                              f"values passed on: {[profile.info[n].type_name for n in live]}")
         feature = found[-1]
     model_fmt = getattr(model, "output_fmt", "NCHW")
@@ -405,251 +399,3 @@ def _format(shape: tuple[int, ...], channels: int | None, model_fmt: str) -> Fea
             return "NCHW"
         return "NHWC" if model_fmt == "NHWC" else "NCHW"
     return "NLC" if len(shape) == 3 else "NC"
-
-
-# --------------------------------------------------------------------------- narrower models
-
-WIDTH_ARGS = ("channels", "embed_dim", "embed_dims", "dims", "widths", "width_factor", "width_mult", "growth_rate")
-"""Constructor arguments that set a timm architecture's width, in the order they are looked for."""
-
-_MULTIPLIERS = ("width_factor", "width_mult")
-
-
-class _Captured(Exception):
-    def __init__(self, model_cls: Any, kwargs: dict) -> None:
-        super().__init__("captured")
-        self.model_cls, self.kwargs = model_cls, kwargs
-
-
-@contextlib.contextmanager
-def _rewriting_builds(rewrite: Callable[[Any, dict], dict]) -> Iterator[None]:
-    """Within the block, timm's ``build_model_with_cfg`` passes its keywords through ``rewrite(model_cls, kwargs)``.
-
-    This reaches the model class's own arguments even where a model's
-    entrypoint does not let ``create_model`` override them.
-    """
-    from timm.models import _builder
-
-    original = _builder.build_model_with_cfg
-
-    def build(model_cls, variant, pretrained, *args, **kwargs):
-        return original(model_cls, variant, pretrained, *args, **rewrite(model_cls, kwargs))
-
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("timm.models") and getattr(m, "build_model_with_cfg", None) is original]
-    for module in patched:
-        module.build_model_with_cfg = build
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.build_model_with_cfg = original
-
-
-def _build_args(arch: str) -> tuple[Any, dict]:
-    """The class and keyword arguments ``timm.create_model(arch)`` builds with (nothing is built)."""
-    def capture(model_cls: Any, kwargs: dict) -> dict:
-        raise _Captured(model_cls, kwargs)
-
-    try:
-        with _rewriting_builds(capture):
-            timm.create_model(arch, pretrained=False)
-    except _Captured as captured:
-        return captured.model_cls, captured.kwargs
-    raise SplitError(f"{arch} is not built through timm's build_model_with_cfg; cannot find its width argument")
-
-
-def _signature_defaults(model_cls: Any) -> dict[str, Any]:
-    try:
-        params = inspect.signature(model_cls).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {n: p.default for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-
-
-def _width_setting(arch: str) -> tuple[str, Any, Any, dict] | None:
-    """``(width argument, its value, model class, all constructor settings)`` of an architecture."""
-    model_cls, kwargs = _build_args(arch)
-    defaults = _signature_defaults(model_cls)
-    for arg in WIDTH_ARGS:
-        if arg in defaults:
-            value = kwargs.get(arg, defaults[arg])
-            if isinstance(value, (int, float)) and not isinstance(value, bool) or (
-                    isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value)):
-                return arg, value, model_cls, {**defaults, **kwargs}
-    return None
-
-
-def width_arg(model: nn.Module | str) -> str | None:
-    """The constructor argument that sets this timm architecture's width, if it has one.
-
-    Args:
-        model: a timm model or an architecture name.
-
-    Returns:
-        One of :data:`WIDTH_ARGS`, or ``None`` when :func:`narrow_model`
-        cannot narrow this architecture.
-
-    Examples:
-        >>> width_arg("resnet18"), width_arg("convnext_atto")
-        ('channels', 'dims')
-    """
-    setting = _width_setting(model if isinstance(model, str) else _arch(model))
-    return None if setting is None else setting[0]
-
-
-def _scaled(arg: str, value: Any, width: float, settings: dict, granularity: int) -> Any:
-    """``value * width``, channel counts rounded so that every attention head gets a multiple of 8 channels.
-
-    ``granularity`` multiplies the rounding step (for architectures with
-    grouped convolutions that need coarser channel counts).
-    """
-    if arg in _MULTIPLIERS:
-        return value * width
-    if arg == "growth_rate":
-        return max(1, round(value * width))
-    heads = _heads(settings)
-    if isinstance(heads, tuple) and not isinstance(value, (list, tuple)):
-        heads = heads[0]  # one width for all stages, heads grow with the channels (Swin)
-    per_stage = isinstance(heads, tuple)
-
-    def step(i: int) -> int:
-        h = heads[min(i, len(heads) - 1)] if per_stage else heads
-        return 8 * granularity * (h or 1)
-
-    if isinstance(value, (list, tuple)):
-        return type(value)(make_divisible(v * width, step(i)) for i, v in enumerate(value))
-    return make_divisible(value * width, step(0))
-
-
-def _heads(settings: dict) -> int | tuple[int, ...] | None:
-    """Attention heads per stage (or for all), combining every ``*heads*`` setting (TNT has two)."""
-    def positive_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-    heads = [v for k, v in settings.items() if "heads" in k]
-    scalars = [v for v in heads if positive_int(v)]
-    stages = [tuple(v) for v in heads if isinstance(v, (list, tuple)) and v and all(map(positive_int, v))]
-    if stages:
-        return tuple(math.lcm(h, *scalars) for h in stages[0])
-    return math.lcm(*scalars) if scalars else None
-
-
-def narrow_model(model: nn.Module | str, width: float, **kwargs: Any) -> nn.Module:
-    """The same timm architecture with its channel widths multiplied by ``width``.
-
-    The width argument of the family (``channels`` for ResNets, ``dims`` for
-    ConvNeXt, ``embed_dim`` for ViTs, ... see :data:`WIDTH_ARGS`) is scaled;
-    channel counts are rounded so that each attention head gets a multiple of
-    8 channels (coarser when the architecture needs it). The argument is set
-    where timm builds the model class, so it also works for entrypoints that
-    fix it themselves. The new model is randomly initialised (``pretrained=False``).
-
-    Args:
-        model: a model made by ``timm.create_model`` (its ``num_classes``,
-            fixed image size and input channels, when 1 to 4, are kept) or an
-            architecture name.
-        width: width multiplier, e.g. ``1 / 1.5``.
-        **kwargs: more arguments for ``timm.create_model`` (override the kept ones).
-
-    Returns:
-        A new timm model.
-
-    Raises:
-        SplitError: when the architecture has no width argument (the message
-            lists the arguments that are supported) or cannot be built narrower.
-
-    Examples:
-        >>> import timm
-        >>> narrow = narrow_model(timm.create_model("resnet10t", pretrained=False, num_classes=10), 0.5)
-        >>> narrow.feature_info[-1]["num_chs"], narrow.num_classes
-        (256, 10)
-    """
-    arch = model if isinstance(model, str) else _arch(model)
-    if not timm.is_model(arch):
-        raise SplitError(f"{arch!r} is not a timm architecture; narrow_model needs a model from timm.create_model")
-    setting = _width_setting(arch)
-    if setting is None:
-        raise SplitError(
-            f"{arch} has no width argument; narrow_model supports timm families whose constructor takes one of "
-            f"{', '.join(WIDTH_ARGS)} (ResNet, ConvNeXt, ViT, Swin, DenseNet, EfficientViT, ... "
-            "see docs/timm-families.md)"
-        )
-    arg, value, model_cls, settings = setting
-    keep: dict[str, Any] = {}
-    if isinstance(model, nn.Module):
-        keep["num_classes"] = model.num_classes
-        if "in_chans" in settings and _in_chans(model)[0] <= 4:  # more: a space-to-depth stem, not the input
-            keep["in_chans"] = _in_chans(model)[0]
-        size = _img_size_attr(model)
-        if "img_size" in settings and size is not None:
-            keep["img_size"] = size
-    keep.update(kwargs)
-    value = keep.pop(arg, value)
-    keep["pretrained"] = keep.get("pretrained", False)
-    errors = []
-    for granularity in (1, 2, 4):
-        scaled = _scaled(arg, value, width, {**settings, **keep}, granularity)
-        if width < 1 <= _total(scaled) / _total(value):
-            break  # rounding undoes the narrowing
-
-        def rewrite(cls: Any, build_kwargs: dict, scaled: Any = scaled) -> dict:
-            return {**build_kwargs, arg: scaled} if cls is model_cls else build_kwargs
-
-        try:
-            with _rewriting_builds(rewrite):
-                _check_on_meta(arch, keep)
-                return timm.create_model(arch, **keep)
-        except (ValueError, AssertionError, RuntimeError, TypeError) as err:
-            errors.append(f"{arg}={scaled}: {type(err).__name__}: {err}")
-            if arg in _MULTIPLIERS or arg == "growth_rate":
-                break
-    raise SplitError(f"cannot build {arch} with a narrower {arg} ({'; '.join(errors) or 'rounding gives its width'})")
-
-
-def _total(value: Any) -> float:
-    return float(sum(value)) if isinstance(value, (list, tuple)) else float(value)
-
-
-def _check_on_meta(arch: str, kwargs: dict) -> None:
-    """Build the model on the meta device and run it once: shape errors surface without any compute.
-
-    Models that cannot be built or run on the meta device are not checked.
-    """
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(arch, **kwargs)
-    except Exception:  # noqa: BLE001 - not buildable on meta: the real build will tell
-        return
-    size = _fixed_size(model) or tuple((model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-2:])
-    x = torch.empty(1, _in_chans(model)[0] if _in_chans(model)[0] <= 4 else 3, *size, device="meta")
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except NotImplementedError:
-        return
-
-
-class UnknownBackboneError(ValueError):
-    """A name that is not a timm model; the message lists close matches."""
-
-
-def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """The timm model ``name``, never with pretrained weights (nothing is downloaded).
-
-    Args:
-        name: a timm model name, e.g. "resnet18".
-        **kwargs: keywords of ``timm.create_model`` (``num_classes``, ``in_chans``, widths).
-
-    Raises:
-        UnknownBackboneError: ``name`` is not a timm model (close names are suggested).
-
-    Examples:
-        >>> create_backbone("resnet10t", num_classes=3).num_classes
-        3
-    """
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownBackboneError(f"unknown timm model {name!r}{hint}")
-    return timm.create_model(name, pretrained=False, **kwargs)

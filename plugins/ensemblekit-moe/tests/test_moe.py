@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import ensemblekit as ek
-from ensemblekit.aggregators import MeanProbs
-from ensemblekit.plugins import plugin_infos
-from ensemblekit.registry import AGGREGATORS
+from ensemblekit.components.aggregators import MeanProbs
+from ensemblekit.plugins.manager import plugin_infos
+from ensemblekit.core.registry import AGGREGATORS
 from ensemblekit.testing import check_aggregator, check_component, toy_split
 from ensemblekit_moe import GatedMixture, confidence_features
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import ensemblekit as ek
-from ensemblekit.interfaces import HaltingStep
-from ensemblekit.plugins import plugin_infos
-from ensemblekit.registry import AGGREGATORS, HALTING_POLICIES
+from ensemblekit.core.interfaces import HaltingStep
+from ensemblekit.plugins.manager import plugin_infos
+from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES
 from ensemblekit.testing import check_component, check_halting_policy, toy_split
 from ensemblekit_poe import ProductOfExperts, ProductSupportHalting, support_size
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ensemblekit.interfaces import Aggregator, AggregatorState
+from ensemblekit.core.interfaces import Aggregator, AggregatorState
 
 
 def confidence_features(logits: Tensor) -> Tensor:
@@ -48,7 +48,7 @@ class GatedMixture(Aggregator):
 
     Args:
         num_members: members in the ensemble (one learned bias each); given
-            by ``ensemblekit.wrap`` when the aggregator is chosen by name.
+            by ``ensemblekit.build`` when the aggregator is chosen by name.
         hidden: width of the gate's hidden layer.
 
     Example:

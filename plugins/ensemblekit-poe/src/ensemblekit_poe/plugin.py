@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ensemblekit
-from ensemblekit.hookspecs import Register
+from ensemblekit.plugins.hookspecs import Register
 from ensemblekit_poe.product import ProductOfExperts, ProductSupportHalting
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ensemblekit.interfaces import Aggregator, AggregatorState, HaltingPolicy, HaltingStep
+from ensemblekit.core.interfaces import Aggregator, AggregatorState, HaltingPolicy, HaltingStep
 
 
 class ProductOfExperts(Aggregator):

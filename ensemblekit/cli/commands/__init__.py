@@ -1,0 +1,1 @@
+"""Subcommands of the ``ensemblekit`` command line (see :mod:`ensemblekit.cli.main`)."""

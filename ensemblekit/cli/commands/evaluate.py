@@ -1,0 +1,54 @@
+"""``ensemblekit evaluate CHECKPOINT``: the anytime report of a saved ensemble."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "evaluate"
+HELP = ("Evaluate a checkpoint: accuracy of every prefix of members, member accuracies, diversity, ECE, "
+        "FLOPs and parameters; printed, and written as JSON and a PNG plot with --out.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
+    parser.add_argument("--root", default=None, help="data folder for cifar10, cifar100, imagefolder")
+    parser.add_argument("--split", default="test", choices=("train", "val", "trainval", "test"))
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=None, help="write report.json, report.txt and the plot here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ensemblekit.training import checkpoint
+    from ensemblekit.training.config import DataConfig, section_from_dict
+    from ensemblekit.training.trainer import evaluate, load_split, select_device, write_report
+
+    directory, manifest = checkpoint.read_manifest(args.checkpoint)
+    model = checkpoint.load(directory, device=select_device(args.device))
+    stored = manifest.get("data")
+    if stored and args.data in (None, stored.get("name")):
+        data = section_from_dict(DataConfig, stored, "data", str(directory))
+        data = data if args.root is None else replace(data, root=args.root)
+    else:  # a model-only checkpoint, or another dataset: images of the size the model was built for
+        data = DataConfig(name=args.data or "digits", root=args.root, image_size=model.build_config.image_size)
+    dataset, info = load_split(data, args.split, limit=args.max_items)
+    model_config = model.build_config
+    if info.num_classes != model.num_classes:
+        raise ValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
+                         f"predicts {model.num_classes}")
+    report = evaluate(model, dataset, args.batch_size, args.device)
+    title = (f"{model_config.backbone} on {data.name} ({args.split}): {report.num_samples} samples, "
+             f"{report.num_members} members")
+    print(f"checkpoint: {directory}")
+    if args.out is None:
+        print(report.table(title))
+        return 0
+    files = write_report(report, args.out, title)
+    for key, path in files.items():
+        print(f"{key.replace('_', ' ')}: {path}")
+    return 0

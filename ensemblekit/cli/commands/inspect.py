@@ -1,0 +1,91 @@
+"""``ensemblekit inspect MODEL``: the block split, node tree, members and prefix costs."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree as RichTree
+
+NAME = "inspect"
+HELP = "Show how a timm model is split and wired into an ensemble, with the cost of every prefix."
+
+TOPOLOGY_OPTIONS = {
+    "depth": int, "branching": int, "members": int, "branches": int, "fork": int, "num_blocks": int,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a timm model name, e.g. resnet18")
+    parser.add_argument("--topology", default="tree", help="tree, independent, multi_branch, chain, cascade, ...")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--img-size", type=int, default=None, help="input side for FLOP counts")
+    parser.add_argument("--exits", type=int, nargs="+", default=None, help="chain: blocks followed by an exit")
+    for name, kind in TOPOLOGY_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import ensemblekit as ek
+    from ensemblekit.backbones import create_backbone
+
+    options = {k: getattr(args, k) for k in TOPOLOGY_OPTIONS if getattr(args, k) is not None}
+    if args.exits is not None:
+        options["exits"] = args.exits
+    model = create_backbone(args.model, num_classes=args.num_classes)
+    example = None
+    if args.img_size:
+        example = torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], args.img_size, args.img_size)
+    ens = ek.wrap(model, args.topology, example_input=example, **options)
+    show(ens, args.model, Console())
+    return 0
+
+
+def show(ens, model_name: str, console: Console) -> None:
+    """Print the split, the node tree, the members and the cost of every prefix."""
+    costs = ens.costs
+    h, w = ens.input_size or ens.example_size
+    console.print(f"[bold]{model_name}[/] as {ens.topology!r}: {len(ens.graph.levels)} blocks, "
+                  f"{ens.graph.num_nodes} nodes, {ens.num_members} members (FLOPs per {h}x{w} image)")
+
+    blocks = Table("block", "name", "copies", "FLOPs per copy", "params per copy", title="Block split")
+    for b, level in enumerate(ens.graph.levels):
+        first = level[0]
+        name = ens.block_names[b] if b < len(ens.block_names) else f"block{b}"
+        blocks.add_row(str(b), name, str(len(level)), _si(costs.node_flops[first]), _si(costs.node_params[first]))
+    console.print(blocks)
+
+    if ens.graph.num_nodes <= 64:
+        console.print(_node_tree(ens))
+
+    prefixes = Table("members", "FLOPs", "params", "new nodes", "FLOPs vs 1 member", title="Cost of the first k members")
+    table = ens.cost_table()
+    for row in table:
+        new = len(ens.graph.new_nodes(row.members - 1))
+        prefixes.add_row(str(row.members), _si(row.flops), _si(row.params), str(new),
+                         f"{row.flops / table[0].flops:.2f}x")
+    console.print(prefixes)
+
+
+def _node_tree(ens) -> RichTree:
+    root = RichTree("input")
+    branches = {None: root}
+    exits = {}
+    for member in ens.graph.members:
+        exits.setdefault(member.exit_node, []).append(member.index)
+    for node in ens.graph.nodes:
+        label = f"node {node.index} (block {node.block})"
+        if node.index in exits:
+            label += " -> member " + ", ".join(map(str, exits[node.index]))
+        branches[node.index] = branches[node.parent].add(label)
+    return root
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(int(value))

@@ -1,1 +1,0 @@
-"""Subcommands of the ``ensemblekit`` command line (see :mod:`ensemblekit.cli`)."""

@@ -1,0 +1,63 @@
+"""Stop once the prediction is confident enough (MSDNet / IMTA dynamic evaluation, WoC cascades)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+
+
+def confidence(prediction: Tensor) -> Tensor:
+    """Max-softmax confidence ``max_c softmax(prediction)_c`` per sample, ``[B, C] -> [B]``."""
+    return prediction.float().softmax(dim=-1).amax(dim=-1)
+
+
+class Confidence(HaltingPolicy):
+    """Stop at the first member whose prediction has max-softmax confidence ``>= threshold``.
+
+    The prediction is :attr:`HaltingStep.prediction`: the aggregated
+    prediction of members ``0..k`` for an ensemble (a WoC cascade), the exit's
+    own logits for a multi-exit chain built with
+    :func:`ensemblekit.methods.imta.recipe` (its aggregator returns the
+    latest exit). IMTA Sec. 4: "if the current classifier is sufficiently
+    confident about its prediction ... the latter classifiers are not evaluated".
+
+    Args:
+        threshold: one threshold for every member, or one per member (the last
+            member always stops, whatever its threshold).
+    """
+
+    def __init__(self, threshold: float | Sequence[float]):
+        super().__init__()
+        values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+        if not values:
+            raise ValueError("threshold must be a number or a non-empty list of numbers")
+        self.per_member = not isinstance(threshold, (int, float))
+        self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
+
+    @classmethod
+    def example_options(cls) -> dict[str, Any]:
+        """Options for :mod:`ensemblekit.testing`'s conformance checks."""
+        return {"threshold": 0.25}
+
+    def bind(self, ensemble) -> None:
+        """Refuse per-member thresholds whose count is not the ensemble's member count."""
+        if self.per_member and len(self.thresholds) != ensemble.num_members:
+            raise ValueError(f"{len(self.thresholds)} thresholds given for an ensemble of {ensemble.num_members} "
+                             f"members; give one per member or a single number")
+
+    def threshold(self, index: int, num_members: int) -> Tensor:
+        """The threshold of member ``index``."""
+        if not self.per_member:
+            return self.thresholds[0]
+        if len(self.thresholds) != num_members:
+            raise ValueError(f"{len(self.thresholds)} thresholds given for an ensemble of {num_members} members")
+        return self.thresholds[index]
+
+    def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:
+        conf = confidence(step.prediction)
+        return conf >= self.threshold(step.index, step.num_members).to(conf.device), None

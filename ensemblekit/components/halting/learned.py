@@ -1,0 +1,217 @@
+"""IRENE's learned halting (Li et al., AAAI 2023): a recurrent selector outputs h_t.
+
+The selector ``g_phi`` reads, after member ``t``, features of that member and
+its recurrent state ``d_{t-1}`` (``d_0 = 0``) and outputs the conditional
+halting probability ``h_t = Pr(z = t | z > t-1)`` (Eq. 3). From it:
+
+* survival ``S(t) = Pr(z >= t) = prod_{i<t} (1 - h_i)`` (Eq. 2, 4),
+* halting distribution ``p_t = h_t S(t)`` (Eq. 5).
+
+The last member always halts (``h_T = 1``), so ``p`` sums to 1. Training
+samples ``h_t`` with a binary Gumbel-softmax and binarises it with a
+straight-through estimator (Eq. 6 and below); inference thresholds ``h_t``
+and is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ensemblekit.core.blocks import State, call_block
+from ensemblekit.core.heads import fresh_copy
+from ensemblekit.core.interfaces import EnsembleOutput, HaltingPolicy, HaltingStep
+
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
+
+
+def survival(h: Tensor) -> Tensor:
+    """``S(t) = prod_{i<t} (1 - h_i)`` (Eq. 4): ``[B, T] -> [B, T]``, ``S(1) = 1``."""
+    ones = torch.ones_like(h[:, :1])
+    return torch.cat([ones, torch.cumprod(1 - h[:, :-1], dim=1)], dim=1)
+
+
+def halting_distribution(h: Tensor) -> Tensor:
+    """``p_t = h_t prod_{i<t} (1 - h_i)`` (Eq. 5): ``[B, T] -> [B, T]``."""
+    return h * survival(h)
+
+
+def gumbel_halting(logits: Tensor, temperature: float = 1.0, hard: bool = True) -> Tensor:
+    """Sample ``h_t ~ Bernoulli(sigmoid(logit))`` with the Gumbel-softmax relaxation.
+
+    For two outcomes the difference of two Gumbel variables is logistic, so
+    the relaxed sample is ``sigmoid((logit + log u - log(1-u)) / temperature)``
+    (Jang et al. 2016). With ``hard`` the sample is binarised at 0.5 and the
+    gradient is that of the relaxed sample (straight-through, the trainable
+    binary mask of Mallya et al. 2018 that IRENE uses).
+    """
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
+    if not hard:
+        return soft
+    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+
+
+def _detach(state: State) -> State:
+    if isinstance(state, Tensor):
+        return state.detach()
+    return tuple(v.detach() if isinstance(v, Tensor) else v for v in state)
+
+
+class Learned(HaltingPolicy):
+    """IRENE's selector: a recurrent cell over per-member features -> ``h_t``.
+
+    Features of member ``t`` (detached, so only the losses that name the
+    selector train it): its softmax ``y_t`` sorted in decreasing order (IRENE
+    feeds "the t-th model outcomes"; sorted, the input says how confident the
+    member is whatever the class, which a recurrent cell cannot compute from
+    raw probabilities with one linear layer) and, with ``aux_head``, the uncertainty
+    ``KL(y_t || softmax(a_t))`` between the member's head and a second,
+    auxiliary head ``a_t`` on the same features (IRENE App. A.1.2, after Cho
+    et al. 2022). The auxiliary head is a re-initialised copy of the member's
+    own head (pool + linear for a ResNet: the paper's one-layer classifier);
+    it reads detached features, so its losses (see
+    :class:`~ensemblekit.components.losses.IreneLoss`) train it alone.
+
+    The policy is built when bound to an ensemble (``wrap(..., halting=...)``
+    does it): the selector reads ``num_classes`` (+1 with ``aux_head``) features. Its recurrent
+    state is batch-first (``[B, hidden]``), so :meth:`Ensemble.predict` drops
+    halted samples from it too.
+
+    Args:
+        hidden: width of the recurrent state ``d_t`` (the paper gives none; ours).
+        cell: "lstm" (IRENE's choice) or "gru".
+        threshold: inference halts where ``h_t >= threshold``.
+        temperature: Gumbel-softmax temperature in training.
+        hard: binarise sampled ``h_t`` with the straight-through estimator in
+            training (IRENE); ``False`` keeps the relaxed sample.
+        aux_head: add the auxiliary head and its uncertainty feature.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset(
+        {"halting_probabilities", "halting_logits", "aux_logits", "prefix_costs"})
+    step_inputs: ClassVar[frozenset[str]] = frozenset({"head_input"})
+
+    def __init__(self, hidden: int = 16, cell: str = "lstm", threshold: float = 0.5, temperature: float = 1.0,
+                 hard: bool = True, aux_head: bool = True):
+        super().__init__()
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.hidden = hidden
+        self.cell_type = cell
+        self.threshold = threshold
+        self.temperature = temperature
+        self.hard = hard
+        self.aux_head = aux_head
+        if not aux_head:
+            self.provides = type(self).provides - {"aux_logits"}
+        self.cell: nn.Module | None = None
+        self.out: nn.Linear | None = None
+        self.aux_heads = nn.ModuleList()
+
+    # ------------------------------------------------------------------ build
+    def bind(self, ensemble) -> None:
+        """Build the selector (and auxiliary heads) for ``ensemble``; a no-op once built for it."""
+        if self.cell is not None:
+            if self.cell.input_size != self._in_features(ensemble.num_classes) or (
+                    self.aux_head and len(self.aux_heads) != ensemble.num_members):
+                raise ValueError(
+                    f"this learned halting policy was built for another ensemble "
+                    f"({len(self.aux_heads)} members, selector input {self.cell.input_size}); create a new one")
+            return
+        for head in ensemble.heads:
+            if getattr(head, "takes_previous_logits", False):
+                raise ValueError("learned halting cannot copy a head that reads the previous member's logits")
+        self.cell = CELLS[self.cell_type](self._in_features(ensemble.num_classes), self.hidden)
+        self.out = nn.Linear(self.hidden, 1)
+        if self.aux_head:
+            self.aux_heads = nn.ModuleList(fresh_copy(head, reinit=True) for head in ensemble.heads)
+        reference = next(ensemble.nodes.parameters(), None)
+        if reference is not None:
+            self.to(reference.device)
+
+    def _in_features(self, num_classes: int) -> int:
+        return num_classes + int(self.aux_head)
+
+    def _check_bound(self) -> None:
+        if self.cell is None:
+            raise ValueError("the learned halting policy is not bound to an ensemble; pass it to wrap(halting=...)")
+
+    def selector_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the selector ``g_phi`` (not of the auxiliary heads)."""
+        self._check_bound()
+        return [*self.cell.parameters(), *self.out.parameters()]
+
+    # ---------------------------------------------------------------- compute
+    def _aux_logits(self, member: int, head_input: State) -> Tensor:
+        return call_block(self.aux_heads[member], _detach(head_input))
+
+    def _selector(self, logits: Tensor, aux_logits: Tensor | None,
+                  state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """One selector step: halting logit ``[B]`` and the new recurrent state."""
+        log_p = logits.detach().float().log_softmax(dim=-1)
+        features = [log_p.exp().sort(dim=-1, descending=True).values]
+        if aux_logits is not None:
+            log_q = aux_logits.detach().float().log_softmax(dim=-1)
+            features.append(F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1, keepdim=True))
+        x = torch.cat(features, dim=-1)
+        if self.cell_type == "lstm":
+            hc = None if state is None else (state["h"], state["c"])
+            h, c = self.cell(x, hc)
+            new_state = {"h": h, "c": c}
+        else:
+            h = self.cell(x, None if state is None else state["h"])
+            new_state = {"h": h}
+        return self.out(h).squeeze(-1), new_state
+
+    def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Deterministic inference: halt where ``h_t = sigmoid(g_phi) >= threshold``."""
+        self._check_bound()
+        aux = self._aux_logits(step.index, step.extras["head_input"]) if self.aux_head else None
+        logit, state = self._selector(step.member_logits, aux, state)
+        return torch.sigmoid(logit) >= self.threshold, state
+
+    def training_extras(self, output: EnsembleOutput, ensemble) -> dict[str, Any]:
+        """``h_t`` for every computed member (a prefix ``0..T'-1``), ``h_{T'}`` forced to 1.
+
+        Returns extras ``halting_logits`` ``[B, T']``, ``halting_probabilities``
+        (``h``: a straight-through Gumbel sample in training, the thresholded
+        decision in eval mode, as :meth:`step` takes it), ``aux_logits``
+        ``[B, T', C]`` and ``prefix_costs`` ``[B, T']`` (prefix FLOPs in units
+        of the first member's).
+        """
+        self._check_bound()
+        head_inputs = output.extras["head_inputs"]
+        count = output.num_members
+        if sorted(head_inputs) != list(range(count)):
+            raise ValueError(f"learned halting needs a prefix of members 0..k-1, got members {sorted(head_inputs)}")
+        state, logits, aux_all = None, [], []
+        for t in range(count):
+            aux = self._aux_logits(t, head_inputs[t]) if self.aux_head else None
+            logit, state = self._selector(output.members[:, t], aux, state)
+            logits.append(logit)
+            aux_all.append(aux)
+        halting_logits = torch.stack(logits, dim=1)
+        if self.training:
+            h = gumbel_halting(halting_logits, self.temperature, self.hard)
+        else:
+            h = (torch.sigmoid(halting_logits) >= self.threshold).to(halting_logits.dtype)
+        h = torch.cat([h[:, :-1], torch.ones_like(h[:, -1:])], dim=1)
+        flops = torch.tensor([row.flops for row in ensemble.cost_table()[:count]], dtype=h.dtype, device=h.device)
+        extras = {
+            "halting_logits": halting_logits,
+            "halting_probabilities": h,
+            "prefix_costs": (flops / flops[0]).expand_as(h),
+        }
+        if self.aux_head:
+            extras["aux_logits"] = torch.stack(aux_all, dim=1)
+        return extras

@@ -1,0 +1,67 @@
+"""Losses of multi-exit networks: MSDNet's weighted sum (IMTA Eq. 1) and One-for-all KD (IMTA Eq. 7-8).
+
+Notation: ``z_1..z_n`` the exits' logits in depth order, ``y`` labels,
+``sg`` stop-gradient, ``CE`` cross-entropy averaged over the batch,
+``KD_T(s, t) = T^2 * mean_batch KL(softmax(t / T) || softmax(s / T))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
+from ensemblekit.components.losses.ensemble_losses import kd_loss, member_ce
+
+
+class MultiExitLoss(LossStrategy):
+    """``L = sum_k w_k L_k`` over the exits, with ``L_k = CE(z_k, y)`` (IMTA Eq. 1, MSDNet).
+
+    With ``ofa=True`` every exit but the last is also distilled from the last
+    one (One-for-all KD, IMTA Eq. 7-8):
+    ``L_k = alpha CE(z_k, y) + (1 - alpha) KD_T(z_k, sg(z_n))`` for ``k < n``;
+    the last exit keeps ``L_n = CE(z_n, y)``.
+
+    Args:
+        weights: ``w_k``, one per exit (default all 1, as in MSDNet).
+        ofa: add One-for-all knowledge distillation.
+        alpha: weight of the cross-entropy in ``L_k`` (Eq. 7). The default
+            0.9 is ``1 - gamma`` with ``gamma = 0.1`` of the authors' released
+            run script.
+        temperature: ``T`` of the soft targets; the default 1.0 is the
+            authors' released run script's.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None, ofa: bool = False, alpha: float = 0.9,
+                 temperature: float = 1.0):
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if weights is not None and (len(weights) == 0 or min(weights) < 0):
+            raise ValueError(f"weights must be non-negative numbers, one per exit, got {weights}")
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.ofa = ofa
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+
+    def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
+        members = output.members
+        n = members.shape[1]
+        if self.weights is not None and len(self.weights) != n:
+            raise ValueError(f"MultiExitLoss has {len(self.weights)} weights but the ensemble has {n} exits")
+        weights = members.new_tensor(self.weights if self.weights is not None else [1.0] * n)
+        ce = member_ce(members, target)
+        parts = {f"ce_{k}": ce[k].detach() for k in range(n)}
+        per_exit = ce
+        if self.ofa and n > 1:
+            teacher = members[:, -1].detach()
+            kd = torch.stack([kd_loss(members[:, k], teacher, self.temperature) for k in range(n - 1)])
+            per_exit = torch.cat([self.alpha * ce[:-1] + (1 - self.alpha) * kd, ce[-1:]])
+            parts.update({f"kd_{k}": kd[k].detach() for k in range(n - 1)})
+        total = (weights * per_exit).sum()
+        parts["multi_exit"] = total.detach()
+        return LossResult(total, parts)

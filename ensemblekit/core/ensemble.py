@@ -1,0 +1,452 @@
+"""The :class:`Ensemble` module: blocks wired into a topology, with heads and an aggregator."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Container, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ensemblekit.core.batching import select_batch
+from ensemblekit.core.blocks import BlockSplit, State, call_block
+from ensemblekit.execution import AutoExecutor, make_executor
+from ensemblekit.core.heads import ExitHead, feature_dim, fresh_copy
+from ensemblekit.core.interfaces import (
+    Aggregator,
+    EnsembleOutput,
+    HaltingPolicy,
+    HaltingStep,
+    LossResult,
+    LossStrategy,
+)
+from ensemblekit.core.graph import NodeGraph, SharingTopology
+
+INIT_MODES = ("reinit", "copy")
+
+
+class NodeCache:
+    """States computed so far for one batch: node index -> output state.
+
+    Anytime inference and halting keep one cache per batch, so moving from
+    member ``k`` to ``k+1`` computes only the nodes member ``k+1`` adds.
+    Member logits are kept too (member index -> ``[B, C]``), for heads that
+    read the previous member's logits.
+    """
+
+    def __init__(self, x: Tensor):
+        self.input = x
+        self.states: dict[int, State] = {}
+        self.logits: dict[int, Tensor] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.input.shape[0]
+
+    def output_of(self, node: int | None) -> State:
+        """The state of ``node``; ``None`` (a root's parent) is the input."""
+        return self.input if node is None else self.states[node]
+
+    def select(self, keep: Tensor) -> NodeCache:
+        """A cache holding only the samples selected by ``keep``."""
+        b = self.batch_size
+        out = NodeCache(self.input[keep])
+        out.states = {i: select_batch(s, keep, b) for i, s in self.states.items()}
+        out.logits = {m: z[keep] for m, z in self.logits.items()}
+        return out
+
+
+class FeatureExit(nn.Module):
+    """Feeds an exit head the feature map picked out of a block's state."""
+
+    def __init__(self, head: nn.Module, feature_index: int | None):
+        super().__init__()
+        self.head = head
+        self.feature_index = feature_index
+
+    def forward(self, *state: Any) -> Tensor:
+        feature = state[0] if self.feature_index is None else state[self.feature_index]
+        return self.head(feature)
+
+
+@dataclass
+class HaltedPrediction:
+    """Result of :meth:`Ensemble.predict` with a halting policy.
+
+    Attributes:
+        prediction: aggregated prediction ``[B, C]`` at the step each sample stopped.
+        members_used: members evaluated per sample ``[B]`` (1-based count).
+        flops: FLOPs per sample that its prefix cost ``[B]``.
+    """
+
+    prediction: Tensor
+    members_used: Tensor
+    flops: Tensor
+
+
+class Ensemble(nn.Module):
+    """An adaptive ensemble built from a :class:`~ensemblekit.core.blocks.BlockSplit`.
+
+    Use :func:`ensemblekit.build` to build one from a timm model. ``forward``
+    returns the aggregated prediction (a drop-in for the backbone);
+    :meth:`forward_members` returns every member's logits in anytime order.
+
+    Args:
+        split: the backbone cut into blocks.
+        topology: which copies of each block exist and who uses them.
+        aggregator: how member logits combine into a prediction.
+        loss: the training objective used by :meth:`loss`.
+        halting: the policy used by :meth:`predict`.
+        init: "reinit" keeps the backbone's weights in the first copy of each
+            block and head and redraws every other copy (diversity from
+            initialisation, as in HNE); "copy" starts every copy from the
+            backbone's weights (fine-tuning a pretrained model).
+        exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
+            -> nn.Module`` for exits before the last block (chains).
+        execution: how the nodes of one level run (a name from
+            :data:`ensemblekit.execution.EXECUTORS`; default "loop").
+        node_modules: node index -> module used as that node instead of a
+            copy of the backbone's block (e.g. EnsembleNet's narrower
+            branches); used as given, neither copied nor re-initialised.
+        head_modules: member index -> module used as that member's head
+            instead of a copy of the backbone's head; used as given.
+
+    Attributes:
+        check_finite: make :meth:`check_input` reject inputs holding NaN or
+            Inf (off by default: the check reads every value and, on a GPU,
+            waits for it; the trainer names a batch whose loss is not finite anyway).
+    """
+
+    def __init__(
+        self,
+        split: BlockSplit,
+        topology: SharingTopology,
+        aggregator: Aggregator,
+        loss: LossStrategy | None = None,
+        halting: HaltingPolicy | None = None,
+        init: str = "reinit",
+        exit_head: Any = ExitHead,
+        execution: str = "loop",
+        node_modules: dict[int, nn.Module] | None = None,
+        head_modules: dict[int, nn.Module] | None = None,
+    ):
+        super().__init__()
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        self.topology = topology
+        self.graph: NodeGraph = topology.build(len(split))
+        self.num_classes = split.num_classes
+        self.in_chans = split.in_chans
+        self.input_size = split.input_size
+        self.example_size = split.example_size
+        self.block_names = list(split.names or [])
+        self.nodes = nn.ModuleList(_override(self._make_nodes(split, init), node_modules, "node"))
+        self.heads = nn.ModuleList(_override(self._make_heads(split, init, exit_head), head_modules, "head"))
+        self.aggregator = aggregator
+        self.loss_strategy = loss
+        self.halting = halting
+        self.check_finite = False
+        self.execution = execution
+        if halting is not None:
+            halting.bind(self)
+        if loss is not None:
+            loss.check(self)
+
+    # ------------------------------------------------------------------ build
+    def _make_nodes(self, split: BlockSplit, init: str) -> list[nn.Module]:
+        nodes = []
+        copies = [0] * len(split)
+        for node in self.graph.nodes:
+            reinit = init == "reinit" and copies[node.block] > 0
+            nodes.append(fresh_copy(split.blocks[node.block], reinit))
+            copies[node.block] += 1
+        return nodes
+
+    def _make_heads(self, split: BlockSplit, init: str, exit_head: Any) -> list[nn.Module]:
+        last = len(split) - 1
+        exit_blocks = [self.graph.nodes[m.exit_node].block for m in self.graph.members]
+        features = _example_features(split, exit_blocks) if min(exit_blocks) < last else {}
+        heads, final_copies = [], 0
+        for block in exit_blocks:
+            if block == last:
+                heads.append(fresh_copy(split.head, reinit=init == "reinit" and final_copies > 0))
+                final_copies += 1
+            else:
+                fmt = split.feature_format[block]
+                head = exit_head(feature_dim(features[block], fmt), split.num_classes, fmt, split.num_prefix_tokens)
+                heads.append(FeatureExit(head, split.feature_index[block]))
+        return heads
+
+    # ------------------------------------------------------------ properties
+    @property
+    def execution(self) -> str:
+        """How the nodes of one level run; assign a name to switch (``ens.execution = "auto"``)."""
+        return self._executor.name
+
+    @execution.setter
+    def execution(self, name: str) -> None:
+        self._executor = make_executor(name)
+
+    @property
+    def num_members(self) -> int:
+        return self.graph.num_members
+
+    @property
+    def nested_sizes(self) -> tuple[int, ...]:
+        return self.graph.nested_sizes
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """Names of the extras this ensemble's outputs carry (see LossStrategy.requires)."""
+        return self.halting.provides if self.halting is not None else frozenset()
+
+    # --------------------------------------------------------------- forward
+    def check_input(self, x: Any) -> None:
+        """Raise a clear ``ValueError``/``TypeError`` for input the backbone cannot take."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"input must have 4 dimensions [B, C, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}; convert with x.float()")
+        if x.shape[0] == 0:
+            raise ValueError("input batch is empty (batch size 0)")
+        if self.in_chans is not None and x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but the backbone expects {self.in_chans}; "
+                f"create the backbone with in_chans={x.shape[1]} or convert the images"
+            )
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            raise ValueError(
+                f"input is {tuple(x.shape[-2:])} but the backbone only accepts {tuple(self.input_size)}; "
+                "resize the images or create the backbone with img_size set"
+            )
+        weight = next(self.nodes[0].parameters(), None)
+        if weight is not None and x.device != weight.device:
+            raise ValueError(f"input is on {x.device} but the ensemble is on {weight.device}; move one with .to()")
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input is {x.dtype} but the ensemble's weights are {weight.dtype}; "
+                            f"convert with x.to({weight.dtype}) or run under torch.autocast")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+
+    def compute_nodes(self, cache: NodeCache, node_indices: Sequence[int], keep: Container[int] | None = None) -> None:
+        """Evaluate the nodes in ``node_indices`` missing from ``cache``, level by level.
+
+        Args:
+            keep: when given, a state outside ``keep`` is dropped from the
+                cache once the next level has read it (less memory held in a
+                single forward pass); by default every state stays cached.
+        """
+        levels: dict[int, list[int]] = {}  # block -> the missing nodes of that level, in node order
+        for i in sorted(set(node_indices) - cache.states.keys()):
+            levels.setdefault(self.graph.nodes[i].block, []).append(i)
+        for block in sorted(levels):
+            todo = levels[block]
+            parents = [self.graph.nodes[i].parent for i in todo]
+            inputs = [cache.output_of(p) for p in parents]
+            outputs = self._executor.run([self.nodes[i] for i in todo], inputs)
+            cache.states.update(zip(todo, outputs))
+            if keep is not None:
+                del inputs
+                for p in set(parents) - {None}:
+                    if p not in keep:
+                        del cache.states[p]
+
+    def member_logits(self, cache: NodeCache, member: int) -> Tensor:
+        """Logits ``[B, C]`` of one member, computing only the nodes ``cache`` lacks.
+
+        A head whose ``takes_previous_logits`` is true (IMTA's inline subnetwork
+        collaboration, :mod:`ensemblekit.methods.imta.isc`) is called as
+        ``head(*state, previous=logits of member - 1)``.
+        """
+        if member not in cache.logits:
+            path = self.graph.members[member].path
+            if path[-1] not in cache.states:  # its own state suffices (a forward pass drops the others)
+                self.compute_nodes(cache, path)
+            head, state = self.heads[member], cache.states[path[-1]]
+            if member > 0 and getattr(head, "takes_previous_logits", False):
+                previous = self.member_logits(cache, member - 1)
+                cache.logits[member] = head(*(state if isinstance(state, tuple) else (state,)), previous=previous)
+            else:
+                cache.logits[member] = call_block(head, state)
+        return cache.logits[member]
+
+    def forward_output(self, x: Tensor, members: Sequence[int] | None = None) -> EnsembleOutput:
+        """Every (or the given) member's logits plus the extras losses need.
+
+        Returns:
+            An :class:`~ensemblekit.core.interfaces.EnsembleOutput` whose ``members``
+            is ``b m c`` in anytime order.
+        """
+        self.check_input(x)
+        members = list(range(self.num_members)) if members is None else self._member_list(members)
+        if isinstance(self._executor, AutoExecutor) and not torch.compiler.is_compiling():
+            key = (str(x.device), x.dtype, tuple(x.shape), x.stride(), torch.is_grad_enabled(), self.training,
+                   tuple(members))
+            self._executor.tune_pass(key, lambda: self._forward_pass(x, members)[1], self)
+        cache, logits = self._forward_pass(x, members)
+        output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
+        if self.halting is not None:
+            if "head_input" in self.halting.step_inputs:
+                output.extras["head_inputs"] = {m: cache.states[self.graph.members[m].exit_node] for m in members}
+            output.extras.update(self.halting.training_extras(output, self))
+        return output
+
+    def _forward_pass(self, x: Tensor, members: list[int]) -> tuple[NodeCache, Tensor]:
+        """The cache (exit states only) and the members' logits ``b m c``."""
+        cache = NodeCache(x)
+        exits = {self.graph.members[m].exit_node for m in members}
+        self.compute_nodes(cache, self.graph.nodes_for(members), keep=exits)
+        return cache, torch.stack([self.member_logits(cache, m) for m in members], dim=1)
+
+    def _member_list(self, members: Any) -> list[int]:
+        """``members`` as a list of valid member indices, or a clear error."""
+        try:
+            out = [operator.index(m) for m in members]
+        except TypeError:
+            raise TypeError(f"members must be a sequence of member indices, got {members!r}") from None
+        if not out or not all(0 <= m < self.num_members for m in out):
+            raise ValueError(f"members must be a non-empty list of indices in 0..{self.num_members - 1}, got {out}")
+        return out
+
+    def forward_members(self, x: Tensor) -> Tensor:
+        """Member logits ``[B, M, C]`` in anytime (depth-first) order."""
+        return self.forward_output(x).members
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The aggregated prediction ``[B, C]`` of all members."""
+        return self.aggregator(self.forward_members(x))
+
+    def loss(self, output: EnsembleOutput | Tensor, target: Tensor) -> LossResult:
+        """The configured loss of ``output`` (from :meth:`forward_output`) against labels."""
+        if self.loss_strategy is None:
+            raise ValueError("this ensemble has no loss; pass loss=... to ensemblekit.build()")
+        if isinstance(output, Tensor):
+            output = EnsembleOutput(output, self.aggregator, self.nested_sizes)
+        if not isinstance(output, EnsembleOutput):
+            raise TypeError(f"loss() takes the EnsembleOutput of forward_output(x), got {type(output).__name__}")
+        if output.members.ndim != 3 or output.members.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"loss() takes member logits [B, M, {self.num_classes}] (forward_output(x)), got a tensor of shape "
+                f"{tuple(output.members.shape)}; forward(x) returns the aggregated prediction, not the members"
+            )
+        _check_target(target, output.members)
+        return self.loss_strategy(output, target)
+
+    # --------------------------------------------------------------- costs
+    @cached_property
+    def costs(self):
+        """FLOPs and parameters per node and head (see :mod:`ensemblekit.core.cost`)."""
+        from ensemblekit.core.cost import measure_costs
+
+        return measure_costs(self)
+
+    def cost_table(self):
+        """FLOPs and parameters of the first ``k`` members, ``k = 1..M``, shared nodes once."""
+        return self.costs.prefix_table()
+
+    # ----------------------------------------------------- adaptive inference
+    def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
+                max_members: int | None = None) -> Iterator:
+        """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.core.anytime`."""
+        from ensemblekit.core.anytime import anytime
+
+        return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, halting: HaltingPolicy | None = None) -> HaltedPrediction:
+        """Per-sample early stopping: samples that stopped leave the batch.
+
+        After each member the policy decides, per sample, whether to stop;
+        stopped samples are removed from every cached state, so the next
+        member only runs on the samples still going. The policy's
+        ``step_inputs`` say which extras each step carries (see
+        :class:`~ensemblekit.core.interfaces.HaltingPolicy`).
+        """
+        from ensemblekit.core.anytime import Clock
+
+        policy = halting if halting is not None else self.halting
+        if policy is None:
+            raise ValueError("predict() needs a halting policy: pass halting=... here or to wrap()")
+        if not isinstance(policy, HaltingPolicy):
+            raise TypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
+                            f"got {type(policy).__name__}")
+        self.check_input(x)
+        policy.bind(self)
+        needs = policy.step_inputs
+        b, m_total = x.shape[0], self.num_members
+        prefix_flops = [row.flops for row in self.cost_table()]
+        active = torch.arange(b, device=x.device)
+        cache, agg_state, policy_state = NodeCache(x), None, None
+        prediction = x.new_zeros(b, self.num_classes)
+        used = torch.zeros(b, dtype=torch.long, device=x.device)
+        clock = Clock(x.device)
+        for m in range(m_total):
+            logits = self.member_logits(cache, m)
+            agg_state = self.aggregator.update(agg_state, logits, m)
+            current = self.aggregator.value(agg_state)
+            extras = {}
+            if "head_input" in needs:
+                extras["head_input"] = cache.states[self.graph.members[m].exit_node]
+            if "seconds" in needs:
+                extras["seconds"] = torch.full(active.shape, clock(), dtype=torch.float64)
+            step = HaltingStep(m, m_total, logits, current, prefix_flops[m], extras)
+            stop, policy_state = policy.step(step, policy_state)
+            if m == m_total - 1:
+                stop = torch.ones_like(stop)
+            prediction[active[stop]] = current[stop].to(prediction.dtype)
+            used[active[stop]] = m + 1
+            keep = ~stop
+            if not keep.any():
+                break
+            if keep.all():  # no sample stopped: nothing to drop from the cache
+                continue
+            n = active.shape[0]
+            active, cache = active[keep], cache.select(keep)
+            agg_state = select_batch(agg_state, keep, n)
+            policy_state = select_batch(policy_state, keep, n)
+        flops = torch.tensor(prefix_flops, dtype=torch.float64, device=x.device)[used - 1]
+        return HaltedPrediction(prediction, used, flops)
+
+
+def _override(modules: list[nn.Module], replace: dict[int, nn.Module] | None, kind: str) -> list[nn.Module]:
+    """``modules`` with the entries named in ``replace`` swapped for the given modules."""
+    for index, module in (replace or {}).items():
+        if not 0 <= index < len(modules):
+            raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
+        modules[index] = module
+    return modules
+
+
+def _check_target(target: Any, members: Tensor) -> None:
+    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError("labels must be an integer tensor [B] of class indices")
+    if target.shape != members.shape[:1]:
+        raise ValueError(f"labels have shape {tuple(target.shape)}, expected [{members.shape[0]}]")
+    c = members.shape[-1]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
+        raise ValueError(f"labels must be in 0..{c - 1}, got values in {int(target.min())}..{int(target.max())}")
+
+
+@torch.no_grad()
+def _example_features(split: BlockSplit, blocks: list[int]) -> dict[int, Tensor]:
+    """Feature maps after the given blocks for one example image (to size exit heads)."""
+    h, w = split.input_size or split.example_size
+    state: State = torch.zeros(2, split.in_chans or 3, h, w)
+    out = {}
+    was_training = [b.training for b in split.blocks]
+    for block in split.blocks:
+        block.eval()
+    try:
+        for b, block in enumerate(split.blocks):
+            state = call_block(block, state)
+            if b in blocks:
+                out[b] = split.feature(state, b)
+    finally:
+        for block, mode in zip(split.blocks, was_training):
+            block.train(mode)
+    return out

@@ -1,0 +1,107 @@
+"""Member heads: copies of the backbone's head, and exit heads for early exits."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ensemblekit.core.blocks import FeatureFormat
+
+
+def pool_features(feature: Tensor, fmt: FeatureFormat, num_prefix_tokens: int = 0) -> Tensor:
+    """Global average pool of a feature map of layout ``fmt`` -> ``[B, D]``."""
+    if fmt == "NCHW":
+        return feature.mean(dim=(2, 3))
+    if fmt == "NHWC":
+        return feature.mean(dim=(1, 2))
+    if fmt == "NLC":
+        tokens = feature[:, num_prefix_tokens:] if feature.shape[1] > num_prefix_tokens else feature
+        return tokens.mean(dim=1)
+    if fmt == "NC":
+        return feature
+    raise ValueError(f"unknown feature format {fmt!r}; expected NCHW, NHWC, NLC or NC")
+
+
+def feature_dim(feature: Tensor, fmt: FeatureFormat) -> int:
+    """Channels of a feature map of layout ``fmt``."""
+    return feature.shape[1] if fmt in ("NCHW", "NC") else feature.shape[-1]
+
+
+class ExitHead(nn.Module):
+    """An early exit: global average pool, optional norm, then a linear classifier.
+
+    Args:
+        in_features: channels of the feature map it reads.
+        num_classes: classes to predict.
+        fmt: layout of the feature map ("NCHW", "NHWC", "NLC" or "NC").
+        num_prefix_tokens: leading tokens of an "NLC" map left out of the pool.
+        hidden: width of an extra Linear-BN-ReLU layer before the classifier
+            (MSDNet-style exits are deeper than one linear layer); 0 for none.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, fmt: FeatureFormat = "NCHW",
+                 num_prefix_tokens: int = 0, hidden: int = 0):
+        super().__init__()
+        self.fmt = fmt
+        self.num_prefix_tokens = num_prefix_tokens
+        layers: list[nn.Module] = []
+        if hidden:
+            layers += [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            in_features = hidden
+        self.pre_logits = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward_features(self, feature: Tensor) -> Tensor:
+        """Pooled (and projected) features ``[B, D]`` before the classifier."""
+        return self.pre_logits(pool_features(feature, self.fmt, self.num_prefix_tokens))
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return self.fc(self.forward_features(feature))
+
+
+def reset_parameters(module: nn.Module) -> nn.Module:
+    """Redraw every parameter of ``module`` from its initial distribution.
+
+    Every submodule that defines ``reset_parameters`` (convolutions, linear
+    layers, norms) draws anew from the global torch RNG. A parameter held
+    directly by a module without one (a position embedding or class token of a
+    token model) is redrawn from a normal with its current mean and standard
+    deviation; a constant one (e.g. a layer-scale vector) is left as it is. So
+    copies made one after another start from different random initialisations.
+    """
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            continue
+        for param in sub.parameters(recurse=False):
+            std = param.detach().float().std() if param.numel() > 1 else param.new_zeros(())
+            if std > 0:
+                with torch.no_grad():
+                    param.normal_(float(param.detach().float().mean()), float(std))
+    return module
+
+
+def fresh_copy(module: nn.Module, reinit: bool) -> nn.Module:
+    """A deep copy of ``module``; with ``reinit`` its parameters are redrawn."""
+    clone = copy.deepcopy(module)
+    return reset_parameters(clone) if reinit else clone
+
+
+def replace_classifier(head: nn.Module, old_classes: int, num_classes: int) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``head`` with ``old_classes`` outputs for a new one."""
+    replaced = 0
+    for name, sub in list(head.named_modules()):
+        if isinstance(sub, nn.Linear) and sub.out_features == old_classes:
+            parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
+            setattr(parent, name.rpartition(".")[2], nn.Linear(sub.in_features, num_classes, bias=sub.bias is not None))
+            replaced += 1
+    if not replaced:
+        raise ValueError(
+            f"could not find the classifier ({old_classes} outputs) in the head to give it "
+            f"{num_classes} classes; create the backbone with num_classes={num_classes} instead"
+        )
+    return head
+

@@ -1,0 +1,196 @@
+"""The four interfaces of ensemblekit and the values that flow between them.
+
+* :class:`SharingTopology` (in :mod:`ensemblekit.components.topologies`) says which
+  nodes (parameter copies of blocks) exist and which path each member takes.
+* :class:`Aggregator` turns member logits into one prediction, all at once or
+  member by member.
+* :class:`LossStrategy` turns an :class:`EnsembleOutput` and labels into a
+  total loss and named parts.
+* :class:`HaltingPolicy` decides per sample when to stop adding members.
+
+Every tensor of members is laid out ``b m c`` (einops notation): batch,
+members in anytime (depth-first) order, classes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ensemblekit.core.ensemble import Ensemble
+
+AggregatorState = dict[str, Tensor]
+"""Running state of an incremental aggregation; every tensor is batch-first."""
+
+
+class Aggregator(nn.Module, ABC):
+    """Members ``b m c`` -> prediction ``b c``, in a batch and an incremental form.
+
+    Subclasses implement the incremental form (:meth:`update` and
+    :meth:`value`); the batch form folds it, so both agree exactly. The
+    prediction is a vector of scores whose ``softmax`` is the ensemble's
+    predictive distribution (logits for a mean of logits, log-probabilities
+    for a mean of probabilities), so a cross-entropy on it is meaningful.
+    """
+
+    @abstractmethod
+    def update(self, state: AggregatorState | None, logits: Tensor, index: int) -> AggregatorState:
+        """Add member ``index`` (0-based, anytime order) with ``logits`` ``b c``."""
+
+    @abstractmethod
+    def value(self, state: AggregatorState) -> Tensor:
+        """The prediction ``b c`` of the members added so far."""
+
+    def prefixes(self, members: Tensor) -> Tensor:
+        """Predictions of every prefix: ``b m c -> b m c``, entry k uses members 0..k."""
+        _check_members(members)
+        state: AggregatorState | None = None
+        out = []
+        for k in range(members.shape[1]):
+            state = self.update(state, members[:, k], k)
+            out.append(self.value(state))
+        return torch.stack(out, dim=1)
+
+    def forward(self, members: Tensor) -> Tensor:
+        """Prediction of all members: ``b m c -> b c``."""
+        _check_members(members)
+        state: AggregatorState | None = None
+        for k in range(members.shape[1]):
+            state = self.update(state, members[:, k], k)
+        return self.value(state)
+
+
+def _check_members(members: Tensor) -> None:
+    if members.ndim != 3 or members.shape[1] == 0:
+        raise ValueError(
+            f"members must be a [batch, members, classes] tensor with at least one member, "
+            f"got shape {tuple(members.shape)}"
+        )
+
+
+@dataclass
+class EnsembleOutput:
+    """What one forward pass of an :class:`~ensemblekit.Ensemble` produced.
+
+    Attributes:
+        members: member logits ``b m c`` in anytime order.
+        aggregator: the ensemble's aggregator (for prefix predictions).
+        nested_sizes: the member counts of the topology's nested sub-ensembles
+            (``1, k, k^2, ...`` for a tree), used by nested losses.
+        extras: what some strategies need besides logits (exit features,
+            halting logits), keyed by name; every tensor is batch-first.
+    """
+
+    members: Tensor
+    aggregator: Aggregator
+    nested_sizes: tuple[int, ...]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_members(self) -> int:
+        return self.members.shape[1]
+
+    def ensemble(self, k: int | None = None) -> Tensor:
+        """Prediction ``b c`` of the first ``k`` members (all when ``k`` is None)."""
+        k = self.num_members if k is None else k
+        if not 1 <= k <= self.num_members:
+            raise ValueError(f"k must be in 1..{self.num_members}, got {k}")
+        return self.aggregator(self.members[:, :k])
+
+    def prefixes(self) -> Tensor:
+        """Prediction of every prefix of members: ``b m c``."""
+        return self.aggregator.prefixes(self.members)
+
+
+@dataclass
+class LossResult:
+    """A total loss to call ``backward()`` on and its named parts for logging."""
+
+    total: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LossStrategy(nn.Module, ABC):
+    """(ensemble output, labels) -> :class:`LossResult`.
+
+    ``requires`` names the extras the strategy reads from
+    :attr:`EnsembleOutput.extras`; :meth:`check` runs at ``wrap()`` time so a
+    mismatch (an IRENE loss without a learned halting policy) fails there with
+    a clear message instead of mid-training.
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
+        """Compute the loss of ``output`` against integer labels ``target`` ``[B]``."""
+
+    def check(self, ensemble: Ensemble) -> None:
+        """Raise ``ValueError`` if ``ensemble`` cannot provide what this loss needs."""
+        missing = self.requires - ensemble.provides
+        if missing:
+            raise ValueError(
+                f"loss {type(self).__name__} needs {sorted(missing)} in the ensemble output, "
+                f"but this ensemble provides {sorted(ensemble.provides) or 'nothing extra'}; "
+                "choose a topology or halting policy that provides it"
+            )
+
+
+@dataclass
+class HaltingStep:
+    """What a halting policy sees after member ``index`` has been evaluated.
+
+    Attributes:
+        index: 0-based index of the member just evaluated (anytime order).
+        num_members: members in the ensemble; the last one always stops.
+        member_logits: logits ``b c`` of member ``index``.
+        prediction: the aggregated prediction ``b c`` of members ``0..index``.
+        flops: FLOPs per sample spent on members ``0..index``.
+        extras: per-sample extras (batch-first), e.g. member features.
+    """
+
+    index: int
+    num_members: int
+    member_logits: Tensor
+    prediction: Tensor
+    flops: float
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class HaltingPolicy(nn.Module, ABC):
+    """Decides per sample whether to stop adding members.
+
+    A policy is called once after each member with a :class:`HaltingStep` and
+    its own per-sample state (batch-first tensors, so the ensemble can drop
+    samples that stopped). It returns a boolean mask ``[B]``: True where the
+    sample stops now. After the last member every sample stops regardless.
+    A policy with parameters is trained through the loss; one that needs
+    held-out data overrides :meth:`calibrate`.
+
+    ``step_inputs`` names what the policy reads from :attr:`HaltingStep.extras`:
+    "head_input" (the member's head input state; ``forward_output`` then also
+    puts every member's in ``extras["head_inputs"]``) and "seconds" (``[B]``
+    wall-clock seconds since the first member started).
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset()
+    step_inputs: ClassVar[frozenset[str]] = frozenset()
+
+    def bind(self, ensemble: Ensemble) -> None:
+        """Called when the policy is given to an ensemble (to read its heads or costs)."""
+
+    @abstractmethod
+    def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Return ``(stop mask [B] bool, new state)`` for this step."""
+
+    def training_extras(self, output: EnsembleOutput, ensemble: Ensemble) -> dict[str, Tensor]:
+        """Extras this policy adds to a training forward pass (default none)."""
+        return {}
+
+    def calibrate(self, ensemble: Ensemble, data: Any) -> None:
+        """Fit thresholds on held-out data; the default policy needs none."""

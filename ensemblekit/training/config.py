@@ -1,0 +1,427 @@
+"""Run configurations: what to build, what to train on and how, from TOML or YAML.
+
+A config file has up to three sections; every key is optional except
+``model.backbone``::
+
+    [model]
+    backbone = "resnet10t"                          # a timm model name
+    backbone_options = { stem_width = 16, channels = [16, 32, 64, 128] }
+    topology = { name = "tree", depth = 3 }         # a name or { name = ..., options }
+    aggregator = "mean"
+    loss = { name = "hierarchical_distillation", alpha = 0.5, T = 2.0 }
+
+    [data]
+    name = "digits"                                 # digits | cifar10 | cifar100 | imagefolder
+
+    [train]
+    epochs = 10
+    optimizer = "sgd"
+    lr = 0.05
+
+Instead of topology/aggregator/loss, ``recipe = "hne"`` (or ``"ensemblenet"``,
+``"multi_exit"``, ``"irene"``)
+with ``recipe_options = { depth = 3 }`` builds the ensemble as the paper did.
+Unknown keys and invalid values fail with a message that names the key and
+the allowed values. :class:`ModelConfig` is also what a checkpoint stores to
+rebuild its ensemble (:func:`build_ensemble`), so loading never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+RECIPES = ("hne", "ensemblenet", "multi_exit", "irene")
+INIT_MODES = ("reinit", "copy")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+PROGRESS = ("tqdm", "rich", "none")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+SPLITS = ("train", "val", "trainval", "test")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not allowed; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    """How to build an ensemble: a timm backbone plus a recipe or components.
+
+    Attributes:
+        backbone: timm model name, created with ``pretrained=False``.
+        num_classes: classes (filled in from the dataset when omitted).
+        in_chans: input channels.
+        image_size: side of the square inputs (for splitting and FLOP counts).
+        backbone_options: extra keywords of ``timm.create_model``.
+        recipe: "hne", "ensemblenet", "multi_exit" or "irene" (then topology, aggregator, loss come
+            from the recipe and ``recipe_options``), or None.
+        recipe_options: keywords of the recipe (``depth``, ``branching``,
+            ``alpha``, ``branches``, ``fork``, ``width``, ``loss``, ...).
+        topology: topology name or mapping ``{"name": ..., **options}``
+            (without a recipe; default "tree").
+        aggregator: aggregator name or mapping (without a recipe; default "mean").
+        loss: loss name or mapping (without a recipe; default "independent").
+        halting: halting policy name or mapping, or None.
+        init: "reinit" or "copy" (see :class:`~ensemblekit.Ensemble`).
+        num_blocks: blocks to cut the backbone into (without a recipe; default:
+            what the topology needs).
+    """
+
+    backbone: str
+    num_classes: int | None = None
+    in_chans: int = 3
+    image_size: int = 32
+    backbone_options: dict = field(default_factory=dict)
+    recipe: str | None = None
+    recipe_options: dict = field(default_factory=dict)
+    topology: str | dict | None = None
+    aggregator: str | dict | None = None
+    loss: str | dict | None = None
+    halting: str | dict | None = None
+    init: str = "reinit"
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("model.recipe", self.recipe, (*RECIPES, None))
+        if self.recipe is not None:
+            for key in ("topology", "aggregator", "loss", "num_blocks"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"model.{key} cannot be set next to recipe {self.recipe!r}, which decides "
+                                      f"it; give recipe options in model.recipe_options instead")
+        elif self.recipe_options:
+            raise ConfigError("model.recipe_options is set but model.recipe is not; name a recipe: "
+                              + ", ".join(RECIPES))
+        if self.num_blocks is not None:
+            _at_least("model.num_blocks", self.num_blocks, 1)
+        _choice("model.init", self.init, INIT_MODES)
+        for key in ("topology", "aggregator", "loss", "halting"):
+            _component(f"model.{key}", getattr(self, key), key)
+        if self.num_classes is not None:
+            _at_least("model.num_classes", self.num_classes, 1)
+        _at_least("model.in_chans", self.in_chans, 1)
+        _at_least("model.image_size", self.image_size, 1)
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to train and evaluate on.
+
+    Attributes:
+        name: "digits" (bundled), "cifar10", "cifar100" or "imagefolder".
+        root: data folder (CIFAR, ImageFolder).
+        image_size: side of the images (None: the dataset's default).
+        augment: random crops (and flips) on the training split.
+        train_split: split to train on ("train" or "trainval").
+        eval_split: split the final report is computed on.
+        num_workers: data-loading worker processes.
+        eval_batch_size: batch size of evaluation.
+        max_train_items: use only the first this many training items (quick checks).
+        max_eval_items: use only the first this many evaluation items.
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    image_size: int | None = None
+    augment: bool = True
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    max_train_items: int | None = None
+    max_eval_items: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASETS)
+        _choice("data.train_split", self.train_split, SPLITS)
+        _choice("data.eval_split", self.eval_split, SPLITS)
+        if self.image_size is not None:
+            _at_least("data.image_size", self.image_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        for key in ("max_train_items", "max_eval_items"):
+            if getattr(self, key) is not None:
+                _at_least(f"data.{key}", getattr(self, key), 1)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of :func:`ensemblekit.training.trainer.train`.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: the global training batch size; under torchrun each of
+            the N processes takes ``batch_size / N`` of it.
+        optimizer: "sgd" (with momentum) or "adamw".
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: L2 weight decay.
+        schedule: "cosine" (to 0 over the run), "step" (times ``gamma`` every
+            ``step_epochs`` epochs) or "constant"; stepped every batch.
+        step_epochs: epochs between decays of the step schedule.
+        gamma: decay factor of the step schedule.
+        grad_clip: clip the gradient norm to this (None: no clipping).
+        seed: seed of initialisation, shuffling and augmentation.
+        device: "auto" (cuda, then mps, then cpu) or a torch device string.
+        progress: progress bar: "tqdm", "rich" or "none".
+        checkpoint_every: also save every this many steps (0: at epoch ends only).
+        sync_batchnorm: under torchrun on GPUs, compute BatchNorm statistics
+            over the global batch instead of each process's share (see
+            ``docs/distributed.md``).
+        keep_checkpoints: how many recent checkpoints to keep.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    progress: str = "tqdm"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    sync_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.progress", self.progress, PROGRESS)
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.step_epochs", self.step_epochs, 1)
+        _at_least("train.checkpoint_every", self.checkpoint_every, 0)
+        _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma must be in (0, 1], got {self.gamma}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or omitted, got {self.grad_clip}")
+
+
+# Settings that may change when a run is resumed without changing its results.
+RESUMABLE_CHANGES = frozenset({"device", "progress", "checkpoint_every", "keep_checkpoints"})
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, data and training (the three sections of a config file)."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> RunConfig:
+        """Validate a mapping with sections ``model``, ``data``, ``train``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        _check_keys(data, ("model", "data", "train"), "", source)
+        if "model" not in data:
+            raise ConfigError(f"{source}: missing section [model] (with at least backbone = \"<timm model name>\")")
+        return cls(
+            model=section_from_dict(ModelConfig, data["model"], "model", source),
+            data=section_from_dict(DataConfig, data.get("data", {}), "data", source),
+            train=section_from_dict(TrainConfig, data.get("train", {}), "train", source),
+        )
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run config.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: a syntax error, unknown key or invalid value (the message
+            names the file and the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        data = {} if data is None else data
+    else:
+        raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .yml")
+    return RunConfig.from_dict(data, source=str(path))
+
+
+def section_from_dict(cls: type, data: Any, section: str, source: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: [{section}] must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(cls)]
+    _check_keys(data, names, section, source)
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{source}: [{section}] needs {', '.join(missing)}")
+    hints = get_type_hints(cls)
+    values = {k: _check_type(f"{section}.{k}", v, hints[k], source) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def build_ensemble(config: ModelConfig):
+    """Create the timm backbone and wrap it as ``config`` says; returns an Ensemble.
+
+    The ensemble remembers ``config`` (as ``ensemble.build_config``) so that
+    :func:`ensemblekit.training.checkpoint.save` can store it next to the weights.
+    """
+    import torch
+
+    from ensemblekit import methods as recipes
+    from ensemblekit.backbones import UnknownBackboneError, create_backbone
+    from ensemblekit.build import wrap
+
+    if config.num_classes is None:
+        raise ConfigError("model.num_classes is not set (it is normally taken from the dataset)")
+    try:
+        backbone = create_backbone(config.backbone, num_classes=config.num_classes, in_chans=config.in_chans,
+                                   **config.backbone_options)
+    except UnknownBackboneError as err:
+        raise ConfigError(f"model.backbone: {err}") from err
+    except Exception as err:  # whatever timm raises for these options is a config error
+        raise ConfigError(f"model.backbone_options {config.backbone_options} are not accepted by "
+                          f"timm model {config.backbone!r}: {type(err).__name__}: {err}") from err
+    example = torch.zeros(1, config.in_chans, config.image_size, config.image_size)
+    try:
+        if config.recipe is not None:
+            recipe = getattr(recipes, config.recipe)
+            _check_recipe_options(recipe, config.recipe_options, wrap)
+            ensemble = recipe(backbone, **config.recipe_options, init=config.init, halting=config.halting,
+                              example_input=example)
+        else:
+            ensemble = wrap(backbone, config.topology or "tree", aggregator=config.aggregator or "mean",
+                            loss=config.loss or "independent", halting=config.halting, init=config.init,
+                            num_blocks=config.num_blocks, example_input=example)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"[model] cannot be built as configured ({_summary(config)}): {err}") from err
+    if ensemble.input_size is None:
+        ensemble.example_size = (config.image_size, config.image_size)
+    ensemble.build_config = config
+    return ensemble
+
+
+# ------------------------------------------------------------------ checks
+def _summary(config: ModelConfig) -> str:
+    if config.recipe is not None:
+        return f"recipe={config.recipe!r}, recipe_options={config.recipe_options}"
+    keys = ("topology", "aggregator", "loss", "halting", "num_blocks")
+    return ", ".join(f"{k}={getattr(config, k)!r}" for k in keys if getattr(config, k) is not None) or "defaults"
+
+
+def _check_recipe_options(recipe: Any, options: dict, wrap: Any) -> None:
+    params = inspect.signature(recipe).parameters
+    allowed = [p for p in params if params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed += [p for p in inspect.signature(wrap).parameters if p not in allowed]
+    allowed = [p for p in allowed if p not in ("backbone", "model", "init", "halting", "example_input")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.recipe_options: recipe {recipe.__name__!r} does not take {', '.join(unknown)}; "
+                          f"it takes: {', '.join(allowed)}")
+
+
+def _check_keys(data: dict, allowed: Any, section: str, source: str) -> None:
+    allowed = list(allowed)
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"[{section}]" if section else "top level"
+            raise ConfigError(f"{source}: unknown key {key!r} in {where}{hint}; allowed keys: {', '.join(allowed)}")
+
+
+def _check_type(key: str, value: Any, hint: Any, source: str) -> Any:
+    """``value`` if it fits the annotation ``hint`` (ints are accepted as floats)."""
+    options = get_args(hint) or (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool, dict) and isinstance(value, option):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ConfigError(f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join("none" if a is None else repr(a) for a in allowed)
+        raise ConfigError(f"{key} must be one of {shown}; got {value!r}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _component(key: str, spec: Any, kind: str) -> None:
+    """Check a component spec names a registered component (the error lists the known ones)."""
+    from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES
+
+    registry = {"topology": TOPOLOGIES, "aggregator": AGGREGATORS, "loss": LOSSES, "halting": HALTING_POLICIES}[kind]
+    if spec is None:
+        return
+    name = spec.get("name") if isinstance(spec, dict) else spec
+    if not isinstance(name, str):
+        raise ConfigError(f"{key} must be a name or a mapping with a 'name' key, got {spec!r}")
+    try:
+        factory = registry.get(name).factory
+    except KeyError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    options = sorted(k for k in (spec if isinstance(spec, dict) else {}) if k != "name")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        allowed = [p for p in params if p not in ("self", "num_members")]
+        raise ConfigError(f"{key}: {kind} {name!r} does not take {', '.join(unknown)}; "
+                          f"it takes: {', '.join(allowed) or 'no options'}")
+    if kind in ("topology", "loss"):  # cheap to build: check the option values now, not after loading data
+        try:
+            registry.create(spec)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{key}: {err}") from None

@@ -1,0 +1,536 @@
+"""A ready training loop for the CLI and the examples (your own loop needs none of it).
+
+:func:`train` runs SGD or AdamW with a cosine or step schedule, shows live
+loss and accuracy, and writes checkpoints (see :mod:`ensemblekit.training.checkpoint`)
+into ``out_dir/checkpoints/``: at every epoch end and every
+``checkpoint_every`` steps. ``resume=True`` continues from the newest one
+exactly where it stopped: weights, optimizer, schedule, step and every RNG
+state are restored and the shuffling order of an epoch depends only on the
+seed and the epoch, so the result equals an uninterrupted run (mid-epoch
+resumes are exact with ``num_workers=0``; with workers, resume from an epoch
+end). A NaN or infinite loss stops the run before the step is applied and
+names the step and batch; nothing is written after the last good checkpoint.
+
+Launched with ``torchrun --nproc-per-node=N``, :func:`train` trains with
+DistributedDataParallel (see :mod:`ensemblekit.training.distributed`): each process
+takes ``batch_size / N`` items of every global batch, only rank 0 shows
+progress and writes files, and checkpoints hold every process's RNG state.
+
+Examples:
+    >>> cfg = RunConfig(ModelConfig("resnet10t"), train=TrainConfig(epochs=2))  # doctest: +SKIP
+    >>> result = run(cfg, "runs/first")                                         # doctest: +SKIP
+    >>> print(result.report.table())                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+
+from ensemblekit.training import checkpoint as ckpt
+from ensemblekit.training import distributed
+from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.evaluation.reports import Report, anytime_report, collect_members, plot_accuracy_vs_flops
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; the message names the step, the batch and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        steps: optimizer steps done in total (over all resumed parts).
+        history: one entry per finished epoch: mean loss and parts, accuracy
+            of the full ensemble on the training batches, learning rate, seconds.
+        checkpoint: the newest checkpoint folder (None without ``out_dir``).
+        seconds: wall-clock time of this call.
+    """
+
+    steps: int
+    history: list[dict[str, float]]
+    checkpoint: Path | None
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced: the trained ensemble, its training and its evaluation."""
+
+    model: nn.Module
+    train: TrainResult
+    report: Report
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ setup
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (HNE: lr 0.1, momentum 0.9, weight decay 5e-4) or AdamW.
+
+    The fused implementation is used where torch has one (floating-point
+    parameters on the CPU or CUDA): one kernel per step instead of one per
+    tensor, the same update rule.
+    """
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors) or None
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """A per-step schedule: cosine to 0 over the run, step decay, or none for "constant"."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_epochs * steps_per_epoch,
+                                               gamma=config.gamma)
+    return None
+
+
+# ------------------------------------------------------------------ state
+class _Meter:
+    """Running sums of one epoch (saved in mid-epoch checkpoints)."""
+
+    def __init__(self, sums: dict[str, float] | None = None):
+        self.sums = dict(sums or {})
+
+    def add(self, loss: float, parts: dict[str, Tensor], correct: int, count: int) -> None:
+        s = self.sums
+        s["batches"] = s.get("batches", 0) + 1
+        s["loss"] = s.get("loss", 0.0) + loss
+        for k, v in parts.items():
+            s[f"part.{k}"] = s.get(f"part.{k}", 0.0) + float(v)
+        s["correct"] = s.get("correct", 0) + correct
+        s["count"] = s.get("count", 0) + count
+
+    def loss(self) -> float:
+        return self.sums.get("loss", 0.0) / max(1, self.sums.get("batches", 0))
+
+    def accuracy(self) -> float:
+        return self.sums.get("correct", 0) / max(1, self.sums.get("count", 0))
+
+    def summary(self) -> dict[str, float]:
+        n = max(1, self.sums.get("batches", 0))
+        out = {"loss": self.loss(), "accuracy": self.accuracy()}
+        out.update({k: v / n for k, v in self.sums.items() if k.startswith("part.")})
+        return out
+
+
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(state), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for pid, entry in sd["state"].items():
+        plain[str(pid)] = {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
+        tensors.update({f"optimizer.{pid}.{k}": v for k, v in entry.items() if isinstance(v, Tensor)})
+    return tensors, {"state": plain, "param_groups": sd["param_groups"]}
+
+
+def _set_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], plain: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(entry) for pid, entry in plain["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def _step_dirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+# ------------------------------------------------------------------ training
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    num_workers: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` (an :class:`~ensemblekit.Ensemble` with a loss) on ``train_set``.
+
+    Args:
+        model: the ensemble; with ``out_dir`` it needs a ``build_config``
+            (built by :func:`~ensemblekit.training.config.build_ensemble`).
+        train_set: yields ``(image, label)``.
+        config: optimisation settings.
+        out_dir: run folder for checkpoints (None: keep nothing on disk).
+        resume: continue from the newest checkpoint in ``out_dir``.
+        num_workers: data-loading worker processes.
+        extra: JSON-able settings stored in every checkpoint and required to
+            be unchanged on resume (e.g. the data config).
+
+    Under torchrun the model is trained with DDP on every process (see
+    :mod:`ensemblekit.training.distributed`); the process group is created here when
+    the caller has not created one, and destroyed on return.
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds checkpoints and ``resume`` is off.
+        CheckpointError: the checkpoint to resume is damaged or of another model or settings.
+        NonFiniteLossError: the loss became NaN or infinite.
+    """
+    config = config or TrainConfig()
+    env = distributed.detect()
+    device = distributed.process_device(select_device(config.device), env)
+    created = distributed.init(env, device)
+    try:
+        return _train(model, train_set, config, env, device, out_dir=out_dir, resume=resume,
+                      num_workers=num_workers, extra=extra)
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distributed.DistEnv,
+           device: torch.device, *, out_dir: str | Path | None, resume: bool, num_workers: int,
+           extra: dict[str, Any] | None) -> TrainResult:
+    extra = dict(extra or {})
+    start_time = time.perf_counter()
+    folder = None if out_dir is None else Path(out_dir) / CHECKPOINTS
+    if folder is not None and getattr(model, "build_config", None) is None:
+        raise ValueError("to write checkpoints the model needs a build_config: build it with "
+                         "ensemblekit.training.config.build_ensemble, or pass out_dir=None")
+    existing = _step_dirs(folder) if folder is not None else []
+    if resume and folder is None:
+        raise ValueError("resume=True needs the out_dir of the run to resume")
+    if existing and not resume:
+        raise FileExistsError(f"{out_dir} already holds checkpoints of a run ({existing[-1].name}); "
+                              "resume it (--resume / resume=True) or choose another output folder")
+
+    model.to(device)
+    n = len(train_set)
+    if n == 0:
+        raise ValueError("the training set is empty")
+    if config.batch_size % env.world_size or n < env.world_size:
+        raise ValueError(f"train.batch_size={config.batch_size} is the global batch of {env.world_size} processes: "
+                         f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
+                         f"{env.world_size} items")
+    drop_last = n > config.batch_size
+    steps_per_epoch = n // config.batch_size if drop_last else 1
+    optimizer = make_optimizer(model.parameters(), config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    step, history, meter = 0, [], _Meter()
+    last_good: Path | None = None
+    settings = {"train": asdict(config), **extra}
+
+    if resume:
+        if not existing:
+            raise FileNotFoundError(f"nothing to resume: {folder} holds no checkpoints")
+        # a run killed between writing its first checkpoint and its "latest" pointer has no pointer yet
+        last_good = ckpt.resolve(folder) if (folder / ckpt.LATEST).is_file() else existing[-1]
+        step, history, meter = _restore(last_good, model, optimizer, scheduler, settings, env, config.seed)
+        if step > config.epochs * steps_per_epoch:
+            raise ckpt.CheckpointError(f"{last_good} is at step {step}, past the {config.epochs} epochs of this run")
+        found = distributed.all_gather_objects(str(last_good), env)
+        if len(set(found)) > 1:
+            raise ckpt.CheckpointError(f"the processes found different checkpoints to resume ({', '.join(found)}); "
+                                       "out_dir must be on a file system that every process sees")
+    elif env.enabled:
+        seed_everything(distributed.rank_seed(config.seed, env.rank))  # each process draws its own augmentations
+
+    def save() -> Path:
+        target = folder / f"step-{step:07d}"
+        rng = distributed.all_gather_objects(_rng_state(), env)  # every process's, so each resumes its own
+        if env.is_main:
+            opt_tensors, opt_plain = _optimizer_state(optimizer)
+            rng_tensors = {(f"rank{r}.{k}" if r else k): v for r, (t, _) in enumerate(rng) for k, v in t.items()}
+            state = {"step": step, "steps_per_epoch": steps_per_epoch, "history": history,
+                     "epoch_sums": meter.sums, "optimizer": opt_plain,
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+                     "rng": rng[0][1], "rng_ranks": [plain for _, plain in rng[1:]]}
+            ckpt.write_checkpoint(target, model, model.build_config, trainer_tensors={**opt_tensors, **rng_tensors},
+                                  trainer_state=state, extra=settings, overwrite=True)
+            ckpt.atomic_write(folder / ckpt.LATEST, target.name + "\n")
+            for old in _step_dirs(folder)[:-config.keep_checkpoints]:
+                shutil.rmtree(old)
+        distributed.barrier(env)  # no process goes on (or resumes) before the checkpoint is complete
+        return target
+
+    total_steps = config.epochs * steps_per_epoch
+    sampler = distributed.ShardedEpochSampler(train_set, config.batch_size, env, seed=config.seed, drop_last=drop_last)
+    progress = config.progress if env.is_main else "none"
+    step_fn = None
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        model.train()
+        sampler.set_epoch(epoch, start=skip * config.batch_size)
+        loader = make_loader(train_set, config.batch_size // env.world_size, shuffle=False, num_workers=num_workers,
+                             seed=distributed.rank_seed(config.seed, env.rank), sampler=sampler, drop_last=drop_last)
+        epoch_start = time.perf_counter()
+        with _progress(progress, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}") as bar:
+            for batch, (x, y) in enumerate(loader, start=skip):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if step_fn is None:
+                    step_fn = distributed.data_parallel(model, env, device, sync_batchnorm=config.sync_batchnorm,
+                                                        probe=(x, y))
+                output, result = step_fn(x, y)
+                loss = result.total
+                with torch.no_grad():  # one reduction over the processes: loss, accuracy, bad inputs, loss parts
+                    correct = (output.ensemble().argmax(-1) == y).sum()
+                    local = [loss, correct, ~torch.isfinite(x).all(), *result.parts.values()]
+                    totals = distributed.all_sum(torch.stack([v.detach().double().reshape(()) for v in local]), env)
+                mean_loss = float(totals[0]) / env.world_size
+                if not math.isfinite(mean_loss):
+                    kept = (f"the last good checkpoint is {last_good} (nothing was written after it)"
+                            if last_good else "no checkpoint had been written yet")
+                    cause = ("the batch holds NaN or infinite inputs" if totals[2] > 0 else
+                             "the inputs are finite, so training diverged (lower train.lr or set train.grad_clip)")
+                    raise NonFiniteLossError(
+                        f"training stopped: the loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}, "
+                        f"batch {batch + 1} of {steps_per_epoch}); {cause}; {kept}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                parts = {k: float(v) / env.world_size for k, v in zip(result.parts, totals[3:])}
+                meter.add(mean_loss, parts, int(totals[1]), len(y) * env.world_size)
+                bar.update(meter.loss(), meter.accuracy())
+                end_of_epoch = step % steps_per_epoch == 0
+                if end_of_epoch:
+                    history.append({"epoch": epoch + 1, **meter.summary(), "lr": optimizer.param_groups[0]["lr"],
+                                    "seconds": time.perf_counter() - epoch_start})
+                    meter = _Meter()
+                if folder is not None and (end_of_epoch or (config.checkpoint_every
+                                                            and step % config.checkpoint_every == 0)):
+                    last_good = save()
+    distributed.broadcast_buffers(model, env)  # every process ends with rank 0's BatchNorm statistics, as saved
+    return TrainResult(step, history, last_good, time.perf_counter() - start_time)
+
+
+def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any],
+             env: distributed.DistEnv, seed: int):
+    directory, manifest = ckpt.read_manifest(directory)
+    manifest_path = directory / ckpt.MANIFEST
+    ours = asdict(model.build_config)
+    diff = [f"model.{k}: checkpoint {manifest['model'].get(k)!r}, this run {v!r}"
+            for k, v in ours.items() if manifest["model"].get(k) != v]
+    for section, values in settings.items():
+        theirs = manifest.get(section, {})
+        diff += [f"{section}.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in values.items()
+                 if theirs.get(k) != v and not (section == "train" and k in RESUMABLE_CHANGES)]
+    if diff:
+        raise ckpt.CheckpointError(f"cannot resume from {manifest_path}: it was written by a run with other "
+                                   "settings (" + "; ".join(diff) + ")")
+    if "trainer" not in manifest or ckpt.TRAINER_FILE not in manifest["files"]:
+        raise ckpt.CheckpointError(f"{manifest_path} is a model-only checkpoint; it has no training state to resume")
+    ckpt.load_weights(model, directory)
+    state = manifest["trainer"]
+    tensors = ckpt.read_tensors(directory, ckpt.TRAINER_FILE)
+    _set_optimizer_state(optimizer, tensors, state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    ranks = state.get("rng_ranks", [])
+    if env.rank == 0:
+        _set_rng_state(tensors, state["rng"])
+    elif env.rank <= len(ranks):
+        prefix = f"rank{env.rank}."
+        _set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, ranks[env.rank - 1])
+    else:  # the checkpoint's run had fewer processes: this one starts a fresh stream
+        seed_everything(distributed.rank_seed(seed, env.rank) + state["step"])
+    return state["step"], state["history"], _Meter(state["epoch_sums"])
+
+
+class _progress:
+    """A progress bar (tqdm, rich or none) with the running loss and accuracy."""
+
+    def __init__(self, kind: str, total: int, initial: int, desc: str):
+        self.kind, self.total, self.initial, self.desc = kind, total, initial, desc
+
+    def __enter__(self) -> _progress:
+        if self.kind == "tqdm":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, file=sys.stderr,
+                            dynamic_ncols=True)
+        elif self.kind == "rich":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                                console=Console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task(self.desc, total=self.total, completed=self.initial, stats="")
+        return self
+
+    def update(self, loss: float, accuracy: float) -> None:
+        if self.kind == "tqdm":
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", refresh=False)
+            self.bar.update(1)
+        elif self.kind == "rich":
+            self.bar.update(self.task, advance=1, stats=f"loss {loss:.4f}  acc {100 * accuracy:.1f}%")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "tqdm":
+            self.bar.close()
+        elif self.kind == "rich":
+            self.bar.stop()
+
+
+# ------------------------------------------------------------------ evaluation
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "auto",
+             num_workers: int = 0) -> Report:
+    """Anytime report of ``model`` on ``dataset``: every prefix's accuracy, diversity, ECE, FLOPs, params."""
+    device = select_device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    members, labels = collect_members(model.forward_members, loader, device)
+    return anytime_report(members, labels, model.aggregator, costs=model.cost_table())
+
+
+def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None):
+    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items."""
+    dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size)
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
+    return dataset, info
+
+
+def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Build, train and evaluate as ``config`` says; write checkpoints, a report and a plot to ``out_dir``.
+
+    Files: ``checkpoints/``, ``report.json``, ``report.txt`` and
+    ``accuracy_vs_flops.png``; they are written only when the run succeeds,
+    and under torchrun only by rank 0 (every process evaluates).
+    """
+    out_dir = Path(out_dir)
+    data = config.data
+    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
+    eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
+    model_config = replace(config.model, num_classes=config.model.num_classes or info.num_classes,
+                           in_chans=info.in_chans, image_size=info.image_size)
+    seed_everything(config.train.seed)
+    model = build_ensemble(model_config)
+    extra = {"data": asdict(config.data)}
+    result = train(model, train_set, config.train, out_dir=out_dir, resume=resume,
+                   num_workers=config.data.num_workers, extra=extra)
+    report = evaluate(model, eval_set, config.data.eval_batch_size, config.train.device, config.data.num_workers)
+    title = (f"{model_config.backbone} on {info.name} ({data.eval_split}): {report.num_samples} samples, "
+             f"{report.num_members} members")
+    files = write_report(report, out_dir, title, log=log) if distributed.detect().is_main else {}
+    return RunResult(model, result, report, {"checkpoint": result.checkpoint, **files})
+
+
+def write_report(report: Report, out_dir: Path, title: str, name: str = "model",
+                 log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Print the report's table and write ``report.json``, ``report.txt`` and the plot into ``out_dir``."""
+    table = report.table(title)
+    log(table)
+    files = {"report_json": out_dir / "report.json", "report_txt": out_dir / "report.txt",
+             "plot": out_dir / "accuracy_vs_flops.png"}
+    ckpt.atomic_write(files["report_json"], json.dumps(report.to_dict(), indent=2) + "\n")
+    ckpt.atomic_write(files["report_txt"], table)
+    write_plot({name: report}, files["plot"], title)
+    return files
+
+
+def write_plot(reports: dict[str, Report], path: Path, title: str) -> Path:
+    """:func:`~ensemblekit.evaluation.reports.plot_accuracy_vs_flops` written atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        plot_accuracy_vs_flops(reports, tmp, title=title)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def run_many(configs: dict[str, RunConfig], out_dir: str | Path, *, resume: bool = False,
+             log: Callable[[str], None] = print, title: str | None = None) -> dict[str, RunResult]:
+    """:func:`run` each labelled config into ``out_dir/<label>``, then plot every curve into one figure.
+
+    Returns:
+        label -> :class:`RunResult`; the figure is ``out_dir/accuracy_vs_flops.png``.
+    """
+    out_dir = Path(out_dir)
+    results = {}
+    for label, config in configs.items():
+        log(f"== {label}")
+        results[label] = run(config, out_dir / slug(label), resume=resume, log=log)
+    write_plot({label: r.report for label, r in results.items()}, out_dir / "accuracy_vs_flops.png",
+               title or "accuracy vs FLOPs")
+    return results
+
+
+def slug(label: str) -> str:
+    """A folder name for a label: ``"L_I+L_HD"`` -> ``"l_i+l_hd"``."""
+    return re.sub(r"[^a-z0-9_+.-]+", "-", label.lower()).strip("-") or "run"

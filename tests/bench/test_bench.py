@@ -1,0 +1,82 @@
+"""The benchmark runs end to end on tiny settings (its numbers are not tested)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensemblekit.bench import sections as bench
+from ensemblekit.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def allocator(monkeypatch):
+    for key, value in bench.ALLOCATOR_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_quick_bench_prints_every_section_with_targets(allocator, capsys):
+    assert main(["bench", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: cpu")
+    assert "threads" in out and "allocator: MALLOC_MMAP_MAX_=0" in out
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert {line[1] for line in lines} == {str(s) for s in bench.SECTIONS}
+    judged = [line for line in lines if "(target" in line]
+    assert judged and all(line.endswith(("-> met", "-> NOT MET")) or "skipped" in line for line in judged)
+    assert "auto vs the best strategy" in out and "share of one model's GFLOP/s" in out
+    assert "bench wall-clock" in out.splitlines()[-1]
+
+
+def test_missing_torchensemble_is_reported_as_skipped(allocator, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchensemble", None)
+    assert main(["bench", "--quick", "--device", "cpu", "--sections", "3"]) == 0
+    assert "skipped: torchensemble not installed" in capsys.readouterr().out
+
+
+def test_compile_line_runs_on_tiny_settings():
+    settings = dataclasses.replace(bench.QUICK, compile_members=(2,))
+    out: list[str] = []
+    bench.Bench(settings, torch.device("cpu"), out.append).section2()
+    assert sum("compile " in line for line in out) == 2  # eval and train
+
+
+def test_bench_reexecutes_itself_with_the_allocator_settings():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings only apply to glibc")
+    env = {k: v for k, v in os.environ.items() if k not in bench.ALLOCATOR_ENV and k != bench.REEXEC_FLAG}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "ensemblekit", "bench", "--quick", "--device", "cpu",
+                             "--sections", "4"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "(set by re-executing the bench)" in result.stdout
+    assert "[4] eval  wrap() one member" in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["9", "a,b"])
+def test_bad_sections_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--sections", bad])
+    assert "sections" in capsys.readouterr().err
+
+
+def test_memory_is_measured_in_a_child_process():
+    from ensemblekit.bench import memory as bench_memory
+
+    if bench_memory.unsupported(torch.device("cpu")) is not None:
+        pytest.skip(bench_memory.unsupported(torch.device("cpu")))
+    sizes = bench_memory.measure(bench.QUICK, torch.device("cpu"))
+    assert set(sizes) == {"tree", "nets"}
+    assert sizes["tree"]["weights"] < sizes["nets"]["weights"]  # the tree shares its early blocks
+    for model in sizes.values():
+        assert model["weights"] > 0 and model["eval"] >= 0
+        assert model["train"] > model["eval"]  # a step keeps activations and gradients

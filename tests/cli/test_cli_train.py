@@ -1,0 +1,166 @@
+"""The demo, train, evaluate and reproduce commands on tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ensemblekit.cli.main import main
+
+TOML = """
+[model]
+backbone = "resnet10t"
+backbone_options = { stem_width = 8, channels = [8, 16, 32, 64] }
+topology = { name = "tree", depth = 1 }
+loss = { name = "hierarchical_distillation", alpha = 0.5 }
+
+[data]
+name = "digits"
+image_size = 16
+max_train_items = 64
+max_eval_items = 64
+
+[train]
+epochs = 1
+batch_size = 32
+progress = "none"
+"""
+
+YAML = """
+model:
+  backbone: resnet10t
+  backbone_options: {stem_width: 8, channels: [8, 16, 32, 64]}
+  recipe: hne
+  recipe_options: {depth: 1, alpha: 0.3}
+data: {name: digits, image_size: 16, max_train_items: 64, max_eval_items: 32}
+train: {epochs: 1, batch_size: 32, optimizer: adamw, lr: 0.001, schedule: step, progress: none}
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU makes more threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_demo_smoke(tmp_path, capsys):
+    assert main(["demo", "--smoke", "--out", str(tmp_path / "demo"), "--progress", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "independent (L_I)" in out and "hierarchical distillation (L_HD)" in out
+    assert out.count("| k |") == 2  # both anytime tables
+    assert f"outputs in {(tmp_path / 'demo').resolve()}" in out
+    assert (tmp_path / "demo/accuracy_vs_flops.png").stat().st_size > 0
+    for run in ("independent-l_i", "hierarchical-distillation-l_hd"):
+        report = json.loads((tmp_path / "demo" / run / "report.json").read_text())
+        assert report["num_members"] == 4 and len(report["prefix_flops"]) == 4
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    config = write(tmp_path, "tiny.toml", TOML)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| k |" in out and f"checkpoint: {run / 'checkpoints/step-0000002'}" in out
+    assert {"report.json", "report.txt", "accuracy_vs_flops.png", "checkpoints"} <= {p.name for p in run.iterdir()}
+
+    assert main(["evaluate", str(run), "--max-items", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet10t on digits (test): 32 samples, 2 members" in out
+    assert main(["evaluate", str(run / "checkpoints/step-0000002"), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval/report.json").read_text())
+    assert report["num_samples"] == 359 and (tmp_path / "eval/accuracy_vs_flops.png").exists()
+
+
+def test_train_refuses_to_overwrite_and_resumes(tmp_path, capsys):
+    config = write(tmp_path, "tiny.toml", TOML)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    before = (run / "report.json").read_text()
+    assert main(["train", str(config), "--out", str(run)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (run / "report.json").read_text() == before
+    assert main(["train", str(config), "--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "report.json").read_text()) == json.loads(before)
+
+
+def test_train_yaml_with_a_recipe(tmp_path, capsys):
+    config = write(tmp_path, "tiny.yaml", YAML)
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
+    manifest = json.loads((tmp_path / "run/checkpoints/step-0000002/config.json").read_text())
+    assert manifest["model"]["recipe"] == "hne" and manifest["train"]["optimizer"] == "adamw"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("[train]", "[train]\nepochz = 3"), "unknown key 'epochz' in [train] (did you mean 'epochs'?); allowed keys: epochs"),
+    (('progress = "none"', 'progress = "bars"'), "train.progress must be one of 'tqdm', 'rich', 'none'; got 'bars'"),
+    (("epochs = 1", "epochs = 1.5"), "train.epochs must be int, got 1.5 (float)"),
+    (('name = "digits"', 'name = "mnist"'), "data.name must be one of 'digits', 'cifar10', 'cifar100', 'imagefolder'"),
+    (('name = "hierarchical_distillation"', 'name = "hierarchical"'), "model.loss: unknown loss 'hierarchical'"),
+    (('backbone = "resnet10t"', 'backbone = "resnet10x"'), "model.backbone: unknown timm model 'resnet10x'"),
+    (("[data]", "[dataset]"), "unknown key 'dataset' in top level"),
+    (("depth = 1", "depht = 1"), "model.topology: topology 'tree' does not take depht; it takes: depth, branching"),
+    (("alpha = 0.5", "alpha = 1.5"), "model.loss: alpha must be in [0, 1], got 1.5"),
+])
+def test_config_errors_name_the_key(tmp_path, capsys, change, message):
+    config = write(tmp_path, "bad.toml", TOML.replace(*change))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert str(config) in err or "model.backbone" in message  # timm reports unknown models at build time
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_option_errors(tmp_path, capsys):
+    config = write(tmp_path, "bad.yaml", YAML.replace("alpha: 0.3", "alhpa: 0.3"))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "model.recipe_options: recipe 'hne' does not take alhpa" in capsys.readouterr().err
+
+
+def test_evaluate_a_damaged_checkpoint(tmp_path, capsys):
+    config = write(tmp_path, "tiny.toml", TOML)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    weights = run / "checkpoints/step-0000002/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert main(["evaluate", str(run)]) == 2
+    assert f"checkpoint file {weights} is truncated" in capsys.readouterr().err
+
+
+def test_reproduce_hne_table1_tiny(tmp_path, capsys):
+    out = tmp_path / "t1"
+    assert main(["reproduce", "hne-table1", "--tiny", "--out", str(out), "--progress", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "HNE Table 1 ablation" in text and "no paper numbers for digits" in text
+    for label in ("L_I ", "L_S ", "L_I+L_S ", "L_I+L_HD "):
+        assert f"\n{label}" in text
+    record = json.loads((out / "hne_table1.json").read_text())
+    assert set(record["ours"]) == {"L_I", "L_S", "L_I+L_S", "L_I+L_HD"} and record["paper"] == {}
+    assert (out / "accuracy_vs_flops.png").exists()
+
+
+def test_reproduce_table_shows_the_papers_numbers():
+    from ensemblekit.reproduce.hne_table1 import table
+
+    ours = {label: {1: 50.0, 2: 60.0, 4: 70.0} for label in ("L_I", "L_S", "L_I+L_S", "L_I+L_HD")}
+    text = table(ours, "cifar100")
+    assert "C100" in text
+    assert "paper HNE_small      67.7   70.0   71.9   73.4   74.8" in text
+    assert "paper HNE            76.1   77.2   78.0   79.0   79.8" in text
+    assert "this run             50.0   60.0   70.0      -      -" in text
+
+
+def test_reproduce_lists_its_experiments(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "-h"])
+    assert "hne-table1" in capsys.readouterr().out

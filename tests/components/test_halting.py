@@ -1,0 +1,165 @@
+"""Confidence and budgeted halting: thresholds, calibration, and real batch compaction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ensemblekit as ek
+from ensemblekit.components.halting import Budgeted, Confidence
+from ensemblekit.components.halting.budgeted import exit_distribution, exit_indices, expected_flops, fit_thresholds, solve_q
+from ensemblekit.components.halting.confidence import confidence
+from ensemblekit.core.interfaces import HaltingStep
+from ensemblekit.methods.imta.recipe import multi_exit
+from tests.conftest import toy_split
+
+# Ten held-out samples, three exits. With q = 1 each exit should take floor(10/3) = 3 samples.
+CONF = torch.tensor([
+    [0.95, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.55, 0.50],  # exit 0: samples 0-2 stop, threshold 0.85
+    [0.99, 0.99, 0.99, 0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70],  # exit 1: of 3-9, samples 7-9 stop at 0.50
+    [0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30],  # exit 2 takes the rest
+]).T
+EXITS = [0, 0, 0, 2, 2, 2, 2, 1, 1, 1]
+CUM_FLOPS = [100.0, 250.0, 400.0]
+
+
+def logits_with_confidence(conf, num_classes=20):
+    """Logits whose max-softmax is ``conf`` (class 0 wins); needs conf >= 1/num_classes."""
+    rest = ((1 - conf) / (num_classes - 1)).unsqueeze(-1).expand(*conf.shape, num_classes - 1)
+    return torch.cat([conf.unsqueeze(-1), rest], -1).log()
+
+
+def test_exit_distribution_is_geometric():
+    pi = exit_distribution(0.5, 3)
+    torch.testing.assert_close(pi, torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64) / 0.875)
+    assert torch.allclose(exit_distribution(1.0, 4), torch.full((4,), 0.25, dtype=torch.float64))
+
+
+def test_thresholds_on_a_constructed_case():
+    thresholds = fit_thresholds(CONF, exit_distribution(1.0, 3))
+    assert thresholds[:2].tolist() == pytest.approx([0.85, 0.50])
+    assert thresholds[2] == -math.inf
+    assert exit_indices(CONF, thresholds).tolist() == EXITS
+    # floor(N pi_k) = 0 lets nobody stop; a tiny q sends all but the floor's remainder to exit 0.
+    assert fit_thresholds(CONF, torch.tensor([0.05, 0.05, 0.9], dtype=torch.float64))[:2].tolist() == [math.inf] * 2
+    assert exit_indices(CONF, fit_thresholds(CONF, exit_distribution(1e-3, 3))).tolist() == [0] * 9 + [2]
+
+
+def test_budgeted_calibration_predicts_the_expected_cost():
+    preds = logits_with_confidence(CONF)
+    labels = torch.zeros(10, dtype=torch.long)
+    labels[[3, 7]] = 1  # wrong for a sample that stops at exit 2 and one at exit 1
+    policy = Budgeted(q=1.0)
+    policy.calibrate_from_predictions(preds, labels, CUM_FLOPS)
+    assert policy.fractions == pytest.approx([0.3, 0.3, 0.4])
+    assert policy.expected_flops == pytest.approx(0.3 * 100 + 0.3 * 250 + 0.4 * 400)
+    assert policy.held_out_accuracy == pytest.approx(0.8)
+    assert policy.thresholds[:2].tolist() == pytest.approx([0.85, 0.50], abs=1e-6)
+
+
+def test_target_flops_solves_for_q():
+    grid = [expected_flops(CONF, CUM_FLOPS, 10 ** (e / 100)) for e in range(-300, 301)]
+    for target in (150.0, 250.0, 330.0):
+        cost = expected_flops(CONF, CUM_FLOPS, solve_q(CONF, CUM_FLOPS, target))
+        assert cost == max(c for c in grid if c <= target)  # the closest to the target from below
+    policy = Budgeted(flops=250.0)
+    policy.calibrate_from_predictions(logits_with_confidence(CONF), torch.zeros(10, dtype=torch.long), CUM_FLOPS)
+    assert policy.expected_flops <= 250.0 and policy.q > 0
+    with pytest.raises(ValueError, match="below the cheapest"):
+        solve_q(CONF, CUM_FLOPS, 50.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        Budgeted(q=1.0, flops=100.0)
+    with pytest.raises(ValueError, match="not calibrated"):
+        Budgeted(q=1.0).step(HaltingStep(0, 3, CONF[:, :1], CONF, 1.0), None)
+    given = Budgeted(thresholds=[0.85, 0.45, -math.inf])  # a calibration found earlier
+    preds = logits_with_confidence(CONF)
+    assert given.step(HaltingStep(1, 3, preds[:, 1], preds[:, 1], 1.0), None)[0].tolist() == [
+        c >= 0.45 for c in CONF[:, 1].tolist()]
+    with pytest.raises(ValueError, match="needs q or flops"):
+        given.calibrate_from_predictions(preds, torch.zeros(10, dtype=torch.long), CUM_FLOPS)
+
+
+def test_confidence_policy_thresholds():
+    pred = logits_with_confidence(torch.tensor([0.9, 0.5, 0.2]))
+    step = HaltingStep(0, 3, pred, pred, 1.0)
+    torch.testing.assert_close(confidence(pred), torch.tensor([0.9, 0.5, 0.2]))
+    assert Confidence(0.5).step(step, None)[0].tolist() == [True, True, False]
+    per_member = Confidence([0.95, 0.3, 0.0])
+    assert per_member.step(step, None)[0].tolist() == [False, False, False]
+    assert per_member.step(HaltingStep(1, 3, pred, pred, 1.0), None)[0].tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="2 thresholds"):
+        Confidence([0.5, 0.5]).step(step, None)
+
+
+def test_policies_are_registered():
+    ens = ek.wrap(toy_split(3), "chain", halting={"name": "confidence", "threshold": [0.5, 0.6, 0.0]})
+    assert isinstance(ens.halting, Confidence)
+    ens = ek.wrap(toy_split(3), "chain", halting={"name": "budgeted", "q": 0.5})
+    assert isinstance(ens.halting, Budgeted)
+
+
+def held_out_and_test(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_val, x_test = torch.randn(40, 3, 8, 8, generator=g), torch.randn(24, 3, 8, 8, generator=g)
+    return (x_val, torch.randint(0, 5, (40,), generator=g)), x_test
+
+
+@pytest.mark.parametrize("build", [
+    lambda: multi_exit(toy_split(4)),
+    lambda: ek.wrap(toy_split(3), "tree", depth=2),
+    lambda: ek.wrap(toy_split(3), "independent", members=3, aggregator="mean_probs"),
+])
+def test_budgeted_predict_with_compaction_matches_evaluating_everything(build):
+    torch.manual_seed(0)
+    ens = build().eval()
+    val, x = held_out_and_test()
+    policy = Budgeted(q=1.0)
+    policy.calibrate(ens, val)
+    batches = [(val[0][i:i + 16], val[1][i:i + 16]) for i in range(0, 40, 16)]
+    from_loader = Budgeted(q=1.0)
+    from_loader.calibrate(ens, batches)
+    assert torch.equal(from_loader.thresholds, policy.thresholds)
+    with torch.no_grad():
+        prefixes = ens.forward_output(x).prefixes()
+    chosen = exit_indices(confidence(prefixes), policy.thresholds)
+    assert len(set(chosen.tolist())) > 1  # the case exercises early and late stops
+    result = ens.predict(x, halting=policy)
+    assert torch.equal(result.members_used, chosen + 1)
+    torch.testing.assert_close(result.prediction, prefixes[torch.arange(len(x)), chosen])
+    costs = torch.tensor([float(r.flops) for r in ens.cost_table()], dtype=torch.float64)
+    torch.testing.assert_close(result.flops, costs[chosen])
+
+
+def test_confidence_on_an_ensemble_uses_the_prefix_prediction():
+    torch.manual_seed(0)
+    ens = ek.wrap(toy_split(3), "independent", members=3).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        prefixes = ens.forward_output(x).prefixes()
+    conf = confidence(prefixes)
+    threshold = float(conf.median())
+    result = ens.predict(x, halting=Confidence(threshold))
+    chosen = exit_indices(conf, torch.full((3,), threshold))
+    assert torch.equal(result.members_used, chosen + 1)
+    torch.testing.assert_close(result.prediction, prefixes[torch.arange(16), chosen])
+
+
+def test_stopped_samples_leave_the_batch():
+    torch.manual_seed(0)
+    ens = multi_exit(toy_split(3)).eval()
+    x = torch.randn(12, 3, 8, 8)
+    with torch.no_grad():
+        conf = confidence(ens.forward_output(x).prefixes())
+    ens.cost_table()  # FLOPs are counted once, on one image, before the hook goes on
+    seen: list[int] = []
+    ens.nodes[2].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    threshold = float(conf[:, 0].sort().values[6])  # 6 of 12 samples stop at exit 0
+    ens.predict(x, halting=Confidence([threshold, 2.0, 0.0]))
+    assert seen == [6]  # the last block ran on the samples still going only
+
+
+def test_per_member_thresholds_of_the_wrong_length_are_refused_when_wrapping():
+    with pytest.raises(ValueError, match="3 thresholds given for an ensemble of 2 members"):
+        ek.wrap(toy_split(2), "independent", members=2, halting=ek.halting.Confidence([0.5, 0.6, 0.7]))

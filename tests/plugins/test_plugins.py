@@ -1,0 +1,384 @@
+"""Plugins: built-ins through the hooks, installed packages, inline objects, failures, filters, listing."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import textwrap
+import warnings
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import ensemblekit as ek
+from ensemblekit import hookimpl
+from ensemblekit.components.aggregators import MeanLogits, MeanProbs
+from ensemblekit.cli.main import main
+from ensemblekit.plugins.manager import (
+    BLOCK_ENV,
+    ONLY_ENV,
+    PluginError,
+    PluginWarning,
+    load_plugins,
+    plugin_infos,
+    register_plugin,
+)
+from ensemblekit.core.registry import (
+    AGGREGATORS,
+    LOSSES,
+    REGISTRIES,
+    SPLITTERS,
+    TOPOLOGIES,
+    DuplicateComponentError,
+    UnknownComponentError,
+)
+from ensemblekit.splitting import splitters
+from ensemblekit.testing import isolated_plugins, toy_split
+
+_ids = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors are tiny: one thread beats two competing for a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def clean_plugins(monkeypatch):
+    monkeypatch.delenv(BLOCK_ENV, raising=False)
+    monkeypatch.delenv(ONLY_ENV, raising=False)
+    with isolated_plugins():
+        yield
+
+
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    """``install(code, name=..., dist=...)``: an installed distribution with one ``ensemblekit`` entry point.
+
+    Writes the plugin module and a ``.dist-info`` (metadata + entry_points.txt)
+    to a fresh folder on ``sys.path``: what ``pip install`` leaves behind.
+    Returns the module name.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def install(code: str, name: str = "fake", dist: str = "fake-plugin", version: str = "1.2.3") -> str:
+        module = f"ek_fake_plugin_{next(_ids)}"
+        (site / f"{module}.py").write_text(textwrap.dedent(code))
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[ensemblekit]\n{name} = {module}\n")
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        return module
+
+    return install
+
+
+GOOD = """
+    import ensemblekit
+    from ensemblekit.components.aggregators import MeanProbs
+    CALLS = []
+
+    @ensemblekit.hookimpl
+    def register_aggregators(register):
+        CALLS.append(1)
+        register("fake_mean", MeanProbs)
+"""
+
+
+def info(name):
+    return next(p for p in plugin_infos() if p.name == name)
+
+
+def third_party():
+    return {p.name for p in plugin_infos() if not p.builtin and p.distribution not in (None, "fake-plugin")}
+
+
+# ------------------------------------------------------------------ built-ins
+def test_builtins_register_through_the_hooks():
+    builtin = info("ensemblekit.plugins.builtins")
+    assert builtin.builtin and builtin.status == "loaded" and builtin.distribution == "ensemblekit"
+    assert {"tree", "chain", "independent", "multi_branch", "cascade"} <= set(builtin.components["topology"])
+    assert {"mean", "mean_probs", "vote", "weighted"} <= set(builtin.components["aggregator"])
+    assert {"sequential", "timm"} <= set(builtin.components["splitter"])
+    loaded = {p.name for p in plugin_infos() if p.status == "loaded"}
+    for registry in REGISTRIES.values():
+        assert all(entry.plugin in loaded for entry in registry.entries()), registry.kind
+
+
+def test_every_component_is_listed_under_its_plugin():
+    listed = {(kind, name) for p in plugin_infos() for kind, names in p.components.items() for name in names}
+    registered = {(r.kind, e.name) for r in REGISTRIES.values() for e in r.entries()}
+    assert listed == registered
+
+
+# ---------------------------------------------------------- installed packages
+def test_installed_package_resolves_by_name_without_an_import(install):
+    module = install(GOOD)
+    assert module not in sys.modules
+    ens = ek.wrap(toy_split(3), "tree", depth=2, aggregator="fake_mean")
+    assert isinstance(ens.aggregator, MeanProbs)
+    fake = info("fake")
+    assert (fake.distribution, fake.version, fake.status) == ("fake-plugin", "1.2.3", "loaded")
+    assert fake.components == {"aggregator": ["fake_mean"]}
+    assert AGGREGATORS.get("fake_mean").plugin == "fake"
+
+
+def test_loading_is_lazy_and_happens_once(install):
+    module = install(GOOD)
+    import ensemblekit  # noqa: F401  (importing the package loads nothing)
+
+    assert module not in sys.modules
+    AGGREGATORS.names()
+    AGGREGATORS.get("fake_mean")
+    load_plugins()
+    assert sys.modules[module].CALLS == [1]
+
+
+@pytest.mark.parametrize("dist, entry, components", [
+    ("ensemblekit-poe", "poe", {"aggregator": ["poe"], "halting policy": ["poe_support"]}),
+    ("ensemblekit-moe", "moe", {"aggregator": ["moe_gate"]}),
+])
+def test_sample_plugins_when_installed(dist, entry, components):
+    if not any(ep.name == entry and ep.dist and ep.dist.name == dist for ep in entry_points(group="ensemblekit")):
+        pytest.skip(f"{dist} is not installed: pip install ./plugins/{dist}")
+    sample = info(entry)
+    assert (sample.status, sample.distribution, sample.components) == ("loaded", dist, components)
+
+
+# ------------------------------------------------------------- inline plugins
+class Inline:
+    @hookimpl
+    def register_aggregators(self, register):
+        register("inline_mean", MeanLogits)
+
+    @hookimpl
+    def register_topologies(self, register):
+        register("inline_tree", ek.topologies.Tree)
+
+
+def test_inline_plugin_object():
+    registered = register_plugin(Inline(), "inline")
+    assert registered.components == {"topology": ["inline_tree"], "aggregator": ["inline_mean"]}
+    ens = ek.wrap(toy_split(3), {"name": "inline_tree", "depth": 2}, aggregator="inline_mean")
+    assert ens.num_members == 4 and isinstance(ens.aggregator, MeanLogits)
+    assert info("inline").distribution is None
+
+
+def test_reset_forgets_what_a_test_registered():
+    register_plugin(Inline(), "inline")
+    with isolated_plugins():
+        assert "inline_mean" not in AGGREGATORS.names()
+        assert "mean" in AGGREGATORS.names()
+
+
+def test_plugin_splitter_is_tried_before_the_builtin_ones():
+    def mine(model, num_blocks, example_input):
+        return None
+
+    class Splitters:
+        @hookimpl
+        def register_backbone_splitters(self, register):
+            register("mine", mine)
+
+    register_plugin(Splitters(), "splitters")
+    order = splitters()
+    assert order.index(mine) < order.index(SPLITTERS.get("timm").factory)
+    with isolated_plugins():
+        assert mine not in splitters()
+
+
+# ------------------------------------------------------------------ duplicates
+class AlsoFakeMean:
+    @hookimpl
+    def register_losses(self, register):
+        register("also_fake_loss", lambda: None)
+
+    @hookimpl
+    def register_aggregators(self, register):
+        register("fake_mean", MeanLogits)
+
+
+def test_duplicate_name_names_both_plugins_and_keeps_nothing_of_the_second(install):
+    install(GOOD)
+    load_plugins()
+    with pytest.raises(PluginError, match="aggregator 'fake_mean' is registered twice: by plugin 'fake' and "
+                                          "by plugin 'second'"):
+        register_plugin(AlsoFakeMean(), "second")
+    assert AGGREGATORS.get("fake_mean").plugin == "fake"
+    assert "also_fake_loss" not in LOSSES.names()
+    assert info("second").status == "failed" and info("second").components == {}
+
+
+def test_plugin_cannot_take_a_builtin_name(install):
+    install("""
+        import ensemblekit
+        from ensemblekit.components.aggregators import MeanProbs
+
+        @ensemblekit.hookimpl
+        def register_aggregators(register):
+            register("mean", MeanProbs)
+    """)
+    with pytest.warns(PluginWarning, match="'mean' is registered twice: by plugin 'ensemblekit.plugins.builtins' and by "
+                                           "plugin 'fake'"):
+        load_plugins()
+    assert AGGREGATORS.get("mean").factory is MeanLogits
+
+
+def test_same_name_twice_in_one_plugin():
+    class Twice:
+        @hookimpl
+        def register_aggregators(self, register):
+            register("twice", MeanLogits)
+            register("twice", MeanProbs)
+
+    with pytest.raises(PluginError, match="'twice' is registered twice by plugin 'twice'"):
+        register_plugin(Twice(), "twice")
+    assert "twice" not in AGGREGATORS.names()
+
+
+def test_registry_register_reports_both_plugins():
+    with pytest.raises(DuplicateComponentError, match="by plugin 'ensemblekit.plugins.builtins' and by plugin 'me'"):
+        TOPOLOGIES.register("tree", ek.topologies.Tree, plugin="me")
+
+
+# ------------------------------------------------------------ broken plugins
+BROKEN = {
+    "import error": ("import not_a_module_anywhere", "ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
+    "hook raises": ("""
+        import ensemblekit
+        from ensemblekit.components.aggregators import MeanProbs
+
+        @ensemblekit.hookimpl
+        def register_losses(register):
+            register("half_registered", lambda: None)
+
+        @ensemblekit.hookimpl
+        def register_aggregators(register):
+            raise RuntimeError("boom")
+    """, "RuntimeError: boom"),
+    "misspelt hook": ("""
+        import ensemblekit
+
+        @ensemblekit.hookimpl
+        def register_aggregator(register):
+            pass
+    """, "unknown hook 'register_aggregator'; did you mean 'register_aggregators'?"),
+    "wrong argument": ("""
+        import ensemblekit
+
+        @ensemblekit.hookimpl
+        def register_aggregators(reg):
+            pass
+    """, "reg"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_plugin_is_isolated_recorded_and_shown(install, case, capsys):
+    code, error = BROKEN[case]
+    install(code, name="broken", dist="broken-plugin")
+    install(GOOD)
+    with pytest.warns(PluginWarning, match="plugin 'broken' \\(from broken-plugin\\) was skipped"):
+        load_plugins()
+    broken = info("broken")
+    assert broken.status == "failed" and error in broken.error and broken.traceback
+    assert broken.components == {}
+    assert "half_registered" not in LOSSES.names()
+    assert info("fake").status == "loaded" and "fake_mean" in AGGREGATORS.names()
+    with pytest.raises(UnknownComponentError, match="Not loaded: broken \\("):
+        AGGREGATORS.get("broken_thing")
+    assert main(["plugins"]) == 0
+    assert "broken  broken-plugin 1.2.3  FAILED" in capsys.readouterr().out
+
+
+def test_broken_inline_plugin_raises_and_leaves_the_registries_alone():
+    class Raises:
+        @hookimpl
+        def register_aggregators(self, register):
+            register("never", MeanLogits)
+            raise RuntimeError("half way")
+
+    with pytest.raises(PluginError, match="half way"):
+        register_plugin(Raises(), "raises")
+    assert "never" not in AGGREGATORS.names()
+
+
+# ------------------------------------------------------- block / allow lists
+BOMB = "raise RuntimeError('imported although blocked')"
+
+
+def test_block_variable_skips_the_import(install, monkeypatch):
+    install(BOMB, name="bomb", dist="bomb-plugin")
+    install(GOOD)
+    monkeypatch.setenv(BLOCK_ENV, "bomb, other")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)  # 'other' is not installed
+        load_plugins()
+    assert (info("bomb").status, info("bomb").error) == ("blocked", f"blocked by {BLOCK_ENV}")
+    assert info("fake").status == "loaded"
+
+
+def test_only_variable_allows_listed_plugins_and_builtins(install, monkeypatch):
+    install(BOMB, name="bomb", dist="bomb-plugin")
+    install(GOOD)
+    monkeypatch.setenv(ONLY_ENV, "fake")
+    assert "fake_mean" in AGGREGATORS.names() and "mean" in AGGREGATORS.names()
+    assert (info("bomb").status, info("bomb").error) == ("blocked", f"not in {ONLY_ENV}")
+    assert all(info(name).status == "blocked" for name in third_party())
+
+
+def test_builtins_cannot_be_blocked_and_unknown_names_warn(monkeypatch):
+    monkeypatch.setenv(BLOCK_ENV, "ensemblekit.plugins.builtins,typo")
+    with pytest.warns(PluginWarning) as record:
+        load_plugins()
+    messages = " ".join(str(w.message) for w in record)
+    assert "built-in plugins always load" in messages and "'typo', ignored" in messages
+    assert info("ensemblekit.plugins.builtins").status == "loaded" and "tree" in TOPOLOGIES.names()
+
+
+def test_unknown_component_names_the_blocked_plugin(install, monkeypatch):
+    install(GOOD)
+    monkeypatch.setenv(BLOCK_ENV, "fake")
+    with pytest.raises(UnknownComponentError, match=f"Not loaded: fake \\(blocked by {BLOCK_ENV}\\)"):
+        ek.wrap(toy_split(3), "tree", depth=2, aggregator="fake_mean")
+
+
+# --------------------------------------------------------------------- listing
+def test_listing_plain(install, capsys):
+    install(GOOD)
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ensemblekit.plugins.builtins  ensemblekit ")
+    assert any(line.startswith("  topology: ") and "tree" in line for line in out.splitlines())
+    assert "fake  fake-plugin 1.2.3\n  aggregator: fake_mean\n" in out
+
+
+def test_listing_json_and_verbose(install, capsys):
+    install("import not_a_module_anywhere", name="broken", dist="broken-plugin")
+    with pytest.warns(PluginWarning):
+        assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert listed["ensemblekit.plugins.builtins"]["builtin"] is True
+    assert "tree" in listed["ensemblekit.plugins.builtins"]["components"]["topology"]
+    broken = listed["broken"]
+    assert (broken["distribution"], broken["version"], broken["status"]) == ("broken-plugin", "1.2.3", "failed")
+    assert broken["error"].startswith("ModuleNotFoundError") and "Traceback" in broken["traceback"]
+    assert main(["plugins", "-v"]) == 0
+    assert "    Traceback (most recent call last):" in capsys.readouterr().out
+
+
+def test_conformance_helpers_are_usable_by_plugin_authors():
+    from ensemblekit.testing import check_component
+
+    register_plugin(Inline(), "inline")
+    check_component("aggregator", "inline_mean")
+    check_component("topology", "inline_tree")

@@ -1,0 +1,190 @@
+"""The trainer: loss goes down, exact resume, NaN stops, nothing on disk is ever overwritten."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from ensemblekit.training import checkpoint
+from ensemblekit.training.checkpoint import CheckpointError
+from ensemblekit.training.config import DataConfig, ModelConfig, TrainConfig, build_ensemble
+from ensemblekit.training.trainer import NonFiniteLossError, evaluate, load_split, seed_everything, train
+from ensemblekit.build import wrap
+from tests.conftest import toy_split
+
+TINY = ModelConfig("resnet10t", num_classes=10, image_size=16, topology={"name": "tree", "depth": 2},
+                   backbone_options={"stem_width": 8, "channels": [8, 16, 32, 64], "drop_rate": 0.2},
+                   loss="hierarchical_distillation")
+DATA = DataConfig(image_size=16)
+FAST = TrainConfig(epochs=2, batch_size=16, progress="none", checkpoint_every=4, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU makes more threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digits(n: int = 96, augment: bool = True):
+    """The first ``n`` digits training images, randomly cropped (so the RNG matters)."""
+    return load_split(DATA, "train", augment=augment, limit=n)[0]
+
+
+def tiny_model(config: ModelConfig = TINY):
+    seed_everything(0)
+    return build_ensemble(config)
+
+
+class Interrupt(Dataset):
+    """Raises KeyboardInterrupt at the ``at``-th item read: a run killed mid-epoch."""
+
+    def __init__(self, data: Dataset, at: int):
+        self.data, self.at, self.reads = data, at, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.at:
+            raise KeyboardInterrupt
+        return self.data[i]
+
+
+class Poisoned(Dataset):
+    """Item ``bad`` is an image of NaNs."""
+
+    def __init__(self, data: Dataset, bad: int):
+        self.data, self.bad = data, bad
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return (torch.full_like(x, float("nan")) if i == self.bad else x), y
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_loss_decreases_on_a_short_run():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 4
+    x = torch.randn(64, 3, 8, 8) + torch.stack([y - 1.5, (y % 2) - 0.5, -y + 1.5], 1)[:, :, None, None]
+    model = wrap(toy_split(2, num_classes=4), "tree", depth=1, loss="hierarchical_distillation")
+    config = TrainConfig(epochs=6, batch_size=16, lr=0.1, progress="none", device="cpu")
+    result = train(model, TensorDataset(x, y), config)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 6 and result.steps == 24 and result.checkpoint is None
+    assert losses[-1] < 0.8 * losses[0]
+    assert set(result.history[0]) >= {"loss", "accuracy", "part.independent", "part.hierarchical_distillation", "lr"}
+
+
+@pytest.mark.parametrize("opt", [{"optimizer": "sgd", "schedule": "cosine"},
+                                 {"optimizer": "adamw", "schedule": "step", "step_epochs": 1, "lr": 0.01}])
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, opt):
+    config = replace(FAST, **opt)
+    full = tiny_model()
+    reference = train(full, digits(), config, out_dir=tmp_path / "full")
+
+    model = tiny_model()
+    with pytest.raises(KeyboardInterrupt):  # killed while reading batch 10 (step 10 of 12, mid-epoch 2)
+        train(model, Interrupt(digits(), at=9 * 16 + 5), config, out_dir=tmp_path / "cut")
+    assert (tmp_path / "cut/checkpoints/latest").read_text().strip() == "step-0000008"
+
+    torch.manual_seed(123)  # the resumed process starts from other RNG states
+    resumed_model = tiny_model()
+    resumed = train(resumed_model, digits(), config, out_dir=tmp_path / "cut", resume=True)
+    assert resumed.steps == reference.steps == 12
+    assert resumed.history == [{**h, "seconds": r["seconds"]} for h, r in zip(reference.history, resumed.history)]
+    for (key, a), (_, b) in zip(full.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    data = Poisoned(digits(augment=False), bad=-1)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(FAST.seed * 1_000_003 + 0)).tolist()
+    data.bad = order[5 * 16 + 3]  # in batch 6 of epoch 1, i.e. step 6
+    with pytest.raises(NonFiniteLossError) as err:
+        train(model, data, FAST, out_dir=tmp_path)
+    message = str(err.value)
+    assert "loss is nan at step 6 (epoch 1, batch 6 of 6)" in message
+    assert str(tmp_path / "checkpoints/step-0000004") in message
+    assert [p.name for p in checkpoint.resolve(tmp_path).parent.iterdir() if p.name.startswith("step")] == [
+        "step-0000004"]
+
+
+def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+    train(tiny_model(), digits(32), replace(FAST, epochs=1), out_dir=tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(tiny_model(), digits(32), replace(FAST, epochs=1), out_dir=tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_with_other_settings_names_them(tmp_path):
+    train(tiny_model(), digits(32), replace(FAST, epochs=1), out_dir=tmp_path)
+    other = tiny_model(replace(TINY, topology={"name": "tree", "depth": 1}))
+    with pytest.raises(CheckpointError) as err:
+        train(other, digits(32), replace(FAST, epochs=1), out_dir=tmp_path, resume=True)
+    assert "step-0000002/config.json" in str(err.value)
+    assert "model.topology: checkpoint {'name': 'tree', 'depth': 2}, this run {'name': 'tree', 'depth': 1}" in str(
+        err.value)
+    with pytest.raises(CheckpointError, match="train.lr: checkpoint 0.05, this run 0.1"):
+        train(tiny_model(), digits(32), replace(FAST, epochs=1, lr=0.1), out_dir=tmp_path, resume=True)
+
+
+def test_resume_continues_a_finished_run_to_more_epochs_is_refused(tmp_path):
+    train(tiny_model(), digits(32), replace(FAST, epochs=1), out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="train.epochs"):
+        train(tiny_model(), digits(32), replace(FAST, epochs=2), out_dir=tmp_path, resume=True)
+
+
+def test_checkpoints_are_pruned_and_latest_loads(tmp_path):
+    model = tiny_model()
+    result = train(model, digits(64), replace(FAST, checkpoint_every=1, keep_checkpoints=2), out_dir=tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-0000007", "step-0000008"]
+    assert result.checkpoint == tmp_path / "checkpoints/step-0000008"
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(checkpoint.load(tmp_path)(x), model.eval()(x))
+
+
+def test_evaluate_reports_every_prefix_with_costs():
+    model = tiny_model()
+    report = evaluate(model, load_split(DATA, "test", limit=40)[0], batch_size=16, device="cpu")
+    assert report.num_samples == 40 and report.num_members == 4
+    assert report.prefix_flops == sorted(report.prefix_flops) and report.prefix_params[0] > 0
+    assert len(report.member_accuracy) == 4 and len(report.prefix_ece) == 4
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_is_fused_on_the_cpu_and_updates_like_the_plain_one(optimizer):
+    from ensemblekit.training.trainer import make_optimizer
+
+    config = replace(FAST, optimizer=optimizer, lr=0.1, weight_decay=5e-4)
+    torch.manual_seed(0)
+    fused_params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    fused = make_optimizer(fused_params, config)
+    plain = (torch.optim.SGD(plain_params, lr=0.1, momentum=config.momentum, nesterov=config.nesterov,
+                             weight_decay=5e-4) if optimizer == "sgd"
+             else torch.optim.AdamW(plain_params, lr=0.1, weight_decay=5e-4))
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(fused_params, plain_params):
+            a.grad = torch.sin(a.detach())
+            b.grad = torch.sin(b.detach())
+        fused.step()
+        plain.step()
+    for a, b in zip(fused_params, plain_params):
+        assert torch.allclose(a, b, atol=1e-6)
