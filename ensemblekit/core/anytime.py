@@ -32,6 +32,8 @@ from time import perf_counter
 import torch
 from torch import Tensor
 
+from ensemblekit.core.cache import NodeCache
+
 
 @dataclass
 class AnytimeStep:
@@ -110,8 +112,6 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
         >>> for step in ens.anytime(x, deadline=0.05):  # doctest: +SKIP
         ...     show(step.prediction.argmax(-1), step.members, step.seconds)
     """
-    from ensemblekit.core.ensemble import NodeCache
-
     for name, value in (("deadline", deadline), ("max_flops", max_flops)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")

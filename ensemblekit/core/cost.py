@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ensemblekit.core.blocks import State, call_block
+from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.flops import count_flops
 
 
@@ -59,8 +60,6 @@ def _signature(module: nn.Module, state: State) -> tuple:
 @torch.no_grad()
 def measure_costs(ensemble) -> EnsembleCosts:
     """Count FLOPs of every node and head of ``ensemble`` on one example image."""
-    from ensemblekit.core.ensemble import NodeCache
-
     h, w = ensemble.input_size or ensemble.example_size
     device = next(ensemble.parameters()).device
     x = torch.zeros(1, ensemble.in_chans or 3, h, w, device=device)

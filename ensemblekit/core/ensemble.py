@@ -11,7 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ensemblekit.core.anytime import Clock, anytime
 from ensemblekit.core.batching import select_batch
+from ensemblekit.core.cache import NodeCache
+from ensemblekit.core.cost import measure_costs
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.execution import AutoExecutor, make_executor
 from ensemblekit.core.heads import ExitHead, feature_dim, fresh_copy
@@ -26,37 +29,6 @@ from ensemblekit.core.interfaces import (
 from ensemblekit.core.graph import NodeGraph, SharingTopology
 
 INIT_MODES = ("reinit", "copy")
-
-
-class NodeCache:
-    """States computed so far for one batch: node index -> output state.
-
-    Anytime inference and halting keep one cache per batch, so moving from
-    member ``k`` to ``k+1`` computes only the nodes member ``k+1`` adds.
-    Member logits are kept too (member index -> ``[B, C]``), for heads that
-    read the previous member's logits.
-    """
-
-    def __init__(self, x: Tensor):
-        self.input = x
-        self.states: dict[int, State] = {}
-        self.logits: dict[int, Tensor] = {}
-
-    @property
-    def batch_size(self) -> int:
-        return self.input.shape[0]
-
-    def output_of(self, node: int | None) -> State:
-        """The state of ``node``; ``None`` (a root's parent) is the input."""
-        return self.input if node is None else self.states[node]
-
-    def select(self, keep: Tensor) -> NodeCache:
-        """A cache holding only the samples selected by ``keep``."""
-        b = self.batch_size
-        out = NodeCache(self.input[keep])
-        out.states = {i: select_batch(s, keep, b) for i, s in self.states.items()}
-        out.logits = {m: z[keep] for m, z in self.logits.items()}
-        return out
 
 
 class FeatureExit(nn.Module):
@@ -341,8 +313,6 @@ class Ensemble(nn.Module):
     @cached_property
     def costs(self):
         """FLOPs and parameters per node and head (see :mod:`ensemblekit.core.cost`)."""
-        from ensemblekit.core.cost import measure_costs
-
         return measure_costs(self)
 
     def cost_table(self):
@@ -353,8 +323,6 @@ class Ensemble(nn.Module):
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
                 max_members: int | None = None) -> Iterator:
         """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.core.anytime`."""
-        from ensemblekit.core.anytime import anytime
-
         return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members)
 
     @torch.no_grad()
@@ -367,8 +335,6 @@ class Ensemble(nn.Module):
         ``step_inputs`` say which extras each step carries (see
         :class:`~ensemblekit.core.interfaces.HaltingPolicy`).
         """
-        from ensemblekit.core.anytime import Clock
-
         policy = halting if halting is not None else self.halting
         if policy is None:
             raise ValueError("predict() needs a halting policy: pass halting=... here or to wrap()")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ensemblekit as ek
-from ensemblekit.core.ensemble import NodeCache
+from ensemblekit.core.cache import NodeCache
 from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilibrium, equilibrium_scales, rescale_gradient
 from ensemblekit.core.interfaces import EnsembleOutput
 from ensemblekit.methods.imta.isc import ISCExit
