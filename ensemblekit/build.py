@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.heads import ExitHead, replace_classifier
-from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, accepts
+from ensemblekit.core.registry import AGGREGATORS, EXECUTORS, HALTING_POLICIES, LOSSES, TOPOLOGIES
+
+__all__ = ["wrap"]
 
 
 def wrap(
@@ -24,8 +26,10 @@ def wrap(
     num_blocks: int | None = None,
     init: str = "reinit",
     exit_head: Any = ExitHead,
-    execution: str = "loop",
+    execution: Any = "loop",
     example_input: Tensor | None = None,
+    node_modules: dict[int, nn.Module] | None = None,
+    head_modules: dict[int, nn.Module] | None = None,
     **topology_options: Any,
 ) -> Ensemble:
     """Turn a backbone into an adaptive ensemble.
@@ -47,8 +51,14 @@ def wrap(
             from the backbone's weights).
         exit_head: factory for early-exit heads of a chain.
         execution: how the nodes of a level run: "loop", "loop_nhwc", "vmap",
-            "grouped", "grouped_nhwc" or "auto" (see :mod:`ensemblekit.execution`).
+            "grouped", "grouped_nhwc", "auto" (see :mod:`ensemblekit.execution`)
+            or an :class:`~ensemblekit.core.interfaces.Executor`.
         example_input: an input the backbone accepts, used when splitting.
+        node_modules: node index -> module used as that node instead of a
+            copy of the backbone's block (EnsembleNet's narrow branches); used
+            as given, neither copied nor re-initialised.
+        head_modules: member index -> module used as that member's head
+            instead of a copy of the backbone's head; used as given.
         **topology_options: options of a topology given by name (``depth=4``).
 
     Returns:
@@ -68,12 +78,12 @@ def wrap(
     if num_classes is not None and num_classes != split.num_classes:
         split.head = replace_classifier(copy.deepcopy(split.head), split.num_classes, num_classes)
         split.num_classes = num_classes
-    num_members = topo.build(len(split)).num_members
-    agg = _create(AGGREGATORS, aggregator, num_members=num_members)
+    context = {"num_members": topo.build(len(split)).num_members}
+    agg = AGGREGATORS.create(aggregator, context=context)
     loss_strategy = None if loss is None else LOSSES.create(loss)
-    policy = None if halting is None else _create(HALTING_POLICIES, halting, num_members=num_members)
-    return Ensemble(split, topo, agg, loss=loss_strategy, halting=policy, init=init,
-                    exit_head=exit_head, execution=execution)
+    policy = None if halting is None else HALTING_POLICIES.create(halting, context=context)
+    return Ensemble(split, topo, agg, loss=loss_strategy, halting=policy, init=init, exit_head=exit_head,
+                    execution=EXECUTORS.create(execution), node_modules=node_modules, head_modules=head_modules)
 
 
 def _check_arguments(num_classes: Any, num_blocks: Any, exit_head: Any, example_input: Any) -> None:
@@ -85,17 +95,6 @@ def _check_arguments(num_classes: Any, num_blocks: Any, exit_head: Any, example_
                         f"got {exit_head!r}")
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor the backbone accepts, got {type(example_input).__name__}")
-
-
-def _create(registry, spec: Any, **context: Any) -> Any:
-    """Build ``spec`` and pass it the ``context`` keywords its factory accepts."""
-    if isinstance(spec, str) or isinstance(spec, dict):
-        name = spec if isinstance(spec, str) else spec.get("name")
-        factory = registry.get(name).factory if isinstance(name, str) else None
-        given = spec if isinstance(spec, dict) else {}
-        extra = {k: v for k, v in context.items() if factory is not None and k not in given and accepts(factory, k)}
-        return registry.create(spec, **extra)
-    return registry.create(spec)
 
 
 def _split(model: Any, num_blocks: int | None, example_input: Tensor | None, topology: Any) -> BlockSplit:

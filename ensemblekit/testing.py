@@ -5,7 +5,8 @@
   obeys its interface's contract; :func:`registered_components` lists every
   ``(kind, name)`` to parametrise that over.
 * :func:`check_topology`, :func:`check_aggregator`, :func:`check_loss`,
-  :func:`check_halting_policy`, :func:`check_splitter`: the same checks for an object.
+  :func:`check_halting_policy`, :func:`check_splitter`, :func:`check_executor`,
+  :func:`check_recipe`, :func:`check_schedule`: the same checks for an object.
 
 Example options: the checks build a component with ``factory(**options)``.
 A factory whose parameters all have defaults needs nothing (aggregators and
@@ -21,7 +22,10 @@ the keyword arguments to use::
             return {"temperature": 2.0}
 
 A splitter's ``example_options()`` returns ``model``, ``num_blocks`` and
-``example_input``: a model it handles, checked to be split faithfully.
+``example_input``: a model it handles, checked to be split faithfully. A
+recipe's may return a ``backbone`` (default: a timm ``resnet10t``) and options.
+A training schedule's may return an ``ensemble`` it is made for (default: a
+tiny tree) and options.
 
 Examples:
     >>> from ensemblekit.testing import check_component
@@ -30,20 +34,23 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.core.batching import select_batch
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
-from ensemblekit.core.interfaces import Aggregator, HaltingPolicy, HaltingStep, LossResult, LossStrategy
+from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, HaltingStep, LossResult, LossStrategy
 from ensemblekit.plugins.manager import reset_plugins
-from ensemblekit.core.registry import HALTING_POLICIES, REGISTRIES, SPLITTERS, Registry, accepts
+from ensemblekit.core.registry import HALTING_POLICIES, REGISTRIES, get_registry
 from ensemblekit.components.topologies import Tree
 from ensemblekit.core.graph import NodeGraph, SharingTopology
 
@@ -51,7 +58,7 @@ BATCH, CLASSES, MEMBERS = 6, 5, 4
 """Sizes the checks use: distinct, so a tensor laid out wrongly is caught."""
 
 
-class ConformanceError(AssertionError):
+class ConformanceError(EnsembleKitError, AssertionError):
     """A component breaks its interface's contract; the message says which rule."""
 
 
@@ -97,17 +104,16 @@ def build(kind: str, name: str, num_members: int = MEMBERS) -> Any:
         >>> build("aggregator", "weighted").log_weights.shape
         torch.Size([4])
     """
-    registry = _registry(kind)
+    registry = get_registry(kind)
     factory = registry.get(name).factory
     options = example_options(factory)
-    if kind in ("aggregator", "halting policy") and accepts(factory, "num_members"):
-        options.setdefault("num_members", num_members)
+    context = {"num_members": num_members} if kind in ("aggregator", "halting policy") else {}
     hint = "give its factory an example_options() returning example values (see ensemblekit.testing)"
-    missing = [p.name for p in _required_params(factory) if p.name not in options]
+    missing = [p.name for p in _required_params(factory) if p.name not in options and p.name not in context]
     if missing:
         raise ConformanceError(f"{kind} {name!r} needs {', '.join(missing)} to be built: {hint}")
     try:
-        return registry.create(name, **options)
+        return registry.create(name, context=context, **options)
     except (TypeError, ValueError) as err:
         raise ConformanceError(f"{kind} {name!r} cannot be built with options {options}: {err}; {hint}") from err
 
@@ -118,13 +124,21 @@ def check_component(kind: str, name: str) -> None:
     Raises:
         ConformanceError: the component breaks its interface's contract.
     """
-    if kind == "splitter":
-        splitter = SPLITTERS.get(name).factory
-        check_splitter(splitter, **example_options(splitter))
+    if kind in ("splitter", "recipe", "schedule"):
+        factory = get_registry(kind).get(name).factory
+        check = {"splitter": check_splitter, "recipe": check_recipe, "schedule": check_schedule}[kind]
+        check(factory, **example_options(factory))
         return
-    checks = {"topology": check_topology, "aggregator": check_aggregator, "loss": check_loss,
-              "halting policy": check_halting_policy}
-    checks[kind](build(kind, name))
+    checks: dict[str, Callable[[Any], None]] = {
+        "topology": check_topology, "aggregator": check_aggregator, "loss": check_loss,
+        "halting policy": check_halting_policy, "execution strategy": check_executor,
+    }
+    component = build(kind, name)
+    if kind in checks:
+        checks[kind](component)
+    else:  # a kind without a check of its own: built with its example options, of its base class
+        base = get_registry(kind).base
+        _expect(base is None or isinstance(component, base), f"{kind} {name!r} built {component!r}, not a {base}")
 
 
 @_seeded()
@@ -286,6 +300,123 @@ def check_splitter(splitter: Any, model: Any = None, num_blocks: int | None = No
         _expect_close(result.forward(example_input), expected, "the split's output vs the model's")
 
 
+@_seeded()
+def check_executor(executor: Executor) -> None:
+    """Computes what the loop computes, on a tiny tree ensemble in eval and in train mode.
+
+    Member logits, parameter gradients and BatchNorm running statistics must
+    match those of the ``loop`` executor.
+    """
+    _expect(isinstance(executor, Executor), f"{executor!r} is not an Executor")
+    x, target = _images(), torch.arange(BATCH) % CLASSES
+    reference = _ensemble()
+    for training in (False, True):
+        mode = "train" if training else "eval"
+        loop, other = copy.deepcopy(reference).train(training), copy.deepcopy(reference).train(training)
+        other.execution = executor
+        results = []
+        for ens in (loop, other):
+            members = ens.forward_members(x)
+            F.cross_entropy(members.flatten(0, 1), target.repeat_interleave(members.shape[1])).backward()
+            results.append((members.detach(), dict(ens.named_parameters()), dict(ens.named_buffers())))
+        (expected, params, buffers), (members, other_params, other_buffers) = results
+        _expect_close(members, expected, f"member logits in {mode} mode vs the loop's")
+        for key, p in params.items():
+            _expect(other_params[key].grad is not None, f"no gradient reached {key} in {mode} mode")
+            _expect_close(other_params[key].grad, p.grad, f"gradients of {key} in {mode} mode vs the loop's")
+        for key, b in buffers.items():
+            _expect_close(other_buffers[key].double(), b.double(), f"buffer {key} in {mode} mode vs the loop's")
+
+
+@_seeded()
+def check_recipe(recipe: Callable[..., Any], backbone: Any = None, **options: Any) -> None:
+    """Builds an :class:`~ensemblekit.Ensemble` from what a config passes, which predicts.
+
+    The recipe is called as a config calls it: ``recipe(backbone=...,
+    init="reinit", halting=None, example_input=..., **options)``.
+
+    Args:
+        backbone: a model the recipe accepts (default: a timm ``resnet10t``).
+        **options: the recipe's options.
+    """
+    _expect(callable(recipe), f"{recipe!r} is not callable")
+    if backbone is None:
+        from ensemblekit.backbones import create_backbone
+
+        backbone = create_backbone("resnet10t", num_classes=CLASSES)
+    x = torch.randn(2, 3, 32, 32)
+    ens = recipe(backbone=backbone, init="reinit", halting=None, example_input=x[:1], **options)
+    _expect(isinstance(ens, Ensemble), f"the recipe returned {type(ens).__name__}, not an Ensemble")
+    with torch.no_grad():
+        members = ens.eval().forward_members(x)
+        _expect_shape(members, (2, ens.num_members, ens.num_classes), "forward_members()")
+        _expect_shape(ens(x), (2, ens.num_classes), "the ensemble's prediction")
+
+
+@_seeded()
+def check_schedule(schedule: Callable[..., Any], ensemble: Any = None, **options: Any) -> None:
+    """A non-empty list of :class:`~ensemblekit.core.stages.Stage` objects, each of which trains.
+
+    The schedule is called as the trainer calls it,
+    ``schedule(ensemble=..., settings=..., **options)``, with example settings
+    (1 epoch, SGD). Each stage in turn is prepared, its loss installed,
+    everything but its trainable parameters frozen and one step taken with
+    its optimizer(s) on its members: the loss must be finite, the optimizers
+    must hold only trainable parameters, and frozen parameters must not change.
+
+    Args:
+        ensemble: an ensemble the schedule is made for (default: a depth-2
+            tree with the independent loss).
+        **options: the schedule's options.
+    """
+    from types import SimpleNamespace
+
+    from ensemblekit.core.registry import LOSSES
+    from ensemblekit.core.stages import Stage, frozen_except
+
+    _expect(callable(schedule), f"{schedule!r} is not callable")
+    ens = ensemble if ensemble is not None else _ensemble(loss=LOSSES.create("independent"))
+    settings = SimpleNamespace(epochs=1, batch_size=BATCH, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False,
+                               weight_decay=0.0, schedule="constant", grad_clip=None, seed=0)
+    stages = schedule(ensemble=ens, settings=settings, **options)
+    _expect(isinstance(stages, list) and len(stages) > 0 and all(isinstance(s, Stage) for s in stages),
+            f"the schedule returned {stages!r}, not a non-empty list of Stage objects")
+    x, target = _images(), torch.arange(BATCH) % CLASSES
+    for stage in stages:
+        if stage.prepare is not None:
+            stage.prepare(ens)
+        if stage.loss is not None:
+            ens.loss_strategy = stage.loss
+        with frozen_except(ens, stage.trainable) as freeze:
+            trainable = {id(p) for p in freeze.parameters}
+            _expect(len(trainable) > 0, f"stage {stage.name!r} trains no parameter")
+            made = (torch.optim.SGD(freeze.parameters, lr=settings.lr) if stage.optimizer is None
+                    else stage.optimizer(freeze.parameters))
+            optimizers = [made] if isinstance(made, torch.optim.Optimizer) else list(made)
+            _expect(len(optimizers) > 0 and all(isinstance(o, torch.optim.Optimizer) for o in optimizers),
+                    f"stage {stage.name!r}: its optimizer factory made {made!r}, not optimizers")
+            held = {id(p) for o in optimizers for group in o.param_groups for p in group["params"]}
+            _expect(held <= trainable, f"stage {stage.name!r}: its optimizers hold frozen parameters")
+            schedulers = [stage.lr_schedule(o, 1) for o in optimizers] if stage.lr_schedule is not None else []
+            frozen = {n: p.detach().clone() for n, p in ens.named_parameters() if id(p) not in trainable}
+            output = ens.forward_output(x, members=stage.members) if stage.members is not None else \
+                ens.forward_output(x)
+            result = ens.loss(output, target)
+            _expect_scalar(result.total, f"stage {stage.name!r}'s loss")
+            _expect(bool(result.total.isfinite()), f"stage {stage.name!r}'s loss is not finite")
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            result.total.backward()
+            for o in optimizers:
+                o.step()
+            for scheduler in schedulers:
+                if scheduler is not None:
+                    scheduler.step()
+            for n, p in ens.named_parameters():
+                if n in frozen:
+                    _expect(torch.equal(p, frozen[n]), f"stage {stage.name!r} changed the frozen parameter {n}")
+
+
 def toy_split(num_blocks: int, num_classes: int = CLASSES, channels: int = 3) -> BlockSplit:
     """``num_blocks`` tiny conv blocks on 8x8 images and a pool + linear head.
 
@@ -325,13 +456,6 @@ def _mean() -> Aggregator:
 
 def _images() -> Tensor:
     return torch.randn(BATCH, 3, 8, 8)
-
-
-def _registry(kind: str) -> Registry:
-    by_kind = {registry.kind: registry for registry in REGISTRIES.values()}
-    if kind not in by_kind:
-        raise ValueError(f"unknown kind {kind!r}; the kinds are {', '.join(by_kind)}")
-    return by_kind[kind]
 
 
 def _required_params(factory: Any) -> list[inspect.Parameter]:

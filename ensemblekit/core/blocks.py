@@ -9,11 +9,12 @@ backbone's ``model(x)``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Protocol, Union, runtime_checkable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 State = Union[torch.Tensor, tuple[Any, ...]]
 FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
@@ -87,3 +88,17 @@ def call_block(block: nn.Module, state: State) -> State:
     if isinstance(state, tuple):
         return block(*state)
     return block(state)
+
+
+@runtime_checkable
+class TracedBlock(Protocol):
+    """A block that runs ``torch.fx`` graphs and shows them, one per training flag.
+
+    :class:`~ensemblekit.splitting.graph.GraphBlock` is one; executors read
+    the graphs to see which operations a block performs.
+    """
+
+    @property
+    def graphs(self) -> Mapping[bool, fx.Graph]:
+        """``{False: eval graph, True: train graph}``."""
+        ...

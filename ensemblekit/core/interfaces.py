@@ -8,6 +8,9 @@
   total loss and named parts.
 * :class:`HaltingPolicy` decides per sample when to stop adding members.
 
+Besides them, an :class:`Executor` says how the nodes of one level are
+evaluated (a loop, batched with ``vmap``, packed into grouped convolutions).
+
 Every tensor of members is laid out ``b m c`` (einops notation): batch,
 members in anytime (depth-first) order, classes.
 """
@@ -15,6 +18,7 @@ members in anytime (depth-first) order, classes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from ensemblekit.core.blocks import State
     from ensemblekit.core.ensemble import Ensemble
 
 AggregatorState = dict[str, Tensor]
@@ -194,3 +199,54 @@ class HaltingPolicy(nn.Module, ABC):
 
     def calibrate(self, ensemble: Ensemble, data: Any) -> None:
         """Fit thresholds on held-out data; the default policy needs none."""
+
+
+class Executor(ABC):
+    """Evaluates the nodes of one level: ``run(modules, inputs) -> outputs``.
+
+    ``modules`` are copies of one block (same structure, own parameters);
+    ``inputs[i]`` is the state fed to ``modules[i]``. Several nodes may receive
+    the very same input object (the children of one tree node). Every
+    executor must compute what a loop over the nodes computes (outputs,
+    gradients and BatchNorm running statistics). Registered by name through
+    the ``register_executors`` hook; see :mod:`ensemblekit.execution`.
+
+    Pickling and ``copy.deepcopy`` keep the public attributes and pass them
+    back to the constructor, so public attributes must be constructor
+    arguments and caches must live in attributes starting with ``_``.
+    """
+
+    name: str = ""
+    chains: bool = False
+    """Whether consecutive levels run by this strategy pass data more cheaply than level-by-level timing shows."""
+
+    def unsupported(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> str | None:
+        """Why this strategy cannot run these nodes, or ``None`` when it can."""
+        return None
+
+    @abstractmethod
+    def run(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> list[State]:
+        """Output state of every node, in the order of ``modules``."""
+
+    def forget(self, modules: Sequence[nn.Module]) -> None:  # noqa: B027  (a hook: nothing cached by default)
+        """Drop what is cached for these nodes (packed parameters)."""
+
+    def prepare_pass(self, key: Hashable, run_pass: Callable[[], Tensor], module: nn.Module) -> None:  # noqa: B027
+        """Called before each whole forward pass of an ensemble; does nothing by default.
+
+        A strategy that tunes itself on whole passes (``auto``) runs
+        ``run_pass`` here as often as it needs.
+
+        Args:
+            key: what the pass's speed depends on beyond its levels (input
+                shape, mode, members).
+            run_pass: runs the pass and returns its output.
+            module: the module whose parameters and buffers the pass uses.
+        """
+
+    def __getstate__(self) -> dict[str, Any]:
+        # only the constructor arguments: caches hold the nodes and tensors derived from them
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]

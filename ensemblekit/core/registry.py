@@ -3,6 +3,15 @@
 ``topology="tree"`` and ``topology=Tree(depth=4)`` resolve through the same
 :class:`Registry`: a string (or ``{"name": ..., **kwargs}``) is looked up and
 its factory called; an instance of the kind's base class is used as is.
+
+The registries are passive: they import nothing that fills them. The plugin
+manager installs its loader with :func:`set_loader` when it is imported, and
+every lookup by name calls that loader first (it loads the plugins once).
+
+A factory whose ``**kwargs`` go on to another callable (a recipe passing them
+to :func:`ensemblekit.wrap`) names that callable in its ``passes_kwargs_to``
+attribute; the option checks then accept that callable's keyword-only
+parameters as the factory's own.
 """
 
 from __future__ import annotations
@@ -12,26 +21,80 @@ import difflib
 import inspect
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Union
+from typing import Any, Literal, Union
+
+from ensemblekit.errors import EnsembleKitError
+
+__all__ = [
+    "AGGREGATORS",
+    "EXECUTORS",
+    "HALTING_POLICIES",
+    "LOSSES",
+    "RECIPES",
+    "REGISTRIES",
+    "SCHEDULES",
+    "SPLITTERS",
+    "TOPOLOGIES",
+    "DuplicateComponentError",
+    "Entry",
+    "Registry",
+    "SplitterRegistry",
+    "UnknownComponentError",
+    "accepts",
+    "get_registry",
+    "list_components",
+    "set_loader",
+]
 
 
-class UnknownComponentError(KeyError):
-    """A name that no plugin registered; the message lists the known names."""
+class UnknownComponentError(EnsembleKitError, KeyError, ValueError):
+    """A name that no plugin registered; the message lists the known names.
+
+    A ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad argument
+    value, what an unknown ``execution=`` name raised before executors were
+    registered components).
+    """
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
 
 
-class DuplicateComponentError(ValueError):
+class DuplicateComponentError(EnsembleKitError, ValueError):
     """Two plugins registered the same name for one kind of component."""
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One registered component: its name, its factory and the plugin that registered it."""
+
     name: str
     factory: Callable[..., Any]
     plugin: str
+    builtin: bool = False
+
+
+_load: Callable[[], None] | None = None
+_describe_skipped: Callable[[], str] | None = None
+
+
+def set_loader(load: Callable[[], None], describe_skipped: Callable[[], str]) -> None:
+    """Install what fills the registries: called by :mod:`ensemblekit.plugins.manager` at import.
+
+    Args:
+        load: fills every registry; called before each lookup, so it must
+            return at once when it has already run.
+        describe_skipped: a sentence naming the plugins that were not loaded
+            and why ("" when all were), added to unknown-name errors.
+    """
+    global _load, _describe_skipped
+    _load, _describe_skipped = load, describe_skipped
+
+
+def _ensure_loaded() -> None:
+    if _load is not None:
+        _load()
 
 
 class Registry:
@@ -39,21 +102,22 @@ class Registry:
 
     Args:
         kind: what the components are, for messages ("topology").
-        base: their base class; instances of it pass through :meth:`create`.
+        base: their base class; instances of it pass through :meth:`create`
+            (``None``: components are only built from a name, like recipes).
     """
 
-    def __init__(self, kind: str, base: type):
+    def __init__(self, kind: str, base: type | None):
         self.kind = kind
         self.base = base
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?") -> None:
+    def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?", builtin: bool = False) -> None:
         """Add ``factory`` under ``name``; a name taken by another plugin is an error.
 
         Plugins are loaded first, so a name registered here never hides a built-in.
         """
         self.check_new(name, factory, plugin=plugin)
-        self._entries[name] = Entry(name, factory, plugin)
+        self._entries[name] = Entry(name, factory, plugin, builtin)
 
     def check_new(self, name: str, factory: Callable[..., Any], *, plugin: str = "?") -> None:
         """Raise the error :meth:`register` would raise for ``name``, without registering it.
@@ -96,25 +160,57 @@ class Registry:
             known = sorted(self._entries)
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            skipped = _describe_skipped() if _describe_skipped is not None else ""
             raise UnknownComponentError(
                 f"unknown {self.kind} {name!r}.{hint} Known {self.kind} names: {', '.join(known)}."
-                + _skipped_plugins_note()
+                + (f" {skipped}" if skipped else "")
             )
         return self._entries[name]
 
-    def create(self, spec: Any, **kwargs: Any) -> Any:
+    def create(self, spec: Any, /, context: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
         """Resolve ``spec``: an instance passes through, a name or ``{"name": ...}`` is built.
 
         ``kwargs`` are passed to the factory; a keyword the factory does not
-        take is an error that lists the ones it does.
+        take is an error that lists the ones it does. ``context`` holds what
+        the caller knows (``num_members`` for an aggregator): each keyword goes
+        to a factory that names it, unless the spec sets it.
+
+        Examples:
+            >>> AGGREGATORS.create("weighted", context={"num_members": 3}).log_weights.shape
+            torch.Size([3])
         """
-        if isinstance(spec, self.base):
-            if kwargs:
-                raise TypeError(
-                    f"options {sorted(kwargs)} were given next to a ready {self.kind} object "
-                    f"{spec!r}; pass them to its constructor instead"
-                )
+        if self._is_ready(spec, kwargs):
             return spec
+        name, options = self._options(spec, kwargs)
+        factory = self.get(name).factory
+        given = {k: v for k, v in (context or {}).items() if k not in options and accepts(factory, k)}
+        options = {**given, **options}
+        _check_kwargs(self.kind, name, factory, options, supplied=set(context or ()))
+        return factory(**options)
+
+    def check(self, spec: Any, /, context: Iterable[str] = (), **kwargs: Any) -> None:
+        """Raise the error :meth:`create` would raise for these options, without building anything.
+
+        ``context`` names keywords the caller will supply, so they count as given.
+        """
+        if self._is_ready(spec, kwargs):
+            return
+        name, options = self._options(spec, kwargs)
+        _check_kwargs(self.kind, name, self.get(name).factory, options, supplied=set(context))
+
+    def _is_ready(self, spec: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether ``spec`` is a ready component (then no options may come with it)."""
+        if self.base is None or not isinstance(spec, self.base):
+            return False
+        if kwargs:
+            raise TypeError(
+                f"options {sorted(kwargs)} were given next to a ready {self.kind} object "
+                f"{spec!r}; pass them to its constructor instead"
+            )
+        return True
+
+    def _options(self, spec: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The name ``spec`` gives and the options it carries, merged with ``kwargs``."""
         if isinstance(spec, dict):
             spec = dict(spec)
             if "name" not in spec:
@@ -122,37 +218,54 @@ class Registry:
             name = spec.pop("name")
             if not isinstance(name, str):
                 raise TypeError(f"a {self.kind} mapping's 'name' must be a string, got {name!r}")
-            kwargs = {**spec, **kwargs}
-        elif isinstance(spec, str):
-            name = spec
-        else:
-            raise TypeError(
-                f"{self.kind} must be a name (str), a mapping with 'name', or a {self.base.__name__}, "
-                f"got {type(spec).__name__}"
-            )
-        entry = self.get(name)
-        _check_kwargs(self.kind, name, entry.factory, kwargs)
-        return entry.factory(**kwargs)
+            return name, {**spec, **kwargs}
+        if isinstance(spec, str):
+            return spec, dict(kwargs)
+        ready = "" if self.base is None else f", or a {self.base.__name__}"
+        raise TypeError(f"{self.kind} must be a name (str), a mapping with 'name'{ready}, got {type(spec).__name__}")
 
 
-def _check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    """Unknown, missing and wrongly typed options fail here, naming the option, not inside the factory."""
-    if isinstance(factory, type) and getattr(factory.__init__, "__module__", "").startswith("torch."):
-        params = {}  # no __init__ of its own: torch's (nn.Module's *args, **kwargs) takes no options
-    else:
-        try:
-            params = inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            return
-    accepted = [p for p in params if p != "self"]
+def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """The parameters ``factory`` takes by keyword; ``None`` when its signature cannot be read.
+
+    Its ``**kwargs`` stand for the keyword-only parameters of the callable it
+    names in ``passes_kwargs_to``, when it names one.
+    """
+    if isinstance(factory, type) and getattr(factory.__init__, "__module__", "").startswith("torch."):  # type: ignore[misc]
+        return {}  # no __init__ of its own: torch's (nn.Module's *args, **kwargs) takes no options
+    try:
+        params = {k: p for k, p in inspect.signature(factory).parameters.items() if k != "self"}
+    except (TypeError, ValueError):
+        return None
+    target = getattr(factory, "passes_kwargs_to", None)
+    var_keyword = [k for k, p in params.items() if p.kind is p.VAR_KEYWORD]
+    if target is not None and var_keyword:
+        del params[var_keyword[0]]
+        for k, p in (_parameters(target) or {}).items():
+            if p.kind is p.KEYWORD_ONLY:
+                params.setdefault(k, p)
+    return params
+
+
+def _check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any],
+                  supplied: Iterable[str] = ()) -> None:
+    """Unknown, missing and wrongly typed options fail here, naming the option, not inside the factory.
+
+    ``supplied``: keywords the caller provides, not listed among the options a user may set.
+    """
+    params = _parameters(factory)
+    if params is None:
+        return
+    supplied = set(supplied)
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
+            accepted = [p for p in params if p not in supplied]
             raise TypeError(
                 f"{kind} {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted) or 'no options'}"
             )
     missing = [p.name for p in params.values() if p.default is p.empty and p.name not in kwargs
-               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+               and p.name not in supplied and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if missing:
         raise TypeError(f"{kind} {name!r} needs the option(s) {', '.join(missing)}, "
                         f"e.g. {{'name': {name!r}, {missing[0]!r}: ...}}")
@@ -163,11 +276,13 @@ def _check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dic
 
 
 def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
-    """The annotations of ``factory``'s parameters; none where they cannot be resolved."""
+    """The annotations of ``factory``'s parameters (and of ``passes_kwargs_to``'s); none where unresolvable."""
+    target = getattr(factory, "passes_kwargs_to", None)
     try:
-        return typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)  # type: ignore[misc]
     except Exception:  # unresolvable annotations (a plugin's forward references): nothing to check against
-        return {}
+        hints = {}
+    return hints if target is None else {**_type_hints(target), **hints}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -200,11 +315,11 @@ def _type_name(hint: Any) -> str:
 
 
 def accepts(factory: Callable[..., Any], keyword: str) -> bool:
-    """Whether ``factory`` names ``keyword`` among its parameters (``**kwargs`` does not count)."""
-    try:
-        return keyword in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether ``factory`` names ``keyword`` among its parameters (``**kwargs`` does not count).
+
+    Keywords of the callable it names in ``passes_kwargs_to`` count as its own.
+    """
+    return keyword in (_parameters(factory) or {})
 
 
 class SplitterRegistry(Registry):
@@ -214,7 +329,7 @@ class SplitterRegistry(Registry):
     can take over a model a built-in would split.
 
     Examples:
-        >>> [e.name for e in SPLITTERS.entries() if e.plugin == "ensemblekit.plugins.builtins"]
+        >>> [e.name for e in SPLITTERS.entries() if e.builtin]
         ['sequential', 'timm']
     """
 
@@ -223,31 +338,14 @@ class SplitterRegistry(Registry):
 
     def ordered(self) -> list[Callable[..., Any]]:
         """Splitter functions, plugins' before the built-in ones, each in registration order."""
-        from ensemblekit.plugins.manager import BUILTIN_PLUGINS
-
         _ensure_loaded()
-        entries = sorted(self._entries.values(), key=lambda e: e.plugin in BUILTIN_PLUGINS)
+        entries = sorted(self._entries.values(), key=lambda e: e.builtin)
         return [e.factory for e in entries]
 
 
-def _skipped_plugins_note() -> str:
-    from ensemblekit.plugins.manager import plugin_infos
-
-    skipped = [f"{p.name} ({p.error})" for p in plugin_infos() if p.status != "loaded"]
-    if not skipped:
-        return ""
-    return f" Not loaded: {'; '.join(skipped)}. See `ensemblekit plugins`."
-
-
-def _ensure_loaded() -> None:
-    from ensemblekit.plugins.manager import load_plugins
-
-    load_plugins()
-
-
 def _make_registries() -> dict[str, Registry]:
-    from ensemblekit.core.interfaces import Aggregator, HaltingPolicy, LossStrategy
     from ensemblekit.core.graph import SharingTopology
+    from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, LossStrategy
 
     return {
         "register_topologies": Registry("topology", SharingTopology),
@@ -255,12 +353,43 @@ def _make_registries() -> dict[str, Registry]:
         "register_losses": Registry("loss", LossStrategy),
         "register_halting_policies": Registry("halting policy", HaltingPolicy),
         "register_backbone_splitters": SplitterRegistry(),
+        "register_executors": Registry("execution strategy", Executor),
+        "register_recipes": Registry("recipe", None),
+        "register_schedules": Registry("schedule", None),
     }
 
 
 REGISTRIES = _make_registries()
+"""Hook name -> the registry its registrations go to."""
 TOPOLOGIES = REGISTRIES["register_topologies"]
 AGGREGATORS = REGISTRIES["register_aggregators"]
 LOSSES = REGISTRIES["register_losses"]
 HALTING_POLICIES = REGISTRIES["register_halting_policies"]
-SPLITTERS = REGISTRIES["register_backbone_splitters"]
+SPLITTERS = typing.cast(SplitterRegistry, REGISTRIES["register_backbone_splitters"])
+EXECUTORS = REGISTRIES["register_executors"]
+RECIPES = REGISTRIES["register_recipes"]
+SCHEDULES = REGISTRIES["register_schedules"]
+
+
+def get_registry(kind: str) -> Registry:
+    """The registry of one kind of component ("topology", "execution strategy", ...).
+
+    Examples:
+        >>> get_registry("recipe") is RECIPES
+        True
+    """
+    by_kind = {registry.kind: registry for registry in REGISTRIES.values()}
+    if kind not in by_kind:
+        raise ValueError(f"unknown kind of component {kind!r}; the kinds are {', '.join(by_kind)}")
+    return by_kind[kind]
+
+
+def list_components(kind: str) -> list[str]:
+    """The registered names of one kind of component, sorted (plugins' included).
+
+    Examples:
+        >>> import ensemblekit as ek
+        >>> ek.list_components("execution strategy")
+        ['auto', 'grouped', 'grouped_nhwc', 'loop', 'loop_nhwc', 'vmap']
+    """
+    return get_registry(kind).names()

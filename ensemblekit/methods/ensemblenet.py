@@ -11,9 +11,10 @@ from torch import nn
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.heads import feature_dim, fresh_copy, replace_classifier
-from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES
 from ensemblekit.components.topologies import MultiBranch
-from ensemblekit.build import _create
+from ensemblekit.build import wrap
+
+__all__ = ["WIDTH", "AdaptedBlock", "ChannelAdapter", "ensemblenet"]
 
 WIDTH = 1 / 1.5
 """The paper's branch width: "typically our shrinking ratio is about 1.5" (Sec. 3)."""
@@ -62,6 +63,7 @@ def ensemblenet(
     num_classes: int | None = None,
     num_blocks: int | None = None,
     init: str = "reinit",
+    execution: Any = "loop",
     example_input: torch.Tensor | None = None,
 ) -> Ensemble:
     """A multi-headed EnsembleNet built from a timm backbone (Lee et al., Sec. 3).
@@ -90,6 +92,7 @@ def ensemblenet(
         num_classes: classes (default: the backbone's).
         num_blocks: blocks to cut the backbone into (default: its natural stages).
         init: "reinit" (each branch freshly drawn) or "copy" (identical branches).
+        execution: how the nodes of a level run (see :func:`ensemblekit.wrap`).
         example_input: an input the backbone accepts (for splitting and sizing the adapter).
 
     Returns:
@@ -139,10 +142,8 @@ def ensemblenet(
             block = AdaptedBlock(ChannelAdapter(*adapter), block)
         node_modules[node.index] = block
     head_modules = {m: fresh_copy(narrow.head, reinit=init == "reinit" and m > 0) for m in range(branches)}
-    return Ensemble(wide, topology, _create(AGGREGATORS, aggregator, num_members=branches),
-                    loss=None if loss is None else LOSSES.create(loss),
-                    halting=None if halting is None else _create(HALTING_POLICIES, halting, num_members=branches),
-                    init=init, node_modules=node_modules, head_modules=head_modules)
+    return wrap(wide, topology, aggregator=aggregator, loss=loss, halting=halting, init=init, execution=execution,
+                node_modules=node_modules, head_modules=head_modules)
 
 
 def _params(module: nn.Module) -> int:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
+from ensemblekit.backbones import create_backbone
+from ensemblekit.build import wrap
+from ensemblekit.components.losses import HierarchicalDistillation
+from ensemblekit.components.topologies import Tree
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
-from ensemblekit.components.losses import HierarchicalDistillation
-from ensemblekit.backbones import create_backbone
-from ensemblekit.components.topologies import Tree
-from ensemblekit.build import wrap
 
 
 def hne(
@@ -20,8 +21,9 @@ def hne(
     branching: int = 2,
     *,
     alpha: float = 0.5,
-    T: float = 2.0,
+    temperature: float = 2.0,
     loss: Any = None,
+    T: float | None = None,
     **options: Any,
 ) -> Ensemble:
     """A Hierarchical Neural Ensemble as in the paper (HNE AAAI Sec. 3, Eq. 1 and 6).
@@ -30,7 +32,7 @@ def hne(
     ``branching^b`` copies (each extra copy freshly initialised), giving
     ``branching^depth`` members evaluated depth-first. Members are combined
     by the mean of their logits (Eq. 1) and trained with
-    ``(1 - alpha) L_I + alpha L_HD`` (Eq. 3 and 6) at temperature ``T``.
+    ``(1 - alpha) L_I + alpha L_HD`` (Eq. 3 and 6) at temperature ``temperature``.
 
     Args:
         backbone: a timm model (or its name, created with ``pretrained=False``),
@@ -38,9 +40,10 @@ def hne(
         depth: tree depth ``B`` (the paper: 4, i.e. 16 members).
         branching: children per node (the paper: 2).
         alpha: weight of hierarchical distillation (the paper: 0.5).
-        T: distillation temperature (the paper: 2).
+        temperature: distillation temperature T (the paper: 2).
         loss: another loss for ablations (e.g. "independent"); default L_HD.
-        **options: passed to :func:`ensemblekit.build` (``num_classes``,
+        T: deprecated name of ``temperature`` (a ``DeprecationWarning``).
+        **options: passed to :func:`ensemblekit.wrap` (``num_classes``,
             ``init``, ``halting``, ``example_input``, ...).
 
     Returns:
@@ -52,10 +55,17 @@ def hne(
         >>> ens.num_members, type(ens.loss_strategy).__name__
         (4, 'HierarchicalDistillation')
     """
+    if T is not None:
+        warnings.warn("hne(T=...) is deprecated; pass temperature=... instead", DeprecationWarning, stacklevel=2)
+        temperature = T
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, num_classes=options.pop("num_classes", 1000))
     for key in ("topology", "aggregator"):
         if key in options:
-            raise TypeError(f"hne() fixes the {key} (a tree and the mean of logits); use ensemblekit.build for another")
+            raise TypeError(f"hne() fixes the {key} (a tree and the mean of logits); use ensemblekit.wrap for another")
     return wrap(backbone, Tree(depth, branching), aggregator="mean",
-                loss=HierarchicalDistillation(alpha, T) if loss is None else loss, **options)
+                loss=HierarchicalDistillation(alpha, temperature) if loss is None else loss, **options)
+
+
+# **options go to wrap(): the option checks (configs, the registry) accept its keywords
+hne.passes_kwargs_to = wrap  # type: ignore[attr-defined]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ensemblekit.components import aggregators, topologies
+from ensemblekit.execution import AutoExecutor, GroupedExecutor, LoopExecutor, VmapExecutor
+from ensemblekit.methods import ensemblenet, hne, irene, multi_exit
 from ensemblekit.plugins.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
@@ -77,11 +80,39 @@ def _timm_example() -> dict[str, Any]:
     return {"model": model, "num_blocks": 3, "example_input": torch.randn(2, 3, 32, 32)}
 
 
-sequential_splitter.example_options = _sequential_example  # for ensemblekit.testing.check_splitter
-timm_splitter.example_options = _timm_example
+sequential_splitter.example_options = _sequential_example  # type: ignore[attr-defined]  # for check_splitter
+timm_splitter.example_options = _timm_example  # type: ignore[attr-defined]
 
 
 @hookimpl
 def register_backbone_splitters(register: Register) -> None:
     register("sequential", sequential_splitter)
     register("timm", timm_splitter)
+
+
+@hookimpl
+def register_executors(register: Register) -> None:
+    register("loop", LoopExecutor)
+    register("loop_nhwc", partial(LoopExecutor, channels_last=True))
+    register("vmap", VmapExecutor)
+    register("grouped", GroupedExecutor)
+    register("grouped_nhwc", partial(GroupedExecutor, channels_last=True))
+    register("auto", AutoExecutor)
+
+
+@hookimpl
+def register_recipes(register: Register) -> None:
+    for recipe in (hne, ensemblenet, multi_exit, irene):
+        register(recipe.__name__, recipe)
+
+
+@hookimpl
+def register_schedules(register: Register) -> None:
+    from ensemblekit.core.stages import joint
+    from ensemblekit.methods.imta.schedule import two_phase
+    from ensemblekit.methods.irene.schedule import irene_schedule, sequential
+
+    register("joint", joint)
+    register("sequential", sequential)
+    register("irene", irene_schedule)
+    register("two_phase", two_phase)

@@ -24,7 +24,8 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import pluggy
 
@@ -83,4 +84,39 @@ def register_backbone_splitters(register: Register) -> None:
     ``model`` into ``num_blocks`` blocks (``None``: its natural stages), or
     returns ``None`` for a model it does not handle. Plugins' splitters are
     tried before the built-in ones, so a plugin can take over a model.
+    """
+
+
+@hookspec
+def register_executors(register: Register) -> None:
+    """Register :class:`~ensemblekit.core.interfaces.Executor` factories.
+
+    ``factory(**options)`` receives the user's options
+    (``ek.wrap(model, execution={"name": "mine", "rounds": 2})`` calls ``factory(rounds=2)``).
+    """
+
+
+@hookspec
+def register_recipes(register: Register) -> None:
+    """Register recipes: functions ``recipe(backbone, **options) -> Ensemble``.
+
+    A recipe configures an ensemble as a paper did and builds it with
+    :func:`ensemblekit.wrap`; configs resolve it by name (``recipe = "hne"``)
+    and call ``recipe(backbone=..., init=..., halting=..., example_input=...,
+    **recipe_options)``. A recipe that passes its ``**kwargs`` on to ``wrap``
+    says so with ``recipe.passes_kwargs_to = ensemblekit.wrap``, so that the
+    option checks accept wrap's keywords.
+    """
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Register training schedules: functions ``schedule(ensemble, settings, **options) -> list[Stage]``.
+
+    A schedule splits training into :class:`~ensemblekit.core.stages.Stage`
+    objects (what trains, which members, which loss and optimizer, how many
+    epochs, a preparation); :func:`ensemblekit.training.trainer.train` runs
+    them in order. ``settings`` is the run's
+    :class:`~ensemblekit.training.config.TrainConfig`; the options come from
+    ``train.stages = {name = ..., **options}`` (``stages = "mine"`` for none).
     """

@@ -21,22 +21,36 @@ Examples:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 import threading
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
+from typing import Any, Literal
 
 import pluggy
 
-import ensemblekit
+from ensemblekit.core.registry import REGISTRIES, Registry, set_loader
+from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
 from ensemblekit.plugins import hookspecs
 
-if TYPE_CHECKING:
-    from ensemblekit.core.registry import Registry
+__all__ = [
+    "BLOCK_ENV",
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "ONLY_ENV",
+    "PluginError",
+    "PluginInfo",
+    "PluginWarning",
+    "load_plugins",
+    "plugin_infos",
+    "register_plugin",
+    "reset_plugins",
+]
 
 BUILTIN_PLUGINS = ("ensemblekit.plugins.builtins",)
 ENTRY_POINT_GROUP = "ensemblekit"
@@ -44,11 +58,11 @@ BLOCK_ENV = "ENSEMBLEKIT_PLUGINS_BLOCK"
 ONLY_ENV = "ENSEMBLEKIT_PLUGINS_ONLY"
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(EnsembleKitWarning):
     """A plugin was skipped because it failed to load; the message says why."""
 
 
-class PluginError(RuntimeError):
+class PluginError(EnsembleKitError, RuntimeError):
     """A plugin given to :func:`register_plugin` failed to load."""
 
 
@@ -98,8 +112,8 @@ def load_plugins() -> None:
         pm.add_hookspecs(hookspecs)
         _manager = pm
         for module_name in BUILTIN_PLUGINS:
-            info = PluginInfo(module_name, "ensemblekit", ensemblekit.__version__, builtin=True)
-            _add(pm, info, lambda m=module_name: importlib.import_module(m))
+            info = PluginInfo(module_name, "ensemblekit", _own_version(), builtin=True)
+            _add(pm, info, functools.partial(importlib.import_module, module_name))
         block, only = _env_names(BLOCK_ENV), _env_names(ONLY_ENV)
         found = _entry_points()
         for ep in found:
@@ -146,6 +160,7 @@ def register_plugin(plugin: object, name: str) -> PluginInfo:
     load_plugins()
     with _lock:
         info = PluginInfo(name)
+        assert _manager is not None  # set by load_plugins()
         if not _add(_manager, info, lambda: plugin, warn=False):
             raise PluginError(f"plugin {name!r} failed to load: {info.error}")
         return info
@@ -185,7 +200,7 @@ def _add(pm: pluggy.PluginManager, info: PluginInfo, load: Callable[[], object],
         return False
     targets = _targets()
     for hook_name, name, factory in staged:
-        targets[hook_name].register(name, factory, plugin=info.name)
+        targets[hook_name].register(name, factory, plugin=info.name, builtin=info.builtin)
         info.components.setdefault(targets[hook_name].kind, []).append(name)
     return True
 
@@ -222,9 +237,22 @@ def _run_hooks(pm: pluggy.PluginManager, plugin: object, plugin_name: str) -> li
 
 def _targets() -> dict[str, Registry]:
     """Hook name -> the registry its registrations go to."""
-    from ensemblekit.core.registry import REGISTRIES
-
     return dict(REGISTRIES)
+
+
+def _skipped_note() -> str:
+    """The plugins not loaded and why, for unknown-name errors ("" when all loaded)."""
+    skipped = [f"{p.name} ({p.error})" for p in plugin_infos() if p.status != "loaded"]
+    if not skipped:
+        return ""
+    return f"Not loaded: {'; '.join(skipped)}. See `ensemblekit plugins`."
+
+
+def _own_version() -> str | None:
+    try:
+        return version("ensemblekit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return None
 
 
 def _entry_points() -> list[EntryPoint]:
@@ -253,3 +281,6 @@ def _warn_unknown_names(block: set[str] | None, only: set[str] | None, installed
             why = ("built-in plugins always load" if name in BUILTIN_PLUGINS
                    else f"no installed plugin is called that (installed: {', '.join(sorted(installed)) or 'none'})")
             warnings.warn(f"{variable} names {name!r}, ignored: {why}", PluginWarning, stacklevel=3)
+
+
+set_loader(load_plugins, _skipped_note)

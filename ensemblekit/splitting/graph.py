@@ -173,7 +173,9 @@ class GraphBlock(nn.Module):
 
     It holds the parameters, buffers and leaf modules its graphs use, under
     their original paths (so ``state_dict`` keys match the backbone's), each
-    exactly once. ``copy.deepcopy`` gives an independent block.
+    exactly once. ``copy.deepcopy`` gives an independent block. It is a
+    :class:`~ensemblekit.core.blocks.TracedBlock`: executors read its
+    :attr:`graphs` to see which operations it performs.
 
     Args:
         root: the module the graphs were traced from.

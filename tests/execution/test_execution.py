@@ -12,19 +12,18 @@ from torch import nn
 
 import ensemblekit as ek
 from ensemblekit.core.blocks import BlockSplit
-from ensemblekit.execution import EXECUTORS, AutoExecutor, make_executor
+from ensemblekit.core.registry import UnknownComponentError
+from ensemblekit.execution import AutoExecutor, LoopExecutor
 from tests.conftest import toy_split
 
-STRATEGIES = sorted(set(EXECUTORS) - {"loop"})
+STRATEGIES = sorted(set(ek.list_components("execution strategy")) - {"loop"})
 TOPOLOGIES = [("tree", {"depth": 2}), ("independent", {"members": 3})]
 
 
 def with_executor(ens: ek.Ensemble, name: str) -> ek.Ensemble:
     """A deep copy of ``ens`` that runs its levels with the strategy ``name``."""
     other = copy.deepcopy(ens)
-    other.execution = name
-    if name == "auto":
-        other._executor = AutoExecutor(rounds=1)  # one timing round: fast tests
+    other.execution = AutoExecutor(rounds=1) if name == "auto" else name  # one timing round: fast tests
     return other
 
 
@@ -150,7 +149,7 @@ def test_grouped_refuses_blocks_that_mix_channels():
         with_executor(ens, "grouped")(torch.randn(2, 3, 8, 8))
     auto, x = with_executor(ens, "auto").eval(), torch.randn(2, 3, 8, 8)
     assert torch.allclose(auto(x), ens.eval()(x), atol=1e-5)
-    assert set(auto._executor.choices.values()) <= {"loop", "loop_nhwc", "vmap"}
+    assert set(auto.executor.choices.values()) <= {"loop", "loop_nhwc", "vmap"}
 
 
 class DataDependent(nn.Module):
@@ -175,7 +174,7 @@ def test_auto_never_chooses_a_strategy_that_fails():
         with_executor(ens, "vmap")(x)
     auto = with_executor(ens, "auto")
     assert torch.allclose(auto(x), ens(x), atol=1e-5)
-    executor: AutoExecutor = auto._executor
+    executor: AutoExecutor = auto.executor
     assert all(t.get("vmap", float("inf")) == float("inf") for t in executor.timings.values())
     assert "vmap" not in executor.choices.values()
 
@@ -193,7 +192,7 @@ def test_auto_measures_once_per_signature_and_leaves_no_trace():
     assert torch.allclose(a, b, atol=1e-5)
     for k, v in loop.state_dict().items():  # timing runs did not move the running statistics
         assert torch.allclose(auto.state_dict()[k].double(), v.double(), atol=1e-6), k
-    executor: AutoExecutor = auto._executor
+    executor: AutoExecutor = auto.executor
     measured = [k for k, t in executor.timings.items() if len(t) > 1]
     assert len(measured) == 3  # one per level (1, 2 and 4 nodes), as the first pass met them
     assert all(set(executor.timings[k]) >= {"loop", "vmap", "grouped"} for k in measured)
@@ -231,7 +230,7 @@ def test_executor_survives_deepcopy_and_pickle(strategy):
         loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
         assert torch.allclose(loaded(x), expected, atol=1e-6)
         assert torch.allclose(copy.deepcopy(ens)(x), expected, atol=1e-6)
-    assert pickle.loads(pickle.dumps(ens._executor)).name == strategy
+    assert pickle.loads(pickle.dumps(ens.executor)).name == strategy
 
 
 def test_inference_cache_follows_parameter_updates():
@@ -294,8 +293,8 @@ def test_costs_are_counted_on_the_plain_nodes():
 
 
 def test_unknown_strategy_lists_the_known_ones():
-    with pytest.raises(ValueError, match="auto.*grouped.*loop.*vmap"):
-        make_executor("fast")
+    with pytest.raises(UnknownComponentError, match="auto.*grouped.*loop.*vmap"):
+        ek.wrap(toy_split(2), "tree", depth=1, execution="fast")
 
 
 def test_assigning_execution_switches_the_strategy():
@@ -303,22 +302,49 @@ def test_assigning_execution_switches_the_strategy():
     x = torch.randn(2, 3, 8, 8)
     before = ens(x)
     ens.execution = "grouped"
-    assert ens.execution == "grouped" and ens._executor.name == "grouped"
+    assert ens.execution == "grouped" and ens.executor.name == "grouped"
     assert torch.allclose(ens(x), before, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown execution strategy 'fast'"):
+    with pytest.raises(ValueError, match="unknown execution strategy 'fast'"):  # an UnknownComponentError
         ens.execution = "fast"
     assert ens.execution == "grouped"
 
 
+@pytest.mark.parametrize("spec", ["loop_nhwc", {"name": "loop", "channels_last": True},
+                                  LoopExecutor(channels_last=True)], ids=["name", "mapping", "object"])
+def test_execution_takes_a_name_a_mapping_or_an_object(spec):
+    torch.manual_seed(0)
+    ens = ek.wrap(toy_split(2), "tree", depth=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    built = ek.wrap(toy_split(2), "tree", depth=1, execution=spec)
+    assert isinstance(built.executor, LoopExecutor) and built.execution == "loop_nhwc"
+    assert ek.Ensemble(toy_split(2), ek.topologies.Tree(depth=1), ek.aggregators.MeanLogits(),
+                       execution=spec).execution == "loop_nhwc"
+    expected = ens(x)
+    ens.execution = spec
+    assert ens.execution == "loop_nhwc"
+    assert torch.allclose(ens(x), expected, atol=1e-5)
+
+
+def test_an_executor_object_is_used_as_given():
+    auto = AutoExecutor(candidates=("loop", "vmap"), rounds=1)
+    ens = ek.wrap(toy_split(2), "tree", depth=1, execution=auto)
+    assert ens.executor is auto
+    ens(torch.randn(2, 3, 8, 8))
+    assert set(auto.choices.values()) <= {"loop", "vmap"} and len(auto.plans) == 1
+    with pytest.raises(TypeError, match="option rounds=0.5 is not of type int"):
+        ens.execution = {"name": "auto", "rounds": 0.5}
+    assert ens.executor is auto
+
+
 def test_auto_keeps_the_fastest_whole_pass_plan(monkeypatch):
     """A plan that only wins as a chain (here: made the fastest) replaces the per-level choices."""
-    import ensemblekit.execution as execution
+    import ensemblekit.execution.auto as execution
 
     torch.manual_seed(0)
     ens = ek.wrap(toy_split(3), "tree", depth=2).train()
     auto = with_executor(ens, "auto")
     reference = copy.deepcopy(ens)
-    executor: AutoExecutor = auto._executor
+    executor: AutoExecutor = auto.executor
     real_time_pass = execution._time_pass
 
     def grouped_is_fastest(run_pass, params, device):
@@ -340,3 +366,18 @@ def test_auto_keeps_the_fastest_whole_pass_plan(monkeypatch):
         assert torch.allclose(a.grad, b.grad, atol=1e-4), name
     for (name, a), b in zip(auto.named_buffers(), reference.buffers()):  # tuning left no trace
         assert torch.allclose(a.double(), b.double(), atol=1e-6), name
+
+
+def test_grouped_reads_the_graphs_of_traced_blocks():
+    """Graph blocks show their fx graphs through the core's TracedBlock protocol (no import of splitting)."""
+    from ensemblekit.core.blocks import TracedBlock
+    from ensemblekit.execution.grouped import GroupedExecutor
+    from ensemblekit.splitting.graph import GraphBlock, PathTracer, trace_modes
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+    block = GraphBlock(model, trace_modes(model, PathTracer).graphs)
+    assert isinstance(block, TracedBlock) and not isinstance(model[0], TracedBlock)
+    x = torch.randn(2, 3, 8, 8)
+    assert GroupedExecutor().unsupported([block, copy.deepcopy(block)], [x, x]) is None
+    flat = GraphBlock(nn.Sequential(nn.Flatten()), trace_modes(nn.Sequential(nn.Flatten()), PathTracer).graphs)
+    assert "Flatten" in GroupedExecutor().unsupported([flat, copy.deepcopy(flat)], [x, x])

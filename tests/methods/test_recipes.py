@@ -47,13 +47,13 @@ def test_hne_is_a_distilled_tree_with_mean_of_logits():
     assert ens.num_members == 4 and ens.nested_sizes == (1, 2, 4)
     assert isinstance(ens.aggregator, MeanLogits)
     loss = ens.loss_strategy
-    assert isinstance(loss, HierarchicalDistillation) and (loss.alpha, loss.T) == (0.5, 2.0)
+    assert isinstance(loss, HierarchicalDistillation) and (loss.alpha, loss.temperature) == (0.5, 2.0)
     assert ens(X).shape == (2, 10)
 
 
 def test_hne_options():
-    ens = ek.recipes.hne(backbone(), depth=1, branching=3, alpha=0.2, T=4.0)
-    assert ens.num_members == 3 and (ens.loss_strategy.alpha, ens.loss_strategy.T) == (0.2, 4.0)
+    ens = ek.recipes.hne(backbone(), depth=1, branching=3, alpha=0.2, temperature=4.0)
+    assert ens.num_members == 3 and (ens.loss_strategy.alpha, ens.loss_strategy.temperature) == (0.2, 4.0)
     ablation = ek.recipes.hne(backbone(), depth=1, loss="nested")
     assert type(ablation.loss_strategy).__name__ == "NestedCE"
     with pytest.raises(TypeError, match="fixes the aggregator"):
@@ -116,3 +116,60 @@ def test_node_and_head_overrides_of_the_core():
     assert ens.nodes[2] is special
     with pytest.raises(ValueError, match="node_modules has index 7"):
         Ensemble(split, Tree(1), MeanLogits(), node_modules={7: special})
+
+
+def test_recipes_are_registered_components():
+    from ensemblekit.core.registry import RECIPES
+
+    assert set(ek.list_components("recipe")) >= {"hne", "ensemblenet", "multi_exit", "irene"}
+    for name in ("hne", "ensemblenet", "multi_exit", "irene"):
+        assert RECIPES.get(name).factory is getattr(ek.recipes, name)
+        assert RECIPES.get(name).builtin
+
+
+def test_every_ensemble_is_built_by_wrap(monkeypatch):
+    import importlib
+
+    import ensemblekit.build
+
+    module = importlib.import_module("ensemblekit.methods.ensemblenet")  # the package's attribute is the function
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return ensemblekit.build.wrap(*args, **kwargs)
+
+    monkeypatch.setattr(module, "wrap", spy)
+    ens = ek.recipes.ensemblenet(backbone(), branches=2, execution="vmap")
+    assert len(calls) == 1 and set(calls[0]["node_modules"]) and set(calls[0]["head_modules"]) == {0, 1}
+    assert ens.execution == "vmap" and all(ens.nodes[i] is m for i, m in calls[0]["node_modules"].items())
+
+
+TINY = {"backbone": "resnet10t", "num_classes": 3, "image_size": 16,
+        "backbone_options": {"stem_width": 8, "channels": [8, 16, 16, 16]}}
+
+
+@pytest.mark.parametrize(("recipe", "options", "members"), [
+    ("hne", {"depth": 1, "alpha": 0.3, "execution": "vmap"}, 2),
+    ("multi_exit", {"exits": [2, 4], "ofa": True}, 2),
+    ("irene", {"members": 2, "cost_weight": 0.1}, 2),
+])
+def test_a_config_resolves_its_recipe_by_name(recipe, options, members):
+    from ensemblekit.training.config import ModelConfig, build_ensemble
+
+    ens = build_ensemble(ModelConfig(**TINY, recipe=recipe, recipe_options=options))
+    assert ens.num_members == members
+    assert ens.execution == options.get("execution", "loop")
+    assert ens(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"leaves": 4}, "model.recipe_options: recipe 'hne' does not take leaves; it takes: depth, branching, alpha, temperature"),
+    ({"depth": "two"}, "model.recipe_options: recipe 'hne': option depth='two' is not of type int"),
+    ({"init": "copy"}, "model.recipe_options cannot set init: the config passes"),
+])
+def test_recipe_options_are_checked_by_the_registry(options, message):
+    from ensemblekit.training.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
+        ModelConfig(**TINY, recipe="hne", recipe_options=options)

@@ -13,12 +13,14 @@ from torch import Tensor
 from ensemblekit import hookimpl
 from ensemblekit.components.aggregators import MeanLogits
 from ensemblekit.core.interfaces import AggregatorState, HaltingPolicy, HaltingStep, LossResult, LossStrategy
+from ensemblekit.core.registry import REGISTRIES
 from ensemblekit.plugins.manager import register_plugin
 from ensemblekit.testing import (
     ConformanceError,
     build,
     check_aggregator,
     check_component,
+    check_executor,
     check_halting_policy,
     check_loss,
     check_splitter,
@@ -26,6 +28,7 @@ from ensemblekit.testing import (
     registered_components,
 )
 from ensemblekit.components.topologies import Tree
+from ensemblekit.execution import LoopExecutor
 
 COMPONENTS = registered_components()
 
@@ -45,7 +48,9 @@ def test_registered_component_obeys_its_interface(kind, name):
 
 
 def test_every_kind_is_covered():
-    assert {kind for kind, _ in COMPONENTS} == {"topology", "aggregator", "loss", "halting policy", "splitter"}
+    assert {kind for kind, _ in COMPONENTS} == {registry.kind for registry in REGISTRIES.values()}
+    assert {"topology", "aggregator", "loss", "halting policy", "splitter", "execution strategy", "recipe"} <= {
+        kind for kind, _ in COMPONENTS}
 
 
 class Drifting(MeanLogits):
@@ -92,6 +97,19 @@ class PerMember(LossStrategy):
 def test_checks_catch_contract_violations(check, component, message):
     with pytest.raises(ConformanceError, match=message):
         check(component)
+
+
+class Reversed(LoopExecutor):
+    """Gives each node the input of the node after it: not what the loop computes."""
+
+    def run(self, modules, inputs):
+        return super().run(modules, list(reversed(inputs)))
+
+
+def test_executor_check_compares_with_the_loop():
+    check_executor(LoopExecutor(channels_last=True))
+    with pytest.raises(ConformanceError, match="member logits in eval mode vs the loop's"):
+        check_executor(Reversed())
 
 
 def test_splitter_must_decline_models_it_does_not_handle():

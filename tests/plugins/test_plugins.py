@@ -16,6 +16,8 @@ import ensemblekit as ek
 from ensemblekit import hookimpl
 from ensemblekit.components.aggregators import MeanLogits, MeanProbs
 from ensemblekit.cli.main import main
+from ensemblekit.core.blocks import call_block
+from ensemblekit.core.interfaces import Executor
 from ensemblekit.plugins.manager import (
     BLOCK_ENV,
     ONLY_ENV,
@@ -382,3 +384,79 @@ def test_conformance_helpers_are_usable_by_plugin_authors():
     register_plugin(Inline(), "inline")
     check_component("aggregator", "inline_mean")
     check_component("topology", "inline_tree")
+
+
+# ------------------------------------------------------- executors and recipes
+class ReverseLoop(Executor):
+    """Runs the nodes of a level last to first (the same results as the loop), counting the levels."""
+
+    name = "reverse_loop"
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self._levels = 0  # private: pickling keeps only the constructor's arguments
+
+    @property
+    def levels(self) -> int:
+        return self._levels
+
+    def run(self, modules, inputs):
+        self._levels += 1
+        outputs = [call_block(m, s) for m, s in zip(reversed(modules), reversed(inputs))]
+        return outputs[::-1]
+
+
+def soft_tree(backbone, depth: int = 1, **options):
+    """A tree whose members are averaged in probability; other options go to wrap()."""
+    return ek.wrap(backbone, "tree", depth=depth, aggregator="mean_probs", **options)
+
+
+soft_tree.passes_kwargs_to = ek.wrap
+
+
+class ExecutorAndRecipe:
+    @hookimpl
+    def register_executors(self, register):
+        register("reverse_loop", ReverseLoop)
+
+    @hookimpl
+    def register_recipes(self, register):
+        register("soft_tree", soft_tree)
+
+
+TINY = {"backbone": "resnet10t", "num_classes": 3, "image_size": 16,
+        "backbone_options": {"stem_width": 8, "channels": [8, 16, 16, 16]}}
+
+
+def test_plugin_adds_an_executor_and_a_recipe():
+    from ensemblekit.testing import check_component
+
+    registered = register_plugin(ExecutorAndRecipe(), "mine")
+    assert registered.components == {"execution strategy": ["reverse_loop"], "recipe": ["soft_tree"]}
+    assert "reverse_loop" in ek.list_components("execution strategy") and "soft_tree" in ek.list_components("recipe")
+    check_component("execution strategy", "reverse_loop")
+    ens = ek.wrap(toy_split(3), "tree", depth=2, execution={"name": "reverse_loop", "label": "x"}).eval()
+    assert ens.execution == "reverse_loop" and ens.executor.label == "x"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = ens(x)
+        ens.execution = "loop"
+        assert torch.allclose(ens(x), out, atol=1e-6)
+    by_recipe = ek.recipes.hne(toy_split(2), depth=1, execution="reverse_loop")
+    assert by_recipe.execution == "reverse_loop"
+    by_recipe(torch.randn(2, 3, 8, 8))
+    assert by_recipe.executor.levels == 2
+
+
+def test_config_resolves_a_plugin_recipe_by_name():
+    from ensemblekit.training.config import ConfigError, ModelConfig, build_ensemble
+
+    register_plugin(ExecutorAndRecipe(), "mine")
+    config = ModelConfig(**TINY, recipe="soft_tree", recipe_options={"depth": 2, "execution": "reverse_loop"})
+    ens = build_ensemble(config)
+    assert ens.num_members == 4 and isinstance(ens.aggregator, MeanProbs) and ens.execution == "reverse_loop"
+    with pytest.raises(ConfigError, match="model.recipe_options: recipe 'soft_tree' does not take leaves; it takes: "
+                                          "depth, aggregator, loss, num_classes"):
+        ModelConfig(**TINY, recipe="soft_tree", recipe_options={"leaves": 2})
+    with pytest.raises(ConfigError, match="model.recipe must be one of .*'soft_tree'"):
+        ModelConfig(**TINY, recipe="soft_trees")
