@@ -8,10 +8,12 @@ from typing import Any
 import timm
 from torch import nn
 
+from ensemblekit.errors import EnsembleKitError
+
 __all__ = ["UnknownBackboneError", "create_backbone"]
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(EnsembleKitError, ValueError):
     """A name that is not a timm model; the message lists close matches."""
 
 

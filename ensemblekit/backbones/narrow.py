@@ -13,6 +13,7 @@ import torch
 from timm.layers import make_divisible
 from torch import nn
 
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.splitting.errors import SplitError
 from ensemblekit.splitting.timm import fixed_input_size, img_size_attr, input_channels, model_arch
 
@@ -25,7 +26,7 @@ WIDTH_ARGS = ("channels", "embed_dim", "embed_dims", "dims", "widths", "width_fa
 _MULTIPLIERS = ("width_factor", "width_mult")
 
 
-class _Captured(Exception):
+class _Captured(EnsembleKitError):
     def __init__(self, model_cls: Any, kwargs: dict) -> None:
         super().__init__("captured")
         self.model_cls, self.kwargs = model_cls, kwargs

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ensemblekit.core.timing import synchronize
+
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """Allocator setting of the measuring child: large blocks are unmapped when freed."""
 
@@ -67,9 +69,8 @@ def child() -> None:
 
 
 def _measure_models(settings: Any, device: torch.device) -> dict[str, dict[str, int]]:
-    import timm
-
     import ensemblekit as ek
+    from ensemblekit.backbones import create_backbone
 
     s = settings
     generator = torch.Generator().manual_seed(0)
@@ -77,7 +78,7 @@ def _measure_models(settings: Any, device: torch.device) -> dict[str, dict[str, 
     y = torch.randint(0, s.num_classes, (s.batch_size,), generator=generator).to(device)
 
     def model() -> nn.Module:
-        return timm.create_model(s.model, pretrained=False, num_classes=s.num_classes, **s.model_args).to(device)
+        return create_backbone(s.model, num_classes=s.num_classes, **s.model_args).to(device)
 
     out = {}
     tree = ek.wrap(model(), "tree", depth=s.depth, example_input=x[:1]).to(device)
@@ -113,11 +114,11 @@ def _peak(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes above what is resident before ``fn()``."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident size to the current one

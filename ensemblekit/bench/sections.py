@@ -31,9 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ensemblekit as ek
-from ensemblekit.execution import EXECUTORS, AutoExecutor
+from ensemblekit.backbones import create_backbone
 from ensemblekit.core.flops import count_flops
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+from ensemblekit.core.timing import timed
+from ensemblekit.execution import CANDIDATES, AutoExecutor
+from ensemblekit.training.trainer import training_step
 
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 """glibc malloc settings that keep large activations mapped between calls."""
@@ -42,7 +45,7 @@ REEXEC_FLAG = "ENSEMBLEKIT_BENCH_REEXECUTED"
 """Set in the environment of a bench that re-executed itself with :data:`ALLOCATOR_ENV`."""
 
 SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
-STRATEGIES = tuple(name for name in EXECUTORS if name != "auto")
+STRATEGIES = CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -188,10 +191,8 @@ class Bench:
         self.out(str(line))
 
     def model(self) -> nn.Module:
-        import timm
-
         s = self.settings
-        return timm.create_model(s.model, pretrained=False, num_classes=s.num_classes, **s.model_args).to(self.device)
+        return create_backbone(s.model, num_classes=s.num_classes, **s.model_args).to(self.device)
 
     def wrap(self, topology: str, execution: str = "auto", **options: Any) -> ek.Ensemble:
         return ek.wrap(self.model(), topology, execution=execution, example_input=self.x[:1],
@@ -204,10 +205,6 @@ class Bench:
             self._tree = self.wrap("tree", depth=self.settings.depth)
         return self._tree
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def time(self, variants: dict[str, Callable[[], Any]], rounds: int | None = None) -> dict[str, float]:
         """Median seconds per call of each variant: warm-up, then interleaved rounds."""
         for fn in variants.values():
@@ -216,11 +213,7 @@ class Bench:
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(rounds or self.settings.rounds):
             for k, fn in variants.items():
-                self.sync()
-                start = time.perf_counter()
-                fn()
-                self.sync()
-                times[k].append(time.perf_counter() - start)
+                times[k].append(timed(fn, self.device)[1])
         return {k: statistics.median(v) for k, v in times.items()}
 
     def inference(self, fn: Callable[[Tensor], Any], x: Tensor | None = None) -> Callable[[], Any]:
@@ -234,7 +227,10 @@ class Bench:
 
     def train_step(self, modules: Iterable[nn.Module], loss: Callable[[Tensor, Tensor], Tensor],
                    x: Tensor | None = None) -> Callable[[], None]:
-        """One SGD step (forward, loss, backward, update) of ``modules`` under ``loss(x, y)``."""
+        """One SGD step (clear gradients, forward, loss, backward, update) of ``modules`` under ``loss(x, y)``.
+
+        The step is the trainer's (:func:`~ensemblekit.training.trainer.training_step`).
+        """
         modules = list(modules)
         optimizer = self.optimizer(modules)
         x = self.x if x is None else x
@@ -242,9 +238,7 @@ class Bench:
         def step() -> None:
             for m in modules:
                 m.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss(x, self.y).backward()
-            optimizer.step()
+            training_step(lambda: loss(x, self.y), [optimizer])
 
         return step
 

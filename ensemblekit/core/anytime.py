@@ -6,7 +6,8 @@ iterating over all members costs one evaluation of every node plus one
 aggregation update per member. The caller may stop at any step; the iterator
 stops by itself at a FLOPs budget, a member count or a wall-clock deadline.
 
-Deadline semantics (shared with :class:`ensemblekit.components.halting.Deadline`):
+Deadline semantics (one rule, :mod:`ensemblekit.core.timing`, shared with
+:class:`ensemblekit.components.halting.Deadline`):
 
 * the clock starts when work starts (the first ``next()``), after the
   ensemble's cost table is measured (once per ensemble, cached);
@@ -27,12 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from time import perf_counter
 
 import torch
 from torch import Tensor
 
 from ensemblekit.core.cache import NodeCache
+from ensemblekit.core.timing import Clock, DeadlineTimer, overruns
+
+__all__ = ["AnytimeStep", "Clock", "anytime", "overruns"]
 
 
 @dataclass
@@ -52,43 +55,6 @@ class AnytimeStep:
     members: int
     flops: int
     seconds: float
-
-
-class Clock:
-    """Seconds since construction; on CUDA or MPS, after the queued work is done.
-
-    Args:
-        device: where the timed work runs.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = perf_counter()
-
-    def __call__(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
-        return perf_counter() - self.start
-
-
-def overruns(deadline: float, elapsed: float, compute_seconds: float, flops_done: float, flops_next: float) -> bool:
-    """Whether a member adding ``flops_next`` FLOPs would finish after ``deadline``.
-
-    Its time is predicted as ``compute_seconds / flops_done`` (seconds per
-    FLOP measured so far) times ``flops_next``; with no FLOPs counted yet the
-    prediction is 0 and only ``elapsed >= deadline`` stops.
-
-    Args:
-        deadline: seconds allowed since the start.
-        elapsed: seconds since the start.
-        compute_seconds: seconds spent computing the members so far.
-        flops_done: FLOPs per image of the members so far.
-        flops_next: FLOPs per image the next member adds.
-    """
-    rate = compute_seconds / flops_done if flops_done > 0 else 0.0
-    return elapsed >= deadline or elapsed + rate * flops_next > deadline
 
 
 def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
@@ -125,20 +91,18 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
 
 def _steps(ensemble, cache, prefix_flops: list[int], limit: int, deadline: float | None,
            max_flops: float | None) -> Iterator[AnytimeStep]:
-    clock = Clock(cache.input.device)
-    compute, state = 0.0, None
+    timer = DeadlineTimer(deadline, cache.input.device)
+    state = None
     for k in range(limit):
-        begun = clock()
+        begun = timer.begin()
         if k > 0:
             if max_flops is not None and prefix_flops[k] > max_flops:
                 return
-            if deadline is not None and overruns(deadline, begun, compute, prefix_flops[k - 1],
-                                                 prefix_flops[k] - prefix_flops[k - 1]):
+            if timer.overruns(begun, prefix_flops[k - 1], prefix_flops[k] - prefix_flops[k - 1]):
                 return
         with torch.no_grad():
             logits = ensemble.member_logits(cache, k)
             state = ensemble.aggregator.update(state, logits, k)
             prediction = ensemble.aggregator.value(state)
-        done = clock()
-        compute += done - begun
+        done = timer.end()
         yield AnytimeStep(prediction, logits, k + 1, prefix_flops[k], done)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +31,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from ensemblekit.components.halting.budgeted import Budgeted, iter_batches, prefix_predictions
+from ensemblekit.components.halting.budgeted import Budgeted, prefix_predictions
 from ensemblekit.components.halting.fixed import Fixed
+from ensemblekit.core.loaders import iter_batches
+from ensemblekit.core.timing import timed
+from ensemblekit.evaluation.formatting import format_si
 from ensemblekit.evaluation.reports import Report, anytime_report, save_accuracy_figure
+
+__all__ = ["AUTHORS_QS", "BudgetPoint", "BudgetReport", "budget_sweep", "plot_budget"]
 
 AUTHORS_QS = tuple(p / 20 for p in range(1, 41))
 """The budget parameters of the IMTA code's dynamic evaluation: ``q = p / 20``, ``p = 1..40``."""
@@ -105,7 +109,7 @@ class BudgetReport:
     def table(self, title: str | None = None) -> str:
         """One row per budget: predicted vs measured FLOPs saving next to the measured time saving."""
         title = title or (f"budgeted batch classification, {self.num_samples} test samples, batch {self.batch_size}; "
-                          f"all members: {_eng(self.full_flops)} FLOPs, {self.full_seconds:.3f} s")
+                          f"all members: {format_si(self.full_flops)} FLOPs, {self.full_seconds:.3f} s")
         table = Table(box=box.MARKDOWN, title=title)
         for name in ("q", "val acc %", "test acc %", "members", "predicted FLOPs", "test FLOPs",
                      "FLOPs saved %", "seconds", "time saved %"):
@@ -113,7 +117,7 @@ class BudgetReport:
         for p in self.points:
             table.add_row(
                 f"{p.q:.3g}", f"{100 * p.held_out_accuracy:.2f}", f"{100 * p.accuracy:.2f}", f"{p.members:.2f}",
-                _eng(p.expected_flops), _eng(p.flops), f"{100 * (1 - p.flops / self.full_flops):.1f}",
+                format_si(p.expected_flops), format_si(p.flops), f"{100 * (1 - p.flops / self.full_flops):.1f}",
                 f"{p.seconds:.3f}", f"{100 * (1 - p.seconds / self.full_seconds):.1f}",
             )
         buffer = io.StringIO()
@@ -125,26 +129,14 @@ def _finite(x: float) -> float | str:
     return x if abs(x) != float("inf") else ("inf" if x > 0 else "-inf")
 
 
-def _eng(x: float) -> str:
-    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.4g}"
-
-
 def _timed_predict(ensemble: Any, batches: list[tuple[Tensor, Tensor]], policy: Any,
                    repeats: int = 1) -> tuple[Any, float]:
     """``predict`` over every batch; returns the concatenated results and the fastest of ``repeats`` timings."""
     device = next(ensemble.parameters()).device
     seconds = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        results = [ensemble.predict(x, halting=policy) for x, _ in batches]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = min(seconds, time.perf_counter() - start)
+        results, elapsed = timed(lambda: [ensemble.predict(x, halting=policy) for x, _ in batches], device)
+        seconds = min(seconds, elapsed)
     prediction = torch.cat([r.prediction for r in results]).cpu()
     used = torch.cat([r.members_used for r in results]).cpu()
     flops = torch.cat([r.flops for r in results]).cpu()

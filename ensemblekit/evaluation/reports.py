@@ -34,6 +34,17 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from ensemblekit.core.interfaces import Aggregator
+from ensemblekit.core.loaders import iter_batches
+from ensemblekit.evaluation.formatting import format_si
+
+__all__ = [
+    "ECE_BINS",
+    "Report",
+    "anytime_report",
+    "collect_members",
+    "plot_accuracy_vs_flops",
+    "save_accuracy_figure",
+]
 
 ECE_BINS = 15
 
@@ -46,7 +57,8 @@ def collect_members(
     Args:
         fn: maps a batch of images to member logits ``[B, M, C]`` (or to an
             object with a ``members`` attribute, such as an ``EnsembleOutput``).
-        loader: yields ``(images, labels, ...)`` batches.
+        loader: yields ``(images, labels, ...)`` batches (or an ``(images,
+            labels)`` pair of tensors, cut into batches of 256).
         device: where ``fn`` runs; images are moved there.
 
     Returns:
@@ -60,8 +72,7 @@ def collect_members(
     """
     all_members, all_labels = [], []
     with torch.inference_mode():
-        for batch in loader:
-            images, labels = batch[0], batch[1]
+        for images, labels in iter_batches(loader):
             out = fn(images.to(device))
             out = getattr(out, "members", out)
             if not isinstance(out, Tensor) or out.ndim != 3 or out.shape[0] != len(labels):
@@ -185,9 +196,9 @@ class Report:
         for k in range(self.num_members):
             cost = []
             if self.prefix_flops is not None:
-                cost.append(_eng(self.prefix_flops[k]))
+                cost.append(format_si(self.prefix_flops[k]))
             if self.prefix_params is not None:
-                cost.append(_eng(self.prefix_params[k]))
+                cost.append(format_si(self.prefix_params[k]))
             div = self.prefix_diversity[k]
             table.add_row(
                 str(k + 1),
@@ -201,13 +212,6 @@ class Report:
         buffer = io.StringIO()
         Console(file=buffer, width=200, color_system=None, force_terminal=False).print(table)
         return "\n".join(line.rstrip() for line in buffer.getvalue().strip("\n").splitlines()) + "\n"
-
-
-def _eng(x: float) -> str:
-    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.4g}"
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -16,17 +16,19 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ensemblekit.core.blocks import BlockSplit
-from ensemblekit.splitting.errors import SplitError
-from ensemblekit.splitting.sequential import Chain, split_sequential
+from ensemblekit.errors import SplitError
+from ensemblekit.splitting.sequential import BlockSequence, split_sequential
 from ensemblekit.splitting.timm import split_timm
 
 __all__ = [
-    "Chain",
+    "BlockSequence",
     "SplitError",
     "Splitter",
     "register_splitter",
@@ -37,7 +39,7 @@ __all__ = [
     "unregister_splitter",
 ]
 
-Splitter = Callable[[Any, Optional[int], Optional[torch.Tensor]], Optional[BlockSplit]]
+Splitter = Callable[[Any, int | None, torch.Tensor | None], BlockSplit | None]
 """``(model, num_blocks, example_input) -> BlockSplit | None``."""
 
 
@@ -120,3 +122,11 @@ def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Ten
         "registered splitter handles it; pass an nn.Sequential of blocks or a list of modules "
         "[block0, block1, ..., head] (the last module is the head)"
     )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Chain":
+        warnings.warn("ensemblekit.splitting.Chain is now BlockSequence (ek.topologies.Chain is the "
+                      "multi-exit topology); import BlockSequence", DeprecationWarning, stacklevel=2)
+        return BlockSequence
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

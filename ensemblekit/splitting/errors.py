@@ -1,7 +1,7 @@
-"""The one exception the splitters raise."""
+"""The one exception the splitters raise (defined in :mod:`ensemblekit.errors`, kept importable here)."""
 
 from __future__ import annotations
 
+from ensemblekit.errors import SplitError
 
-class SplitError(ValueError):
-    """A model cannot be cut into blocks as asked; the message says why and what to pass instead."""
+__all__ = ["SplitError"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -13,19 +14,23 @@ from ensemblekit.splitting.balance import balance
 from ensemblekit.splitting.errors import SplitError
 from ensemblekit.splitting.graph import training_mode
 
+__all__ = ["BlockSequence", "split_sequential"]
+
 _FORMATS: dict[int, FeatureFormat] = {4: "NCHW", 3: "NLC", 2: "NC"}
 
 
-class Chain(nn.Sequential):
+class BlockSequence(nn.Sequential):
     """An ``nn.Sequential`` whose elements may pass tuple states.
 
     A tuple returned by one element is unpacked into the arguments of the
-    next (as :func:`~ensemblekit.core.blocks.call_block` does), so a chain of
-    blocks is itself a block.
+    next (as :func:`~ensemblekit.core.blocks.call_block` does), so a sequence
+    of blocks is itself a block. (Formerly ``Chain``, a name that stays
+    importable with a ``DeprecationWarning``; the multi-exit topology is
+    :class:`ensemblekit.components.topologies.Chain`.)
 
     Examples:
-        >>> chain = Chain(nn.Linear(2, 3), nn.ReLU())
-        >>> chain(torch.zeros(1, 2)).shape
+        >>> seq = BlockSequence(nn.Linear(2, 3), nn.ReLU())
+        >>> seq(torch.zeros(1, 2)).shape
         torch.Size([1, 3])
     """
 
@@ -151,7 +156,7 @@ def split_sequential(model: Any, num_blocks: int | None = None, *,
             flops, piece_states = _run([m for _, m in pieces], x, flops=True)
             ends = balance(flops, num_blocks)
             spans = list(zip([0, *ends[:-1]], ends))
-            blocks = [pieces[a][1] if b - a == 1 else Chain(*(m for _, m in pieces[a:b])) for a, b in spans]
+            blocks = [pieces[a][1] if b - a == 1 else BlockSequence(*(m for _, m in pieces[a:b])) for a, b in spans]
             names = [pieces[a][0] if b - a == 1 else f"{pieces[a][0]}..{pieces[b - 1][0]}" for a, b in spans]
             states = [piece_states[b - 1] for b in ends]
         with torch.no_grad():
@@ -168,3 +173,11 @@ def split_sequential(model: Any, num_blocks: int | None = None, *,
         in_chans=int(x.shape[1]) if x.dim() >= 2 else None,
         **({"example_size": size} if size else {}),
     )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Chain":
+        warnings.warn("ensemblekit.splitting's Chain is now BlockSequence (ek.topologies.Chain is the "
+                      "multi-exit topology); import BlockSequence", DeprecationWarning, stacklevel=2)
+        return BlockSequence
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ Decisions (see ``docs/distributed.md``):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -142,12 +142,16 @@ class TrainStep(nn.Module):
     parameter the loss reaches.
     """
 
-    def __init__(self, ensemble: nn.Module):
+    def __init__(self, ensemble: nn.Module, members: Sequence[int] | None = None):
         super().__init__()
         self.ensemble = ensemble
+        self.members = None if members is None else list(members)  # evaluated members (a stage's); None: all
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[EnsembleOutput, LossResult]:
-        output = self.ensemble.forward_output(x)
+        if self.members is None:
+            output = self.ensemble.forward_output(x)
+        else:
+            output = self.ensemble.forward_output(x, members=self.members)
         return output, self.ensemble.loss(output, y)
 
 
@@ -180,6 +184,7 @@ def data_parallel(
     sync_batchnorm: bool = False,
     find_unused_parameters: bool | None = None,
     probe: tuple[Tensor, Tensor] | None = None,
+    members: Sequence[int] | None = None,
 ) -> nn.Module:
     """The :class:`TrainStep` of ``ensemble``, wrapped in DDP when there are several processes.
 
@@ -192,6 +197,7 @@ def data_parallel(
             its synchronised form, so statistics cover the global batch (CUDA only).
         find_unused_parameters: DDP's option; None decides with
             :func:`has_unused_parameters` on ``probe`` (a local batch).
+        members: the members the forward pass evaluates (a training stage's); None: all.
 
     Raises:
         ValueError: ``sync_batchnorm`` on a CPU, or None for
@@ -201,11 +207,11 @@ def data_parallel(
         if device.type != "cuda":
             raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
                              "train with device='cuda' or turn sync_batchnorm off")
-        from timm.layers import convert_sync_batchnorm
+        from ensemblekit.backbones.sync_batchnorm import convert_sync_batchnorm
 
         for name, child in list(ensemble.named_children()):
             ensemble.add_module(name, convert_sync_batchnorm(child))
-    step = TrainStep(ensemble)
+    step = TrainStep(ensemble, members)
     if not env.enabled:
         return step
     _check_same_parameters(step, env)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import ensemblekit as ek
 from ensemblekit.components.aggregators import MeanLogits, MeanProbs
-from ensemblekit.core.interfaces import EnsembleOutput
 from ensemblekit.components.losses import BUILTIN_LOSSES
+from ensemblekit.core.interfaces import EnsembleOutput
 from ensemblekit.core.registry import LOSSES
 from tests.conftest import toy_split
 
@@ -43,7 +43,7 @@ def reference(name, z, y, sizes, opts):
     zd = z.detach()
     l_i = sum(ce(z[:, i], y) for i in range(n))
     l_s = sum(ce(mean_logits(z, s), y) for s in sizes)
-    alpha, t = opts.get("alpha", 0.5), opts.get("T", 2.0)
+    alpha, t = opts.get("alpha", 0.5), opts.get("temperature", 2.0)
     if name == "independent":
         return l_i
     if name == "nested":
@@ -68,9 +68,9 @@ CASES = [
     ("nested", {}),
     ("independent+nested", {}),
     ("codistillation", {}),
-    ("codistillation", {"alpha": 0.3, "T": 4.0}),
+    ("codistillation", {"alpha": 0.3, "temperature": 4.0}),
     ("hierarchical_distillation", {}),
-    ("hierarchical_distillation", {"alpha": 1.0, "T": 1.0}),
+    ("hierarchical_distillation", {"alpha": 1.0, "temperature": 1.0}),
     ("ensemblenet_ensembling", {}),
     ("ensemblenet_ensembling", {"lam": 0.5}),
     ("ensemblenet_codistillation", {}),
@@ -108,7 +108,7 @@ def test_no_gradient_flows_through_the_teacher(n, t, seed):
     z = torch.randn(4, n, 3, generator=g, dtype=torch.float64).requires_grad_()
     y = torch.randint(0, 3, (4,), generator=g)
     out = EnsembleOutput(z, MeanLogits(), tuple(range(1, n + 1)))
-    total = ek.losses.CoDistillation(alpha=1.0, T=t)(out, y).total
+    total = ek.losses.CoDistillation(alpha=1.0, temperature=t)(out, y).total
     (grad,) = torch.autograd.grad(total, z)
     teacher = torch.softmax(z.detach().mean(1, keepdim=True) / t, -1)
     expected = t * (torch.softmax(z.detach() / t, -1) - teacher) / 4
@@ -177,7 +177,7 @@ def test_single_member_hierarchical_distillation_is_scaled_independent():
 
 
 @pytest.mark.parametrize(("name", "bad"), [("codistillation", {"alpha": 1.5}),
-                                            ("hierarchical_distillation", {"T": 0}),
+                                            ("hierarchical_distillation", {"temperature": 0}),
                                             ("ensemblenet_codistillation", {"mu": -1})])
 def test_bad_options_are_rejected(name, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -193,3 +193,46 @@ def test_every_loss_trains_a_wrapped_ensemble(name):
     result.total.backward()
     assert torch.isfinite(result.total)
     assert all(p.grad is not None for p in ens.parameters())
+
+
+# ------------------------------------------------------------ renamed keywords
+@pytest.mark.parametrize("cls", [ek.losses.CoDistillation, ek.losses.HierarchicalDistillation])
+def test_T_is_a_deprecated_name_of_temperature(cls):
+    with pytest.warns(DeprecationWarning, match=r"\(T=\.\.\.\) is deprecated; pass temperature"):
+        loss = cls(alpha=0.3, T=4.0)
+    assert loss.temperature == 4.0 and loss.alpha == 0.3
+    with pytest.warns(DeprecationWarning, match="use .temperature"):
+        assert loss.T == 4.0
+    with pytest.warns(DeprecationWarning):
+        by_name = LOSSES.create({"name": "hierarchical_distillation", "T": 3.0})  # configs written before
+    assert by_name.temperature == 3.0
+    with pytest.raises(ValueError, match="temperature must be > 0"), pytest.warns(DeprecationWarning):
+        cls(T=0.0)
+    torch.manual_seed(5)
+    out, y = EnsembleOutput(torch.randn(4, 4, 3), MeanLogits(), (1, 2, 4)), torch.tensor([0, 1, 2, 0])
+    with pytest.warns(DeprecationWarning):
+        old = cls(0.3, T=4.0)(out, y).total
+    assert torch.equal(old, cls(0.3, 4.0)(out, y).total)
+
+
+def test_alpha_is_the_distillation_weight_in_every_loss():
+    """MultiExitLoss's alpha weighs the KD term, as in the HNE losses; ce_weight keeps the old meaning."""
+    from ensemblekit.components.losses import MultiExitLoss
+    from ensemblekit.functional import kd_loss
+
+    torch.manual_seed(6)
+    z, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 4, (5,))
+    out = EnsembleOutput(z, MeanLogits(), (1, 2, 3))
+    total = MultiExitLoss(ofa=True, alpha=0.3, temperature=2.0)(out, y).total
+    expected = sum(0.7 * ce(z[:, k], y) + 0.3 * kd_loss(z[:, k], z[:, -1], 2.0) for k in range(2)) + ce(z[:, 2], y)
+    assert torch.allclose(total, expected)
+    assert MultiExitLoss().alpha == 0.1  # gamma = 0.1 of IMTA's released run script (was ce weight 0.9)
+    with pytest.warns(DeprecationWarning, match="ce_weight"):
+        old = MultiExitLoss(ofa=True, ce_weight=0.7, temperature=2.0)
+    assert old.alpha == pytest.approx(0.3)
+    assert torch.allclose(old(out, y).total, total)
+    with pytest.raises(ValueError, match="ce_weight must be in"):
+        MultiExitLoss(ce_weight=1.5)
+    hne = ek.losses.CoDistillation(alpha=0.3)
+    r = hne(EnsembleOutput(z, MeanLogits(), (1, 2, 3)), y)
+    assert torch.allclose(r.total, 0.7 * r.parts["independent"] + 0.3 * r.parts["distillation"])

@@ -7,6 +7,7 @@ import torch
 
 import ensemblekit as ek
 from ensemblekit.core.anytime import overruns
+from ensemblekit.core.timing import Clock, DeadlineTimer, Stopwatch, synchronize, timed
 from tests.conftest import toy_split
 
 NODE = 1.0
@@ -15,9 +16,12 @@ NODE = 1.0
 
 @pytest.fixture
 def clock(monkeypatch):
-    """A fake clock for ensemblekit.core.anytime: it moves only when a slow node runs or the test waits."""
+    """A fake clock for ensemblekit.core.timing (anytime, the Deadline policy, predict).
+
+    It moves only when a slow node runs or the test waits.
+    """
     now = [0.0]
-    monkeypatch.setattr("ensemblekit.core.anytime.perf_counter", lambda: now[0])
+    monkeypatch.setattr("ensemblekit.core.timing.perf_counter", lambda: now[0])
     return now
 
 
@@ -151,3 +155,104 @@ def test_deadline_policy_by_name():
     assert ens.predict(torch.randn(2, 3, 8, 8)).members_used.tolist() == [4, 4]
     with pytest.raises(ValueError, match="seconds"):
         ek.halting.Deadline(-1)
+
+
+# ------------------------------------------------ one deadline rule for anytime and the Deadline policy
+class SlowDeadline(ek.halting.Deadline):
+    """The Deadline policy, spending ``overhead`` seconds of the fake clock before each decision.
+
+    From the second member on: the policy reads predict's clock at its first
+    step, so time spent before then is predict's own, not the policy's.
+    """
+
+    def __init__(self, seconds, now, overhead):
+        super().__init__(seconds)
+        self.now, self.overhead = now, overhead
+
+    def step(self, step, state):
+        if step.index > 0:
+            self.now[0] += self.overhead
+        return super().step(step, state)
+
+
+@pytest.mark.parametrize("topology,options", [("independent", {"members": 4}), ("tree", {"depth": 2}),
+                                              ("cascade", {"members": 4})])
+@pytest.mark.parametrize("overhead", [0.0, 0.5 * NODE, 2 * NODE])
+def test_anytime_and_the_deadline_policy_take_the_same_decisions(clock, topology, options, overhead):
+    """Same deadline, same node times, same time between members: the same number of members.
+
+    Time between members (the caller's code in anytime, the policy's own step
+    in predict) counts in the elapsed time but not in the time per FLOP.
+    """
+    ens = build(topology, **options)
+    slow_nodes(ens, clock)
+    x = torch.randn(3, 3, 8, 8)
+    for deadline in [0.0, 2.5, 3.0, 4.5, 5.5, 6.0, 7.5, 8.5, 9.0, 11.0, 12.5, 20.0]:
+        clock[0] = 0.0
+        members = 0
+        for step in ens.anytime(x, deadline=deadline * NODE):
+            members = step.members
+            if step.members > 1:
+                clock[0] += overhead  # what happens between members (from the second on, as SlowDeadline)
+        clock[0] = 0.0
+        used = ens.predict(x, halting=SlowDeadline(deadline * NODE, clock, overhead)).members_used
+        assert used.tolist() == [members] * 3, (deadline, members, used.tolist())
+
+
+def test_the_rate_counts_compute_only_in_the_deadline_policy(clock):
+    """4 members of 3 nodes, 3 s of the policy's own before deciding after member 2: the rate stays 1 s per node.
+
+    Member 2 is ready at 6, the decision made at 9; member 3 would end at
+    9 + 3 = 12. A rate from the elapsed time (9 s for 6 nodes) would predict
+    13.5 and stop after member 2 under a 12 s deadline.
+    """
+    ens = build("independent", members=4)
+    slow_nodes(ens, clock)
+    x = torch.randn(2, 3, 8, 8)
+    assert ens.predict(x, halting=SlowDeadline(12 * NODE, clock, 3 * NODE)).members_used.tolist() == [3, 3]
+    clock[0] = 0.0
+    assert ens.predict(x, halting=SlowDeadline(11.9 * NODE, clock, 3 * NODE)).members_used.tolist() == [2, 2]
+
+
+def test_deadline_timer_applies_overruns():
+    timer = DeadlineTimer(1.0, "cpu")
+    assert timer.compute == 0.0 and timer.begun == 0.0
+    timer.end(0.5)  # the first member: begun at 0, ready at 0.5
+    assert timer.compute == 0.5
+    assert not timer.overruns(0.5, flops_done=10, flops_next=10)
+    assert timer.overruns(0.5, flops_done=10, flops_next=11)
+    assert overruns(1.0, 0.5, 0.5, 10, 11)
+    assert not DeadlineTimer(None, "cpu").overruns(100.0, 1, 10**9)  # no deadline: only timing
+
+
+def test_clock_stopwatch_and_timed(clock):
+    c = Clock("cpu")
+    clock[0] += 2.0
+    assert c() == 2.0
+    assert Clock("cpu", elapsed=3.0)() == 3.0  # continues another clock's reading
+    with Stopwatch("cpu") as watch:
+        clock[0] += 1.5
+    assert watch.seconds == 1.5
+
+    def work():
+        clock[0] += 0.25
+        return "done"
+
+    assert timed(work, torch.device("cpu")) == ("done", 0.25)
+    synchronize("cpu")  # nothing queued on a CPU: returns at once
+
+
+def test_synchronize_waits_for_the_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    synchronize(torch.device("cuda", 1))
+    synchronize("mps")
+    synchronize("cpu")
+    assert calls == [("cuda", torch.device("cuda", 1)), ("mps", None)]
+
+
+def test_the_old_import_paths_of_the_clock_still_work():
+    from ensemblekit.core import anytime, timing
+
+    assert anytime.Clock is timing.Clock and anytime.overruns is timing.overruns

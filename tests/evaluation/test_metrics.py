@@ -166,3 +166,28 @@ def test_full_prefix_equals_aggregator(n, m, c, seed):
     assert report.prefix_accuracy[0] == pytest.approx(report.member_accuracy[0])
     assert all(0.0 <= e <= 1.0 for e in report.prefix_ece)
     assert all(d >= 0 for d in report.prefix_diversity[1:])
+
+
+def test_format_si_is_the_one_number_formatter():
+    from ensemblekit.evaluation import budget, reports
+    from ensemblekit.evaluation.formatting import format_si
+
+    assert [format_si(v) for v in (2.5e12, 1.5e9, 3.25e6, 2048, 999, 576, 0.25, -4e6)] == [
+        "2.50T", "1.50G", "3.25M", "2.05k", "999", "576", "0.25", "-4.00M"]
+    assert not hasattr(reports, "_eng") and not hasattr(budget, "_eng")
+    r = Report(10, 2, [0.5, 0.6], [0.5, 0.4], [float("nan"), 0.3], [0.1, 0.05], [0.7, 0.6],
+               prefix_flops=[1.5e9, 3e9], prefix_params=[2048.0, 4096.0])
+    assert "1.50G" in r.table() and "4.10k" in r.table()
+
+
+def test_collect_members_drains_a_loader_or_a_pair_of_tensors():
+    from ensemblekit.core.loaders import iter_batches
+
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    fn = lambda images: images[:, None, :2].expand(-1, 2, 2)  # noqa: E731
+    batches = [(x[:4], y[:4], "extra"), (x[4:], y[4:], "extra")]
+    from_loader = collect_members(fn, batches)
+    from_pair = collect_members(fn, (x, y))
+    assert torch.equal(from_loader[0], from_pair[0]) and torch.equal(from_loader[1], from_pair[1])
+    assert [len(b) for b, _ in iter_batches((x, y), 4)] == [4, 4, 2]
+    assert [len(b) for b, _ in iter_batches(batches, 4)] == [4, 6]

@@ -18,7 +18,7 @@ from ensemblekit.core.blocks import BlockSplit, call_block
 from ensemblekit.core.flops import count_flops
 from ensemblekit.backbones import WIDTH_ARGS, narrow_model, width_arg
 from ensemblekit.splitting import (
-    Chain,
+    BlockSequence,
     SplitError,
     register_splitter,
     split,
@@ -350,7 +350,7 @@ def test_chain_unpacks_tuples():
         def forward(self, a, b):
             return a + b
 
-    assert torch.equal(Chain(Pair(), Add())(torch.ones(2)), torch.full((2,), 3.0))
+    assert torch.equal(BlockSequence(Pair(), Add())(torch.ones(2)), torch.full((2,), 3.0))
 
 
 # ----------------------------------------------------------------------------- errors and dispatch

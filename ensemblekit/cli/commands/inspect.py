@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree as RichTree
 
+from ensemblekit.evaluation.formatting import format_si
+
 NAME = "inspect"
 HELP = "Show how a timm model is split and wired into an ensemble, with the cost of every prefix."
 
@@ -55,7 +57,7 @@ def show(ens, model_name: str, console: Console) -> None:
     for b, level in enumerate(ens.graph.levels):
         first = level[0]
         name = ens.block_names[b] if b < len(ens.block_names) else f"block{b}"
-        blocks.add_row(str(b), name, str(len(level)), _si(costs.node_flops[first]), _si(costs.node_params[first]))
+        blocks.add_row(str(b), name, str(len(level)), format_si(costs.node_flops[first]), format_si(costs.node_params[first]))
     console.print(blocks)
 
     if ens.graph.num_nodes <= 64:
@@ -65,7 +67,7 @@ def show(ens, model_name: str, console: Console) -> None:
     table = ens.cost_table()
     for row in table:
         new = len(ens.graph.new_nodes(row.members - 1))
-        prefixes.add_row(str(row.members), _si(row.flops), _si(row.params), str(new),
+        prefixes.add_row(str(row.members), format_si(row.flops), format_si(row.params), str(new),
                          f"{row.flops / table[0].flops:.2f}x")
     console.print(prefixes)
 
@@ -82,10 +84,3 @@ def _node_tree(ens) -> RichTree:
             label += " -> member " + ", ".join(map(str, exits[node.index]))
         branches[node.index] = branches[node.parent].add(label)
     return root
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return str(int(value))

@@ -14,30 +14,30 @@ accuracy-vs-FLOPs curve; a target average cost is met by solving for ``q``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ensemblekit.components.halting.confidence import confidence
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+from ensemblekit.core.loaders import iter_batches
+from ensemblekit.functional import confidence, exit_distribution, exit_indices, expected_cost
+
+__all__ = [
+    "Q_SEARCH_RANGE",
+    "Budgeted",
+    "exit_distribution",
+    "exit_indices",
+    "expected_flops",
+    "fit_thresholds",
+    "iter_batches",
+    "prefix_predictions",
+    "solve_q",
+]
 
 Q_SEARCH_RANGE = (1e-3, 1e3)
 """Interval of ``q`` searched when a target FLOPs is given (pi is almost all on exit 1 / exit n at its ends)."""
-
-
-def exit_distribution(q: float, num_exits: int) -> Tensor:
-    """``pi_k = q^k / sum_j q^j`` for ``k = 1..num_exits`` (float64).
-
-    Examples:
-        >>> [round(p, 4) for p in exit_distribution(0.5, 3).tolist()]
-        [0.5714, 0.2857, 0.1429]
-    """
-    if not q > 0:
-        raise ValueError(f"q must be > 0, got {q}")
-    log_w = torch.arange(1, num_exits + 1, dtype=torch.float64) * math.log(q)
-    return torch.softmax(log_w, dim=0)
 
 
 def fit_thresholds(conf: Tensor, pi: Tensor) -> Tensor:
@@ -67,13 +67,6 @@ def fit_thresholds(conf: Tensor, pi: Tensor) -> Tensor:
     return thresholds
 
 
-def exit_indices(conf: Tensor, thresholds: Tensor) -> Tensor:
-    """0-based exit where each sample stops: the first ``k`` with ``conf[:, k] >= thresholds[k]``."""
-    stops = conf >= thresholds.to(conf)
-    stops[:, -1] = True
-    return stops.int().argmax(dim=1)
-
-
 def prefix_predictions(ensemble: Any, data: Any, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """Prefix predictions ``[N, M, C]`` and labels ``[N]`` of ``ensemble`` on ``data`` (eval mode, CPU out).
 
@@ -96,17 +89,6 @@ def prefix_predictions(ensemble: Any, data: Any, batch_size: int = 256) -> tuple
     if not preds:
         raise ValueError("the held-out data yielded no samples")
     return torch.cat(preds), torch.cat(labels)
-
-
-def iter_batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
-    """``(images, labels)`` batches of a loader, or of an ``(images, labels)`` pair cut into ``batch_size``."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        for i in range(0, len(x), batch_size):
-            yield x[i : i + batch_size], y[i : i + batch_size]
-        return
-    for batch in data:
-        yield batch[0], batch[1]
 
 
 class Budgeted(HaltingPolicy):
@@ -174,7 +156,7 @@ class Budgeted(HaltingPolicy):
         fractions = torch.bincount(exits, minlength=conf.shape[1]).double() / len(exits)
         self.thresholds = thresholds.float()
         self.fractions = fractions.tolist()
-        self.expected_flops = float((fractions * torch.tensor(cum_flops, dtype=torch.float64)).sum())
+        self.expected_flops = float(expected_cost(fractions, cum_flops))
         self.held_out_accuracy = float(correct[torch.arange(len(exits)), exits].double().mean())
 
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:

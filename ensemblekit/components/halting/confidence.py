@@ -9,11 +9,9 @@ import torch
 from torch import Tensor
 
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+from ensemblekit.functional import confidence
 
-
-def confidence(prediction: Tensor) -> Tensor:
-    """Max-softmax confidence ``max_c softmax(prediction)_c`` per sample, ``[B, C] -> [B]``."""
-    return prediction.float().softmax(dim=-1).amax(dim=-1)
+__all__ = ["Confidence", "confidence"]
 
 
 class Confidence(HaltingPolicy):

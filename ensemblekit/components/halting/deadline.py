@@ -7,19 +7,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ensemblekit.core.anytime import overruns
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+from ensemblekit.core.timing import DeadlineTimer
+
+__all__ = ["Deadline"]
 
 
 class Deadline(HaltingPolicy):
     """Anytime inference with a deadline, for a whole batch, as a halting policy.
 
-    Same semantics as ``ensemble.anytime(x, deadline=seconds)`` (see
-    :mod:`ensemblekit.core.anytime`): after member ``k`` the batch goes on only
-    if member ``k+1`` is predicted to finish in time, its time being the
-    seconds per FLOP measured on this batch times the FLOPs it adds. Every
-    sample stops at the same step, so :meth:`Ensemble.predict` drops no sample
-    before the end.
+    The rule of ``ensemble.anytime(x, deadline=seconds)``, applied by the
+    same :class:`~ensemblekit.core.timing.DeadlineTimer`: after member ``k``
+    the batch goes on only if ``elapsed + rate * flops(k+1) <= seconds``,
+    ``flops(k+1)`` the FLOPs member ``k+1`` adds and ``rate`` the seconds per
+    FLOP of the members computed so far on this batch. As in anytime
+    inference, ``rate`` counts compute time only (from a member's start to
+    its prediction), while ``elapsed`` also counts the time between members
+    (this policy's own steps). Every sample stops at the same step, so
+    :meth:`Ensemble.predict` drops no sample before the end.
 
     Args:
         seconds: wall-clock budget per batch, counted from the start of
@@ -47,15 +52,19 @@ class Deadline(HaltingPolicy):
         """Read the FLOPs of every prefix of ``ensemble`` (cached by the ensemble)."""
         self.prefix_flops = [row.flops for row in ensemble.cost_table()]
 
-    def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:
+    def step(self, step: HaltingStep, state: dict[str, Any] | None) -> tuple[Tensor, dict[str, Any]]:
         if len(self.prefix_flops) != step.num_members:
             raise ValueError("Deadline was not bound to this ensemble; use it through Ensemble.predict")
-        batch = step.prediction.shape[0]
-        last = step.index + 1 >= step.num_members
-        stop = last
-        if not last:
-            elapsed = float(step.extras["seconds"].max())
+        device = step.prediction.device
+        ready = float(step.extras["seconds"].max())  # member `index` is ready, on predict's clock
+        if state is None:  # the first member: it began when predict's clock started
+            timer = DeadlineTimer(self.seconds, device, elapsed=ready)
+        else:
+            timer = state["timer"]
+        timer.end(ready)
+        stop = step.index + 1 >= step.num_members
+        if not stop:
             flops = self.prefix_flops
-            stop = overruns(self.seconds, elapsed, elapsed, flops[step.index],
-                            flops[step.index + 1] - flops[step.index])
-        return torch.full((batch,), stop, dtype=torch.bool, device=step.prediction.device), None
+            stop = timer.overruns(timer.begin(), flops[step.index], flops[step.index + 1] - flops[step.index])
+        batch = step.prediction.shape[0]
+        return torch.full((batch,), stop, dtype=torch.bool, device=device), {"timer": timer}

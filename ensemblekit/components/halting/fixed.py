@@ -7,6 +7,8 @@ from torch import Tensor
 
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
 
+__all__ = ["Fixed"]
+
 
 class Fixed(HaltingPolicy):
     """Stop every sample after ``members`` members.

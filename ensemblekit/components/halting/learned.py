@@ -5,7 +5,9 @@ its recurrent state ``d_{t-1}`` (``d_0 = 0``) and outputs the conditional
 halting probability ``h_t = Pr(z = t | z > t-1)`` (Eq. 3). From it:
 
 * survival ``S(t) = Pr(z >= t) = prod_{i<t} (1 - h_i)`` (Eq. 2, 4),
-* halting distribution ``p_t = h_t S(t)`` (Eq. 5).
+* halting distribution ``p_t = h_t S(t)`` (Eq. 5),
+
+both in :mod:`ensemblekit.functional` (imported here too).
 
 The last member always halts (``h_T = 1``), so ``p`` sums to 1. Training
 samples ``h_t`` with a binary Gumbel-softmax and binarises it with a
@@ -18,25 +20,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ensemblekit.core.blocks import State, call_block
 from ensemblekit.core.heads import fresh_copy
 from ensemblekit.core.interfaces import EnsembleOutput, HaltingPolicy, HaltingStep
+from ensemblekit.functional import halting_distribution, kl_divergence, survival
+
+__all__ = ["CELLS", "Learned", "gumbel_halting", "halting_distribution", "survival"]
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
-
-
-def survival(h: Tensor) -> Tensor:
-    """``S(t) = prod_{i<t} (1 - h_i)`` (Eq. 4): ``[B, T] -> [B, T]``, ``S(1) = 1``."""
-    ones = torch.ones_like(h[:, :1])
-    return torch.cat([ones, torch.cumprod(1 - h[:, :-1], dim=1)], dim=1)
-
-
-def halting_distribution(h: Tensor) -> Tensor:
-    """``p_t = h_t prod_{i<t} (1 - h_i)`` (Eq. 5): ``[B, T] -> [B, T]``."""
-    return h * survival(h)
 
 
 def gumbel_halting(logits: Tensor, temperature: float = 1.0, hard: bool = True) -> Tensor:
@@ -162,7 +155,7 @@ class Learned(HaltingPolicy):
         features = [log_p.exp().sort(dim=-1, descending=True).values]
         if aux_logits is not None:
             log_q = aux_logits.detach().float().log_softmax(dim=-1)
-            features.append(F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1, keepdim=True))
+            features.append(kl_divergence(log_p, log_q).unsqueeze(-1))
         x = torch.cat(features, dim=-1)
         if self.cell_type == "lstm":
             hc = None if state is None else (state["h"], state["c"])

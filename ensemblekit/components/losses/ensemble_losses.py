@@ -3,7 +3,8 @@
 Notation: ``z_1..z_N`` member logits in anytime order, ``y`` labels,
 ``ybar_k`` the ensemble's aggregator applied to the first ``k`` members,
 ``sg`` stop-gradient, ``CE`` cross-entropy averaged over the batch and
-``KD_T(s, t) = T^2 * mean_batch KL(softmax(t / T) || softmax(s / T))``.
+``KD_T(s, t) = T^2 * mean_batch KL(softmax(t / T) || softmax(s / T))``
+(:func:`ensemblekit.functional.kd_loss`; ``T`` is the ``temperature`` option).
 
 The nested losses use the topology's nested sub-ensemble sizes
 (:attr:`~ensemblekit.core.interfaces.EnsembleOutput.nested_sizes`): ``1, k, k^2,
@@ -14,10 +15,14 @@ ensemble), ``1`` and ``N`` for a multi-branch network.
 KD uses the KL divergence; the papers write a cross-entropy against the soft
 targets, which differs by the targets' entropy, a constant under the
 stop-gradient: gradients are the same.
+
+``alpha`` is the weight of the distillation term in every loss that has one
+(here and in :class:`~ensemblekit.components.losses.MultiExitLoss`).
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 
 import torch
@@ -25,25 +30,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
+from ensemblekit.functional import kd_loss
+from ensemblekit.functional import member_cross_entropy as member_ce
+
+__all__ = [
+    "CoDistillation",
+    "EnsembleNetCoDistillation",
+    "EnsembleNetEnsembling",
+    "HierarchicalDistillation",
+    "IndependentCE",
+    "IndependentNestedCE",
+    "NestedCE",
+    "kd_loss",
+    "member_ce",
+]
 
 
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``T^2 * mean_batch KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al.).
-
-    ``teacher`` is used as given: detach it first for a stop-gradient.
-    """
-    t = temperature
-    log_p_teacher = F.log_softmax(teacher / t, dim=-1)
-    log_p_student = F.log_softmax(student / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
-    return t * t * kl.mean()
-
-
-def member_ce(members: Tensor, target: Tensor) -> Tensor:
-    """``[CE(z_n, y) for n]``: one batch-mean cross-entropy per member, shape ``[N]``."""
-    b, n, c = members.shape
-    ce = F.cross_entropy(members.reshape(b * n, c), target.repeat_interleave(n), reduction="none")
-    return ce.view(b, n).mean(0)
+def _renamed_keyword(old: str, new: str, value: float, owner: str) -> float:
+    """``value``, given under the deprecated keyword ``old``, with a ``DeprecationWarning`` naming ``new``."""
+    warnings.warn(f"{owner}({old}=...) is deprecated; pass {new}=... instead", DeprecationWarning, stacklevel=3)
+    return value
 
 
 def _nested_predictions(output: EnsembleOutput, sizes: tuple[int, ...]) -> list[Tensor]:
@@ -115,15 +121,24 @@ class _Distillation(LossStrategy):
 
     Args:
         alpha: weight of the distillation term, in [0, 1] (paper: 0.5).
-        T: softmax temperature of student and teacher (paper: 2).
+        temperature: softmax temperature ``T`` of student and teacher (paper: 2).
+        T: deprecated name of ``temperature`` (a ``DeprecationWarning``; it wins over ``temperature``).
     """
 
     part = "distillation"
 
-    def __init__(self, alpha: float = 0.5, T: float = 2.0):
+    def __init__(self, alpha: float = 0.5, temperature: float = 2.0, *, T: float | None = None):
         super().__init__()
+        if T is not None:
+            temperature = _renamed_keyword("T", "temperature", T, type(self).__name__)
         self.alpha = _check_unit("alpha", alpha)
-        self.T = _check_positive("T", T)
+        self.temperature = _check_positive("temperature", temperature)
+
+    @property
+    def T(self) -> float:  # noqa: N802  (the deprecated name)
+        """Deprecated name of :attr:`temperature`."""
+        warnings.warn(f"{type(self).__name__}.T is deprecated; use .temperature", DeprecationWarning, stacklevel=2)
+        return self.temperature
 
     def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
         independent = member_ce(output.members, target).sum()
@@ -143,12 +158,14 @@ class CoDistillation(_Distillation):
 
     Args:
         alpha: weight of the distillation term, in [0, 1] (paper: 0.5).
-        T: softmax temperature of student and teacher (paper: 2).
+        temperature: softmax temperature ``T`` of student and teacher (paper: 2).
+        T: deprecated name of ``temperature``.
     """
 
     def distillation(self, output: EnsembleOutput) -> Tensor:
         teacher = output.ensemble().detach()
-        return torch.stack([kd_loss(output.members[:, n], teacher, self.T) for n in range(output.num_members)]).sum()
+        terms = [kd_loss(output.members[:, n], teacher, self.temperature) for n in range(output.num_members)]
+        return torch.stack(terms).sum()
 
 
 class HierarchicalDistillation(_Distillation):
@@ -159,7 +176,8 @@ class HierarchicalDistillation(_Distillation):
 
     Args:
         alpha: weight of the distillation term, in [0, 1] (paper: 0.5).
-        T: softmax temperature of student and teacher (paper: 2).
+        temperature: softmax temperature ``T`` of student and teacher (paper: 2).
+        T: deprecated name of ``temperature``.
     """
 
     part = "hierarchical_distillation"
@@ -168,7 +186,7 @@ class HierarchicalDistillation(_Distillation):
         n = output.num_members
         prefixes = output.prefixes()
         teacher = prefixes[:, n - 1].detach()
-        terms = [kd_loss(prefixes[:, s - 1], teacher, self.T) for s in output.nested_sizes if s < n]
+        terms = [kd_loss(prefixes[:, s - 1], teacher, self.temperature) for s in output.nested_sizes if s < n]
         return torch.stack(terms).sum() if terms else prefixes.new_zeros(())
 
 

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ensemblekit.components.halting.learned import halting_distribution, survival
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
+from ensemblekit.functional import expected_cost, halting_distribution, survival, survival_weighted_cross_entropy
+
+__all__ = ["COSTS", "SCHEDULES", "IreneLoss"]
 
 SCHEDULES = ("sequential", "joint")
 COSTS = ("members", "flops")
@@ -36,7 +38,7 @@ class IreneLoss(LossStrategy):
 
     Schedules: "sequential" (Algorithm 1) is the objective of step ``t``,
     the number of members in the output (forward the first ``t`` members with
-    the earlier ones frozen, as :func:`ensemblekit.methods.irene.woc.fit` does); ``L_cost``
+    the earlier ones frozen, as the "sequential" training schedule does); ``L_cost``
     then covers those ``t`` members. "joint" sums ``L_base_t``, ``L_ens_t``
     and ``L_rank_t`` over every ``t`` and adds ``L_cost`` over all members once.
 
@@ -106,7 +108,7 @@ class IreneLoss(LossStrategy):
         s = survival(h)
         ce = F.cross_entropy(logits.flatten(0, 1), target.repeat_interleave(count),
                              reduction="none").view(logits.shape[:2])
-        ens = self._prefix_ensemble_ce(logits.detach().float().softmax(-1), s, target)
+        ens = survival_weighted_cross_entropy(logits.detach().float().softmax(-1), s, target)
         steps = [count] if self.schedule == "sequential" else list(range(1, count + 1))
         t = torch.tensor(steps, device=logits.device) - 1
         parts = {
@@ -122,13 +124,6 @@ class IreneLoss(LossStrategy):
             parts["discrepancy"] = -distance.sum(1).mean()
         return parts
 
-    @staticmethod
-    def _prefix_ensemble_ce(probs: Tensor, s: Tensor, target: Tensor) -> Tensor:
-        """``CE(y, y^ens_t)`` per sample and prefix ``t`` (Eq. 9): ``[B, T]``."""
-        weighted = torch.cumsum(s.unsqueeze(-1) * probs, dim=1) / torch.cumsum(s, dim=1).unsqueeze(-1)
-        picked = weighted.gather(-1, target.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(-1)
-        return -picked.clamp_min(torch.finfo(picked.dtype).tiny).log()
-
     def _expected_cost(self, h: Tensor, extras: dict, count: int) -> Tensor:
         """``sum_i c_i p_i`` per sample (Eq. 11), ``h`` of the last member set to 1."""
         h = torch.cat([h[:, :-1], torch.ones_like(h[:, -1:])], dim=1)
@@ -136,7 +131,7 @@ class IreneLoss(LossStrategy):
             c = torch.arange(1, count + 1, dtype=h.dtype, device=h.device)
         else:
             c = extras["prefix_costs"]
-        return (halting_distribution(h) * c).sum(1)
+        return expected_cost(halting_distribution(h), c)
 
     @staticmethod
     def _rank(ce: Tensor, s: Tensor, ens: Tensor, steps: list[int]) -> Tensor:
@@ -157,5 +152,5 @@ def _check_frozen(output: EnsembleOutput) -> None:
         if any(isinstance(v, Tensor) and v.requires_grad for v in values):
             raise ValueError(
                 f"IRENE's sequential schedule trains the last member with the earlier ones frozen, but member "
-                f"{member + 1} of {output.num_members} has gradients; train with ensemblekit.methods.irene.woc.fit, "
-                "or use schedule='joint'")
+                f"{member + 1} of {output.num_members} has gradients; train with ensemblekit.training.trainer.train "
+                "(it runs the \"sequential\" schedule), or use schedule='joint'")

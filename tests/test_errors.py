@@ -1,0 +1,81 @@
+"""Every exception ensemblekit defines derives from ek.EnsembleKitError (warnings from EnsembleKitWarning)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import warnings
+
+import pytest
+
+import ensemblekit as ek
+from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
+
+
+def package_classes() -> list[type]:
+    """Every class defined in a module of the package (modules that fail to import are reported)."""
+    found: dict[str, type] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for info in pkgutil.walk_packages(ek.__path__, "ensemblekit."):
+            if info.name == "ensemblekit.__main__":
+                continue
+            module = importlib.import_module(info.name)
+            for _, cls in inspect.getmembers(module, inspect.isclass):
+                if cls.__module__ == module.__name__:
+                    found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return list(found.values())
+
+
+CLASSES = package_classes()
+EXCEPTIONS = [c for c in CLASSES if issubclass(c, BaseException)]
+
+
+def test_the_package_defines_exceptions():
+    names = {c.__name__ for c in EXCEPTIONS}
+    assert {"EnsembleKitError", "SplitError", "ConfigError", "CheckpointError", "UnknownComponentError",
+            "PluginError", "UnknownBackboneError", "NonFiniteLossError", "ConformanceError"} <= names
+
+
+@pytest.mark.parametrize("cls", EXCEPTIONS, ids=lambda c: f"{c.__module__}.{c.__qualname__}")
+def test_every_exception_derives_from_the_base(cls):
+    if issubclass(cls, Warning):
+        assert issubclass(cls, EnsembleKitWarning)
+    else:
+        assert issubclass(cls, EnsembleKitError)
+
+
+@pytest.mark.parametrize(("path", "name", "builtin"), [
+    ("ensemblekit.errors", "SplitError", ValueError),
+    ("ensemblekit.training.config", "ConfigError", ValueError),
+    ("ensemblekit.training.checkpoint", "CheckpointError", ValueError),
+    ("ensemblekit.training.trainer", "NonFiniteLossError", ValueError),
+    ("ensemblekit.core.registry", "UnknownComponentError", KeyError),
+    ("ensemblekit.core.registry", "DuplicateComponentError", ValueError),
+    ("ensemblekit.plugins.manager", "PluginError", RuntimeError),
+    ("ensemblekit.backbones.factory", "UnknownBackboneError", ValueError),
+    ("ensemblekit.testing", "ConformanceError", AssertionError),
+])
+def test_callers_catching_the_builtin_class_still_catch_it(path, name, builtin):
+    cls = getattr(importlib.import_module(path), name)
+    assert issubclass(cls, builtin)
+    with pytest.raises(builtin):
+        raise cls("message")
+
+
+def test_the_base_is_exported_and_catches_real_errors():
+    from ensemblekit.core.registry import TOPOLOGIES
+
+    assert ek.EnsembleKitError is EnsembleKitError and "EnsembleKitError" in ek.__all__
+    with pytest.raises(ek.EnsembleKitError, match="cannot split object"):
+        ek.wrap(object(), "tree")  # not a model: a SplitError
+    with pytest.raises(ek.EnsembleKitError, match="no-such-topology"):
+        TOPOLOGIES.create("no-such-topology")  # an UnknownComponentError
+
+
+def test_split_error_has_one_class_under_its_old_paths():
+    from ensemblekit.splitting import SplitError
+    from ensemblekit.splitting.errors import SplitError as old
+
+    assert SplitError is old is importlib.import_module("ensemblekit.errors").SplitError
