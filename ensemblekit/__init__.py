@@ -15,12 +15,16 @@ from ensemblekit.core.graph import SharingTopology
 from ensemblekit.core.interfaces import (
     Aggregator,
     EnsembleOutput,
+    Executor,
     HaltingPolicy,
     HaltingStep,
     LossResult,
     LossStrategy,
 )
+from ensemblekit.core.registry import list_components
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit import methods as recipes
+from ensemblekit.plugins import manager as _plugin_manager  # noqa: F401  (installs the registries' loader)
 from ensemblekit.plugins.hookspecs import hookimpl
 from ensemblekit.splitting import split
 from ensemblekit.training.checkpoint import load
@@ -33,7 +37,9 @@ __all__ = [
     "Aggregator",
     "BlockSplit",
     "Ensemble",
+    "EnsembleKitError",
     "EnsembleOutput",
+    "Executor",
     "HaltedPrediction",
     "HaltingPolicy",
     "HaltingStep",
@@ -44,6 +50,7 @@ __all__ = [
     "aggregators",
     "halting",
     "hookimpl",
+    "list_components",
     "load",
     "losses",
     "recipes",

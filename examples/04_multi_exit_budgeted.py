@@ -1,10 +1,11 @@
 """04: a multi-exit network (IMTA: GE, ISC, OFA) and budgeted inference.
 
 Shows ``ek.recipes.multi_exit``: one backbone, an exit head after each block (a
-``chain`` topology), trained in IMTA's two phases: phase I the whole network
-with Gradient Equilibrium (GE); phase II (``start_phase2``) only the exits, with
-Inline Subnetwork Collaboration (ISC: each exit also reads the previous exit's
-logits) and One-for-all knowledge distillation from the last exit (OFA).
+``chain`` topology), trained in IMTA's two phases, the trainer's ``"two_phase"``
+schedule: phase I the whole network with Gradient Equilibrium (GE); phase II only
+the exits (blocks frozen, ``start_phase2``), with Inline Subnetwork Collaboration
+(ISC: each exit also reads the previous exit's logits) and One-for-all knowledge
+distillation from the last exit (OFA).
 
 Then budgeted batch classification (MSDNet): ``ek.halting.Budgeted`` picks
 per-exit confidence thresholds on the *val* split for a budget parameter ``q``
@@ -15,7 +16,7 @@ next to the fixed "first k exits for everyone" curve.
 
 Run:
     python examples/04_multi_exit_budgeted.py            # 6 + 3 epochs
-    python examples/04_multi_exit_budgeted.py --smoke    # a few steps per phase: seconds
+    python examples/04_multi_exit_budgeted.py --smoke    # 15 steps per phase: seconds
 """
 
 from __future__ import annotations
@@ -25,34 +26,12 @@ import time
 
 import timm
 import torch
+from torch.utils.data import Subset
 
 import ensemblekit as ek
+from ensemblekit.training.config import TrainConfig
 from ensemblekit.training.data import load_dataset, make_loader
-from ensemblekit.methods.imta.isc import add_isc
-from ensemblekit.components.losses import MultiExitLoss
-from ensemblekit.methods.imta.recipe import start_phase2
-
-
-def fit(net, params, loader, epochs: int, lr: float, max_steps: int | None, label: str) -> None:
-    """The plain loop of example 02 (SGD, Nesterov, cosine), for ``params`` only."""
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    step = 0
-    for epoch in range(epochs):
-        net.train()
-        for x, y in loader:
-            result = net.loss(net.forward_output(x), y)
-            opt.zero_grad()
-            result.total.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step == steps:
-                break
-        print(f"{label} epoch {epoch + 1}: loss {result.total.item():.3f}")
-        if step == steps:
-            break
+from ensemblekit.training.trainer import train
 
 
 def main() -> None:
@@ -64,31 +43,32 @@ def main() -> None:
     parser.add_argument("--qs", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0],
                         help="budget parameters: exit k takes a share ~ q^k of the samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a narrower backbone, 15 + 10 steps: seconds")
+    parser.add_argument("--smoke", action="store_true", help="a narrower backbone, 15 + 15 steps: seconds")
     args = parser.parse_args()
     width = {"stem_width": 16, "channels": [16, 32, 64, 128]}
-    max_steps = None
-    if args.smoke:
-        args.epochs, args.phase2_epochs, max_steps = 1, 1, 15
-        width = {"stem_width": 8, "channels": [8, 16, 32, 64]}
 
     torch.manual_seed(args.seed)
     train_set, info = load_dataset("digits", "train", image_size=16)
     val_set, _ = load_dataset("digits", "val", image_size=16)    # for calibration: never the test set
     test_set, _ = load_dataset("digits", "test", image_size=16)
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
+    if args.smoke:
+        args.epochs, args.phase2_epochs = 1, 1
+        train_set = Subset(train_set, range(15 * args.batch_size))
+        width = {"stem_width": 8, "channels": [8, 16, 32, 64]}
     backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
 
-    # Phase I: an exit after each of the backbone's stages, the whole network trained with GE.
+    # An exit after each of the backbone's stages; GE on the whole network in phase I.
     net = ek.recipes.multi_exit(backbone, gradient_equilibrium=True, example_input=torch.zeros(1, *info.input_shape))
     print(f"multi-exit {net.block_names}: {net.num_members} exits, "
           f"MFLOPs to each exit {[round(r.flops / 1e6, 3) for r in net.cost_table()]}")
-    fit(net, net.parameters(), loader, args.epochs, args.lr, max_steps, "phase I (GE)")
 
-    # Phase II: freeze the backbone, add ISC and OFA, train the exits.
-    add_isc(net, mode="concat")
-    net.loss_strategy = MultiExitLoss(ofa=True)
-    fit(net, start_phase2(net), loader, args.phase2_epochs, args.lr, max_steps, "phase II (ISC + OFA)")
+    # Both phases in one call: the "two_phase" schedule's phase II freezes the backbone, adds ISC, switches OFA on.
+    # SGD with Nesterov momentum and a cosine schedule in each phase.
+    schedule = {"name": "two_phase", "phase2_epochs": args.phase2_epochs, "isc": "concat", "ofa": True}
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, nesterov=True,
+                         weight_decay=1e-4, seed=args.seed, device="cpu", progress="none", stages=schedule)
+    train(net, train_set, config, on_epoch=lambda r: print(f"{r['stage']} epoch {r['stage_epoch']}: "
+                                                             f"loss {r['loss']:.3f}"))
 
     net.eval()
     x_test = torch.stack([x for x, _ in test_set])

@@ -3,10 +3,11 @@
 Shows ``ek.recipes.irene`` (Li et al., AAAI 2023): ``members`` networks evaluated
 one after the other (a ``cascade``), averaged in probability, with a small
 recurrent selector that reads each member's output and predicts the halting
-probability ``h_t``. ``ensemblekit.methods.irene.woc.fit`` trains it with the paper's
-sequential schedule (Algorithm 1: member t with the earlier ones frozen, the
-selector alongside). ``ens.predict(x)`` then halts per sample where
-``h_t >= threshold``, dropping halted samples from the batch.
+probability ``h_t``. The trainer (``ensemblekit.training.trainer.train``) trains it
+with the paper's sequential schedule, which IRENE's loss asks for (Algorithm 1: one
+stage per member, member t with the earlier ones frozen, the selector alongside).
+``ens.predict(x)`` then halts per sample where ``h_t >= threshold``, dropping halted
+samples from the batch.
 
 Printed: accuracy and average members used by IRENE at a few thresholds (0.5 and
 the quartiles of ``h_t`` on the val split), next to
@@ -27,9 +28,11 @@ import torch
 from torch.utils.data import Subset
 
 import ensemblekit as ek
-from ensemblekit.training.data import load_dataset, make_loader
-from ensemblekit.methods.irene.woc import WoC, fit, utility
 from ensemblekit.evaluation.reports import collect_members
+from ensemblekit.methods.irene.woc import WoC, utility
+from ensemblekit.training.config import TrainConfig
+from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.training.trainer import train
 
 
 def main() -> None:
@@ -63,10 +66,13 @@ def main() -> None:
           f"loss {type(ens.loss_strategy).__name__}")
 
     def log(record: dict) -> None:
-        print(f"member {record['step']} epoch {record['epoch']}: loss {record['loss']:.3f}")
+        print(f"Algorithm 1 {record['stage']} epoch {record['stage_epoch']}: loss {record['loss']:.3f}")
 
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed)
-    fit(ens, loader, args.epochs, lr=args.lr, log=log)   # Algorithm 1; leaves ens in eval mode
+    # Algorithm 1: the "sequential" schedule, epochs per member, IRENE's optimisers (SGD + Adam, lr / 5 at 30/60/80%)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="cpu",
+                         progress="none")
+    train(ens, train_set, config, on_epoch=log)
+    ens.eval()
 
     # Baselines from the members' logits: the first k members for everyone, and WoC.
     test_loader = make_loader(test_set, 256, shuffle=False)

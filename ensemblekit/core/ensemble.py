@@ -11,22 +11,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ensemblekit.core.anytime import Clock, anytime
+from ensemblekit.core.anytime import anytime
 from ensemblekit.core.batching import select_batch
+from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.cost import measure_costs
-from ensemblekit.core.blocks import BlockSplit, State, call_block
-from ensemblekit.execution import AutoExecutor, make_executor
+from ensemblekit.core.graph import NodeGraph, SharingTopology
 from ensemblekit.core.heads import ExitHead, feature_dim, fresh_copy
 from ensemblekit.core.interfaces import (
     Aggregator,
     EnsembleOutput,
+    Executor,
     HaltingPolicy,
     HaltingStep,
     LossResult,
     LossStrategy,
 )
-from ensemblekit.core.graph import NodeGraph, SharingTopology
+from ensemblekit.core.registry import EXECUTORS
+from ensemblekit.core.timing import Clock
 
 INIT_MODES = ("reinit", "copy")
 
@@ -78,8 +80,10 @@ class Ensemble(nn.Module):
             backbone's weights (fine-tuning a pretrained model).
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
             -> nn.Module`` for exits before the last block (chains).
-        execution: how the nodes of one level run (a name from
-            :data:`ensemblekit.execution.EXECUTORS`; default "loop").
+        execution: how the nodes of one level run: a registered executor
+            name ("loop", "vmap", "grouped", "auto", ...; see
+            :mod:`ensemblekit.execution`), a mapping ``{"name": ..., **options}``
+            or an :class:`~ensemblekit.core.interfaces.Executor`.
         node_modules: node index -> module used as that node instead of a
             copy of the backbone's block (e.g. EnsembleNet's narrower
             branches); used as given, neither copied nor re-initialised.
@@ -101,7 +105,7 @@ class Ensemble(nn.Module):
         halting: HaltingPolicy | None = None,
         init: str = "reinit",
         exit_head: Any = ExitHead,
-        execution: str = "loop",
+        execution: str | dict | Executor = "loop",
         node_modules: dict[int, nn.Module] | None = None,
         head_modules: dict[int, nn.Module] | None = None,
     ):
@@ -155,12 +159,22 @@ class Ensemble(nn.Module):
     # ------------------------------------------------------------ properties
     @property
     def execution(self) -> str:
-        """How the nodes of one level run; assign a name to switch (``ens.execution = "auto"``)."""
+        """The name of how the nodes of one level run.
+
+        Assign a name, a mapping ``{"name": ..., **options}`` or an
+        :class:`~ensemblekit.core.interfaces.Executor` to switch
+        (``ens.execution = "auto"``).
+        """
         return self._executor.name
 
     @execution.setter
-    def execution(self, name: str) -> None:
-        self._executor = make_executor(name)
+    def execution(self, spec: str | dict | Executor) -> None:
+        self._executor = EXECUTORS.create(spec)
+
+    @property
+    def executor(self) -> Executor:
+        """The executor that runs the nodes of one level (set it through :attr:`execution`)."""
+        return self._executor
 
     @property
     def num_members(self) -> int:
@@ -256,10 +270,10 @@ class Ensemble(nn.Module):
         """
         self.check_input(x)
         members = list(range(self.num_members)) if members is None else self._member_list(members)
-        if isinstance(self._executor, AutoExecutor) and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             key = (str(x.device), x.dtype, tuple(x.shape), x.stride(), torch.is_grad_enabled(), self.training,
                    tuple(members))
-            self._executor.tune_pass(key, lambda: self._forward_pass(x, members)[1], self)
+            self._executor.prepare_pass(key, lambda: self._forward_pass(x, members)[1], self)
         cache, logits = self._forward_pass(x, members)
         output = EnsembleOutput(logits, self.aggregator, self.nested_sizes)
         if self.halting is not None:

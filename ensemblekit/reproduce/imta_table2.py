@@ -12,7 +12,11 @@ row of Table 2:
   get the same phase II with plain cross-entropy, so rows differ only in the
   techniques.
 
-Rows with the same phase I (with or without GE) share one phase-I training.
+Both phases are the stages of the ``"two_phase"`` training schedule
+(:mod:`ensemblekit.methods.imta.schedule`), run by
+:func:`ensemblekit.training.trainer.train`; rows with the same phase I (with
+or without GE) share one phase-I training, and each row runs its own phase II
+stage from a copy of it.
 Reported: top-1 accuracy (%) of every exit on the test split, next to the
 paper's Table 2. Optimiser as the paper's (SGD, Nesterov momentum 0.9,
 weight decay 1e-4, lr 0.1, batch 64) with a cosine schedule instead of the
@@ -68,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--alpha", type=float, default=0.9, help="OFA weight of the cross-entropy (Eq. 7)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="OFA weight of the distillation term (Eq. 7)")
     parser.add_argument("--temperature", type=float, default=1.0, help="OFA temperature T")
     parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--limit-eval", type=int, default=None, help="use only the first N val and test images")
@@ -102,19 +106,17 @@ def _limit(dataset: Dataset, limit: int | None) -> Dataset:
 
 def reproduce(data: str = "digits", root: str | None = None, backbone: str = "resnet18", num_blocks: int = 5,
               epochs: int | None = None, phase2_epochs: int | None = None, batch_size: int = 64, lr: float = 0.1,
-              weight_decay: float = 1e-4, alpha: float = 0.9, temperature: float = 1.0,
+              weight_decay: float = 1e-4, alpha: float = 0.1, temperature: float = 1.0,
               limit_train: int | None = None, limit_eval: int | None = None, image_size: int | None = None,
               seed: int = 0, device: str = "auto", budget_plot: str | None = None,
               timing_repeats: int = 3) -> dict[str, Any]:
     """Train and evaluate the five rows of Table 2; returns settings, rows and the paper's numbers."""
+    from ensemblekit.backbones import create_backbone
+    from ensemblekit.evaluation.reports import collect_members
+    from ensemblekit.methods.imta.recipe import multi_exit
     from ensemblekit.training.config import TrainConfig
     from ensemblekit.training.data import load_dataset, make_loader
-    from ensemblekit.methods.imta.isc import add_isc
-    from ensemblekit.components.losses.multi_exit import MultiExitLoss
-    from ensemblekit.evaluation.reports import collect_members
-    from ensemblekit.methods.imta.recipe import multi_exit, start_phase2
-    from ensemblekit.backbones import create_backbone
-    from ensemblekit.training.trainer import seed_everything, select_device, train
+    from ensemblekit.training.trainer import resolve_stages, seed_everything, select_device, train
 
     default_1, default_2 = DEFAULT_EPOCHS[data]
     epochs = default_1 if epochs is None else epochs
@@ -126,17 +128,20 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
     test_set = _limit(load_dataset(data, "test", root=root, image_size=image_size)[0], limit_eval)
     example = torch.zeros(1, info.in_chans, info.image_size, info.image_size)
 
-    def config(n_epochs: int) -> TrainConfig:
-        return TrainConfig(epochs=n_epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=0.9,
+    def config(isc: bool = False, ofa: bool = False) -> TrainConfig:
+        """The settings of both phases; ``stages`` is the two-phase schedule with the row's phase II."""
+        schedule = {"name": "two_phase", "phase2_epochs": phase2_epochs, "isc": "concat" if isc else None,
+                    "ofa": ofa, "alpha": alpha, "temperature": temperature}
+        return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=0.9,
                            nesterov=True, weight_decay=weight_decay, schedule="cosine", seed=seed, device=str(dev),
-                           progress="none")
+                           progress="none", stages=schedule)
 
     phase1: dict[bool, Any] = {}
     for ge in sorted({row[0] for row in ROWS}):
         seed_everything(seed)  # every row starts from the same weights
         model = create_backbone(backbone, num_classes=info.num_classes)
         net = multi_exit(model, num_blocks=num_blocks, gradient_equilibrium=ge, example_input=example)
-        train(net, train_set, config(epochs))
+        train(net, train_set, config(), stages=resolve_stages(net, config())[:1])  # phase I
         phase1[ge] = net
 
     test_loader = make_loader(test_set, 256, shuffle=False)
@@ -144,11 +149,8 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
     for ge, isc, ofa in ROWS:
         net = copy.deepcopy(phase1[ge])
         seed_everything(seed + 1)
-        if isc:
-            add_isc(net, mode="concat")
-        net.loss_strategy = MultiExitLoss(ofa=ofa, alpha=alpha, temperature=temperature)
-        start_phase2(net)
-        train(net, train_set, config(phase2_epochs))
+        row_config = config(isc, ofa)
+        train(net, train_set, row_config, stages=resolve_stages(net, row_config)[1:])  # phase II: ISC, OFA, frozen
         net.eval()
         members, labels = collect_members(net.forward_members, test_loader, dev)
         accuracy = (members.argmax(-1) == labels[:, None]).double().mean(0) * 100
@@ -160,7 +162,8 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
         "settings": {"data": data, "backbone": backbone, "num_blocks": num_blocks, "exits": full.num_members,
                      "epochs": epochs, "phase2_epochs": phase2_epochs, "batch_size": batch_size, "lr": lr,
                      "weight_decay": weight_decay, "alpha": alpha, "temperature": temperature, "seed": seed,
-                     "image_size": info.image_size, "train_images": len(train_set), "val_images": len(val_set), "test_images": len(test_set),
+                     "image_size": info.image_size, "train_images": len(train_set), "val_images": len(val_set),
+                     "test_images": len(test_set),
                      "device": str(dev)},
         "exit_flops": [float(r.flops) for r in full.cost_table()],
         "rows": rows,

@@ -6,13 +6,16 @@ Four methods with ``T`` members of one backbone, evaluated on the test split:
 * average ensemble: ``T`` independently trained members, probabilities averaged;
 * WoC: the average ensemble's members as a confidence cascade, threshold
   searched on the validation split (:class:`ensemblekit.methods.irene.woc.WoC`);
-* IRENE: ``T`` members and the selector trained sequentially (Algorithm 1),
+* IRENE: ``T`` members and the selector trained sequentially (Algorithm 1,
+  the trainer's ``"irene"`` schedule, :mod:`ensemblekit.methods.irene.schedule`),
   deterministic halting (:func:`ensemblekit.methods.irene.recipe`).
 
 Reported: top-1 (%), cost (average members used) and utility (Eq. 14,
 :func:`ensemblekit.methods.irene.woc.utility`, relative to this run's single model and
 average ensemble), next to the paper's numbers for ResNet-32 and ResNet-18.
-Every member gets the same epochs, optimiser and schedule in both ensembles.
+Every member gets the same epochs, optimiser and schedule in both ensembles:
+both train with :func:`ensemblekit.training.trainer.train` and IRENE's
+optimisers (App. A.1), the average ensemble's members all at once.
 """
 
 from __future__ import annotations
@@ -104,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _log(record: dict[str, Any]) -> None:
-    parts = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("model", "step", "epoch"))
-    print(f"{record['model']} step {record['step']} epoch {record['epoch']}: {parts}", file=sys.stderr)
+    skip = ("model", "stage", "epoch", "stage_epoch", "seconds")
+    parts = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in skip)
+    print(f"{record['model']} {record['stage']} epoch {record['stage_epoch']}: {parts}", file=sys.stderr)
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:
@@ -121,21 +125,26 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
               log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train and evaluate the four methods; returns settings, rows and the WoC threshold.
 
-    ``log`` receives every epoch's record (:func:`ensemblekit.methods.irene.woc.fit`) with a ``model`` key.
+    ``log`` receives every epoch's history entry (:func:`ensemblekit.training.trainer.train`) with a
+    ``model`` key.
     """
     import ensemblekit as ek
-    from ensemblekit.training.data import load_dataset, make_loader
-    from ensemblekit.methods.irene.woc import WoC, fit, utility
-    from ensemblekit.evaluation.reports import collect_members
     from ensemblekit.backbones import create_backbone
-    from ensemblekit.training.trainer import seed_everything, select_device
+    from ensemblekit.evaluation.reports import collect_members
+    from ensemblekit.methods.irene.woc import WoC, utility
+    from ensemblekit.training.config import TrainConfig
+    from ensemblekit.training.data import load_dataset, make_loader
+    from ensemblekit.training.trainer import seed_everything, select_device, train
 
     dev = select_device(device)
     train_set, info = load_dataset(data, "train", root=root, image_size=image_size)
     val_set = _limit(load_dataset(data, "val", root=root, image_size=image_size)[0], limit_eval)
     test_set = _limit(load_dataset(data, "test", root=root, image_size=image_size)[0], limit_eval)
     train_set = _limit(train_set, limit_train)
-    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
+    # IRENE's optimisers and step decay (App. A.1) for both ensembles: Algorithm 1 for IRENE's loss
+    # (or all members at once with schedule="joint"), all members at once for the average ensemble
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=5e-4, seed=seed,
+                         device=str(dev), progress="none", stages={"name": "irene", "selector_lr": selector_lr})
 
     def backbone_model() -> torch.nn.Module:
         return create_backbone(backbone, num_classes=info.num_classes, **(backbone_options or {}))
@@ -145,11 +154,11 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
 
     seed_everything(seed)
     average = ek.wrap(backbone_model(), "cascade", members=members, aggregator="mean_probs", loss="independent")
-    fit(average, loader, epochs, lr=lr, device=dev, log=logger("average"))
+    train(average, train_set, config, on_epoch=logger("average"))
     seed_everything(seed)  # IRENE's first member starts from the single model's initial weights
     irene = ek.recipes.irene(backbone_model(), members=members, ens_weight=ens_weight, cost_weight=cost_weight,
                              rank_weight=rank_weight, schedule=schedule)
-    fit(irene, loader, epochs, lr=lr, selector_lr=selector_lr, device=dev, log=logger("irene"))
+    train(irene, train_set, config, on_epoch=logger("irene"))
 
     def eval_loader(dataset: Dataset):
         return make_loader(dataset, 256, shuffle=False)
@@ -196,7 +205,7 @@ def _predict(ensemble, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
     correct, used = [], []
     for x, y in loader:
         result = ensemble.predict(x.to(device))
-        correct.append((result.prediction.argmax(-1).cpu() == y))
+        correct.append(result.prediction.argmax(-1).cpu() == y)
         used.append(result.members_used.cpu())
     return torch.cat(correct), torch.cat(used)
 

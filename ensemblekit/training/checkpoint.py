@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.training.config import ModelConfig, section_from_dict
 
 FORMAT = "ensemblekit-checkpoint"
@@ -46,7 +47,7 @@ TRAINER_FILE = "trainer.safetensors"
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EnsembleKitError, ValueError):
     """A checkpoint that cannot be used: damaged, or made for another model. The message names the file."""
 
 

@@ -8,7 +8,7 @@ A config file has up to three sections; every key is optional except
     backbone_options = { stem_width = 16, channels = [16, 32, 64, 128] }
     topology = { name = "tree", depth = 3 }         # a name or { name = ..., options }
     aggregator = "mean"
-    loss = { name = "hierarchical_distillation", alpha = 0.5, T = 2.0 }
+    loss = { name = "hierarchical_distillation", alpha = 0.5, temperature = 2.0 }
 
     [data]
     name = "digits"                                 # digits | cifar10 | cifar100 | imagefolder
@@ -29,22 +29,26 @@ rebuild its ensemble (:func:`build_ensemble`), so loading never runs pickled cod
 from __future__ import annotations
 
 import difflib
-import inspect
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-RECIPES = ("hne", "ensemblenet", "multi_exit", "irene")
+from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, RECIPES, TOPOLOGIES, Registry
+from ensemblekit.core.registry import SCHEDULES as STAGE_SCHEDULES
+from ensemblekit.errors import EnsembleKitError
+
+RECIPE_ARGUMENTS = ("backbone", "init", "halting", "example_input")
+"""What :func:`build_ensemble` passes a recipe itself, next to ``model.recipe_options``."""
 INIT_MODES = ("reinit", "copy")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PROGRESS = ("tqdm", "rich", "none")
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fashion-mnist")
 SPLITS = ("train", "val", "trainval", "test")
 
 
-class ConfigError(ValueError):
+class ConfigError(EnsembleKitError, ValueError):
     """A configuration key or value that is not allowed; the message names it."""
 
 
@@ -58,8 +62,9 @@ class ModelConfig:
         in_chans: input channels.
         image_size: side of the square inputs (for splitting and FLOP counts).
         backbone_options: extra keywords of ``timm.create_model``.
-        recipe: "hne", "ensemblenet", "multi_exit" or "irene" (then topology, aggregator, loss come
-            from the recipe and ``recipe_options``), or None.
+        recipe: a registered recipe, e.g. "hne", "ensemblenet", "multi_exit" or
+            "irene" (then topology, aggregator, loss come from the recipe and
+            ``recipe_options``), or None.
         recipe_options: keywords of the recipe (``depth``, ``branching``,
             ``alpha``, ``branches``, ``fork``, ``width``, ``loss``, ...).
         topology: topology name or mapping ``{"name": ..., **options}``
@@ -87,20 +92,22 @@ class ModelConfig:
     num_blocks: int | None = None
 
     def __post_init__(self) -> None:
-        _choice("model.recipe", self.recipe, (*RECIPES, None))
         if self.recipe is not None:
+            _choice("model.recipe", self.recipe, (*RECIPES.names(), None))
             for key in ("topology", "aggregator", "loss", "num_blocks"):
                 if getattr(self, key) is not None:
                     raise ConfigError(f"model.{key} cannot be set next to recipe {self.recipe!r}, which decides "
                                       f"it; give recipe options in model.recipe_options instead")
+            _recipe_options(self.recipe, self.recipe_options)
         elif self.recipe_options:
             raise ConfigError("model.recipe_options is set but model.recipe is not; name a recipe: "
-                              + ", ".join(RECIPES))
+                              + ", ".join(RECIPES.names()))
         if self.num_blocks is not None:
             _at_least("model.num_blocks", self.num_blocks, 1)
         _choice("model.init", self.init, INIT_MODES)
-        for key in ("topology", "aggregator", "loss", "halting"):
-            _component(f"model.{key}", getattr(self, key), key)
+        for key, registry in (("topology", TOPOLOGIES), ("aggregator", AGGREGATORS), ("loss", LOSSES),
+                              ("halting", HALTING_POLICIES)):
+            _component(f"model.{key}", getattr(self, key), registry, build=key in ("topology", "loss"))
         if self.num_classes is not None:
             _at_least("model.num_classes", self.num_classes, 1)
         _at_least("model.in_chans", self.in_chans, 1)
@@ -174,6 +181,11 @@ class TrainConfig:
             over the global batch instead of each process's share (see
             ``docs/distributed.md``).
         keep_checkpoints: how many recent checkpoints to keep.
+        stages: the training schedule, the stages the trainer runs (see
+            :mod:`ensemblekit.core.stages`): a registered name ("joint",
+            "sequential", "irene", "two_phase", or a plugin's) or
+            ``{name = ..., **options}``; None: the loss's own (IRENE's loss
+            says "sequential"), else "joint".
     """
 
     epochs: int = 10
@@ -193,6 +205,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     sync_batchnorm: bool = False
+    stages: str | dict | None = None
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -213,6 +226,11 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be > 0 or omitted, got {self.grad_clip}")
+        if self.stages is not None:
+            try:
+                STAGE_SCHEDULES.check(self.stages, context=("ensemble", "settings"))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConfigError(f"train.stages: {err}") from None
 
 
 # Settings that may change when a run is resumed without changing its results.
@@ -302,7 +320,6 @@ def build_ensemble(config: ModelConfig):
     """
     import torch
 
-    from ensemblekit import methods as recipes
     from ensemblekit.backbones import UnknownBackboneError, create_backbone
     from ensemblekit.build import wrap
 
@@ -319,10 +336,8 @@ def build_ensemble(config: ModelConfig):
     example = torch.zeros(1, config.in_chans, config.image_size, config.image_size)
     try:
         if config.recipe is not None:
-            recipe = getattr(recipes, config.recipe)
-            _check_recipe_options(recipe, config.recipe_options, wrap)
-            ensemble = recipe(backbone, **config.recipe_options, init=config.init, halting=config.halting,
-                              example_input=example)
+            ensemble = RECIPES.create(config.recipe, backbone=backbone, init=config.init, halting=config.halting,
+                                      example_input=example, **config.recipe_options)
         else:
             ensemble = wrap(backbone, config.topology or "tree", aggregator=config.aggregator or "mean",
                             loss=config.loss or "independent", halting=config.halting, init=config.init,
@@ -345,16 +360,16 @@ def _summary(config: ModelConfig) -> str:
     return ", ".join(f"{k}={getattr(config, k)!r}" for k in keys if getattr(config, k) is not None) or "defaults"
 
 
-def _check_recipe_options(recipe: Any, options: dict, wrap: Any) -> None:
-    params = inspect.signature(recipe).parameters
-    allowed = [p for p in params if params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        allowed += [p for p in inspect.signature(wrap).parameters if p not in allowed]
-    allowed = [p for p in allowed if p not in ("backbone", "model", "init", "halting", "example_input")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"model.recipe_options: recipe {recipe.__name__!r} does not take {', '.join(unknown)}; "
-                          f"it takes: {', '.join(allowed)}")
+def _recipe_options(recipe: str, options: dict) -> None:
+    """Check ``options`` with the registry's checks of recipe ``recipe`` (named unknown or wrongly typed keys)."""
+    taken = sorted(set(options) & set(RECIPE_ARGUMENTS))
+    if taken:
+        raise ConfigError(f"model.recipe_options cannot set {', '.join(taken)}: the config passes the backbone "
+                          "and model.init, model.halting, model.image_size itself")
+    try:
+        RECIPES.check(recipe, context=RECIPE_ARGUMENTS, **options)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"model.recipe_options: {err}") from None
 
 
 def _check_keys(data: dict, allowed: Any, section: str, source: str) -> None:
@@ -394,34 +409,18 @@ def _at_least(key: str, value: int, minimum: int) -> None:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
-def _component(key: str, spec: Any, kind: str) -> None:
-    """Check a component spec names a registered component (the error lists the known ones)."""
-    from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES
+def _component(key: str, spec: Any, registry: Registry, build: bool) -> None:
+    """Check a component spec with the registry's checks (the errors list the known names and options).
 
-    registry = {"topology": TOPOLOGIES, "aggregator": AGGREGATORS, "loss": LOSSES, "halting": HALTING_POLICIES}[kind]
+    ``build``: also build it, to check the option values (cheap for topologies and losses; the
+    others are given ``num_members`` when the ensemble is built).
+    """
     if spec is None:
         return
-    name = spec.get("name") if isinstance(spec, dict) else spec
-    if not isinstance(name, str):
-        raise ConfigError(f"{key} must be a name or a mapping with a 'name' key, got {spec!r}")
     try:
-        factory = registry.get(name).factory
-    except KeyError as err:
-        raise ConfigError(f"{key}: {err}") from None
-    options = sorted(k for k in (spec if isinstance(spec, dict) else {}) if k != "name")
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = [k for k in options if k not in params]
-    if unknown:
-        allowed = [p for p in params if p not in ("self", "num_members")]
-        raise ConfigError(f"{key}: {kind} {name!r} does not take {', '.join(unknown)}; "
-                          f"it takes: {', '.join(allowed) or 'no options'}")
-    if kind in ("topology", "loss"):  # cheap to build: check the option values now, not after loading data
-        try:
+        if build:
             registry.create(spec)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{key}: {err}") from None
+        else:
+            registry.check(spec, context=("num_members",))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None

@@ -11,6 +11,14 @@ resumes are exact with ``num_workers=0``; with workers, resume from an epoch
 end). A NaN or infinite loss stops the run before the step is applied and
 names the step and batch; nothing is written after the last good checkpoint.
 
+Training runs in stages (:mod:`ensemblekit.core.stages`): a schedule, named
+by ``TrainConfig.stages`` or taken from the loss (IRENE's loss asks for its
+sequential Algorithm 1), is a list of stages, each saying what trains,
+which members are evaluated, which loss and optimizer are used and for how
+many epochs; plain training is one stage ("joint"). One loop runs them all;
+steps and epochs count over the whole schedule and checkpoints hold the
+stage, so a resume in the middle of a schedule is exact as well.
+
 Launched with ``torchrun --nproc-per-node=N``, :func:`train` trains with
 DistributedDataParallel (see :mod:`ensemblekit.training.distributed`): each process
 takes ``batch_size / N`` items of every global batch, only rank 0 shows
@@ -24,6 +32,7 @@ Examples:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -32,8 +41,9 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +52,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ensemblekit.core.registry import SCHEDULES
+from ensemblekit.core.stages import Stage, default_schedule, frozen_except
+from ensemblekit.errors import EnsembleKitError
+from ensemblekit.evaluation.reports import Report, anytime_report, collect_members, plot_accuracy_vs_flops
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
 from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
 from ensemblekit.training.data import load_dataset, make_loader
-from ensemblekit.evaluation.reports import Report, anytime_report, collect_members, plot_accuracy_vs_flops
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(EnsembleKitError, ValueError):
     """The loss became NaN or infinite; the message names the step, the batch and the last good checkpoint."""
 
 
@@ -62,8 +75,10 @@ class TrainResult:
 
     Attributes:
         steps: optimizer steps done in total (over all resumed parts).
-        history: one entry per finished epoch: mean loss and parts, accuracy
-            of the full ensemble on the training batches, learning rate, seconds.
+        history: one entry per finished epoch: the epoch (counted over the
+            whole schedule), its stage's name and the epoch within it, mean
+            loss and parts, accuracy of the (stage's) ensemble on the training
+            batches, learning rate (of the first optimizer), seconds.
         checkpoint: the newest checkpoint folder (None without ``out_dir``).
         seconds: wall-clock time of this call.
     """
@@ -122,9 +137,10 @@ def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """A per-step schedule: cosine to 0 over the run, step decay, or none for "constant"."""
-    total = config.epochs * steps_per_epoch
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,
+                   epochs: int | None = None):
+    """A per-step schedule: cosine to 0 over the run (or ``epochs``: a stage's), step decay, or none for "constant"."""
+    total = (config.epochs if epochs is None else epochs) * steps_per_epoch
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if config.schedule == "step":
@@ -185,19 +201,21 @@ def _set_rng_state(tensors: dict[str, Tensor], plain: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _optimizer_state(optimizer: torch.optim.Optimizer,
+                     prefix: str = "optimizer") -> tuple[dict[str, Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors, plain = {}, {}
     for pid, entry in sd["state"].items():
         plain[str(pid)] = {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
-        tensors.update({f"optimizer.{pid}.{k}": v for k, v in entry.items() if isinstance(v, Tensor)})
+        tensors.update({f"{prefix}.{pid}.{k}": v for k, v in entry.items() if isinstance(v, Tensor)})
     return tensors, {"state": plain, "param_groups": sd["param_groups"]}
 
 
-def _set_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], plain: dict[str, Any]) -> None:
+def _set_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], plain: dict[str, Any],
+                         prefix: str = "optimizer") -> None:
     state: dict[int, dict[str, Any]] = {int(pid): dict(entry) for pid, entry in plain["state"].items()}
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(prefix + "."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
@@ -211,6 +229,54 @@ def _step_dirs(folder: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ training
+def training_step(compute_loss: Callable[[], Tensor], optimizers: Sequence[torch.optim.Optimizer],
+                  schedulers: Sequence[Any] = (), *, grad_clip: float | None = None,
+                  parameters: Iterable[nn.Parameter] | None = None) -> Tensor:
+    """One optimisation step: clear the gradients, ``loss = compute_loss()``, backward, update.
+
+    Then the gradient norm of ``parameters`` (default: the optimizers') is
+    clipped to ``grad_clip`` when it is set, every optimizer steps, and every
+    learning-rate scheduler (``None`` entries are skipped). :func:`train`
+    runs this for every batch; the benchmark times it as its training step.
+
+    Returns:
+        The loss ``compute_loss()`` returned.
+    """
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss = compute_loss()
+    loss.backward()
+    if grad_clip is not None:
+        if parameters is None:
+            parameters = [p for o in optimizers for group in o.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(parameters, grad_clip)
+    for optimizer in optimizers:
+        optimizer.step()
+    for scheduler in schedulers:
+        if scheduler is not None:
+            scheduler.step()
+    return loss
+
+
+def resolve_stages(model: nn.Module, config: TrainConfig) -> list[Stage]:
+    """The stages ``model`` trains in: the schedule ``config.stages`` names, else the model's loss's own.
+
+    See :mod:`ensemblekit.core.stages`; schedules are looked up in
+    :data:`~ensemblekit.core.registry.SCHEDULES` and called with
+    ``ensemble=model, settings=config`` and the options of ``config.stages``.
+    """
+    spec = config.stages if config.stages is not None else default_schedule(model)
+    stages = SCHEDULES.create(spec, context={"ensemble": model, "settings": config})
+    return _check_stages(stages, f"schedule {spec!r}")
+
+
+def _check_stages(stages: Any, source: str) -> list[Stage]:
+    stages = list(stages)
+    if not stages or not all(isinstance(s, Stage) for s in stages):
+        raise TypeError(f"{source} must give a non-empty list of ensemblekit.core.stages.Stage objects, got {stages!r}")
+    return stages
+
+
 def train(
     model: nn.Module,
     train_set: Dataset,
@@ -220,19 +286,31 @@ def train(
     resume: bool = False,
     num_workers: int = 0,
     extra: dict[str, Any] | None = None,
+    stages: Sequence[Stage] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (an :class:`~ensemblekit.Ensemble` with a loss) on ``train_set``.
+    """Train ``model`` (an :class:`~ensemblekit.Ensemble` with a loss) on ``train_set``, stage by stage.
 
     Args:
         model: the ensemble; with ``out_dir`` it needs a ``build_config``
             (built by :func:`~ensemblekit.training.config.build_ensemble`).
         train_set: yields ``(image, label)``.
-        config: optimisation settings.
+        config: optimisation settings; ``config.stages`` names the schedule.
         out_dir: run folder for checkpoints (None: keep nothing on disk).
         resume: continue from the newest checkpoint in ``out_dir``.
         num_workers: data-loading worker processes.
         extra: JSON-able settings stored in every checkpoint and required to
             be unchanged on resume (e.g. the data config).
+        stages: the stages to run, instead of the schedule of
+            :func:`resolve_stages` (e.g. a part of one); a resume needs the
+            same stage names.
+        on_epoch: called (on rank 0) with every epoch's history entry.
+
+    The stages run one after the other in one loop (see
+    :mod:`ensemblekit.core.stages`): each may prepare the ensemble, swap its
+    loss, freeze all but its trainable parameters and evaluate only some
+    members, with optimizers created when it starts. Steps and epochs are
+    counted over the whole schedule, and checkpoints hold the stage index.
 
     Under torchrun the model is trained with DDP on every process (see
     :mod:`ensemblekit.training.distributed`); the process group is created here when
@@ -240,7 +318,7 @@ def train(
 
     Raises:
         FileExistsError: ``out_dir`` already holds checkpoints and ``resume`` is off.
-        CheckpointError: the checkpoint to resume is damaged or of another model or settings.
+        CheckpointError: the checkpoint to resume is damaged or of another model, settings or schedule.
         NonFiniteLossError: the loss became NaN or infinite.
     """
     config = config or TrainConfig()
@@ -249,7 +327,7 @@ def train(
     created = distributed.init(env, device)
     try:
         return _train(model, train_set, config, env, device, out_dir=out_dir, resume=resume,
-                      num_workers=num_workers, extra=extra)
+                      num_workers=num_workers, extra=extra, stages=stages, on_epoch=on_epoch)
     finally:
         if created:
             distributed.shutdown()
@@ -257,7 +335,8 @@ def train(
 
 def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distributed.DistEnv,
            device: torch.device, *, out_dir: str | Path | None, resume: bool, num_workers: int,
-           extra: dict[str, Any] | None) -> TrainResult:
+           extra: dict[str, Any] | None, stages: Sequence[Stage] | None = None,
+           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     extra = dict(extra or {})
     start_time = time.perf_counter()
     folder = None if out_dir is None else Path(out_dir) / CHECKPOINTS
@@ -281,20 +360,37 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                          f"{env.world_size} items")
     drop_last = n > config.batch_size
     steps_per_epoch = n // config.batch_size if drop_last else 1
-    optimizer = make_optimizer(model.parameters(), config)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    stages = resolve_stages(model, config) if stages is None else _check_stages(stages, "stages")
+    names = [s.name for s in stages]
+    bounds = [0]  # step at which each stage starts, then the total
+    for s in stages:
+        bounds.append(bounds[-1] + s.epochs * steps_per_epoch)
+    total_steps, total_epochs = bounds[-1], bounds[-1] // steps_per_epoch
     step, history, meter = 0, [], _Meter()
     last_good: Path | None = None
     settings = {"train": asdict(config), **extra}
+    restore: tuple[Path, dict[str, Any]] | None = None  # the checkpoint to load when its stage is reached
+    restore_stage = -1
 
     if resume:
         if not existing:
             raise FileNotFoundError(f"nothing to resume: {folder} holds no checkpoints")
         # a run killed between writing its first checkpoint and its "latest" pointer has no pointer yet
         last_good = ckpt.resolve(folder) if (folder / ckpt.LATEST).is_file() else existing[-1]
-        step, history, meter = _restore(last_good, model, optimizer, scheduler, settings, env, config.seed)
-        if step > config.epochs * steps_per_epoch:
-            raise ckpt.CheckpointError(f"{last_good} is at step {step}, past the {config.epochs} epochs of this run")
+        restore = _check_resumable(last_good, model, settings)
+        state = restore[1]["trainer"]
+        step, history, meter = state["step"], state["history"], _Meter(state["epoch_sums"])
+        theirs = state.get("stages", names if len(names) == 1 else ["(one stage)"])  # one, before stages
+        if theirs != names:
+            raise ckpt.CheckpointError(f"cannot resume from {last_good}: it was written by a run with the stages "
+                                       f"{theirs}; this run's are {names}")
+        if step > total_steps:
+            raise ckpt.CheckpointError(f"{last_good} is at step {step}, past the {total_epochs} epochs of this run")
+        restore_stage = _stage_at(step, bounds)
+        if state.get("stage", 0) != restore_stage:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {last_good}: it was written in stage {state['stage']} ({names[state['stage']]}) "
+                f"but its step {step} falls in stage {restore_stage} of this run; were the epochs per stage changed?")
         found = distributed.all_gather_objects(str(last_good), env)
         if len(set(found)) > 1:
             raise ckpt.CheckpointError(f"the processes found different checkpoints to resume ({', '.join(found)}); "
@@ -302,15 +398,24 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     elif env.enabled:
         seed_everything(distributed.rank_seed(config.seed, env.rank))  # each process draws its own augmentations
 
+    optimizers: list[torch.optim.Optimizer] = []
+    schedulers: list[Any] = []
+    index = 0
+
     def save() -> Path:
         target = folder / f"step-{step:07d}"
         rng = distributed.all_gather_objects(_rng_state(), env)  # every process's, so each resumes its own
         if env.is_main:
-            opt_tensors, opt_plain = _optimizer_state(optimizer)
+            opt_tensors: dict[str, Tensor] = {}
+            opt_plain = []
+            for i, optimizer in enumerate(optimizers):
+                tensors, plain = _optimizer_state(optimizer, _optimizer_prefix(i))
+                opt_tensors.update(tensors)
+                opt_plain.append(plain)
             rng_tensors = {(f"rank{r}.{k}" if r else k): v for r, (t, _) in enumerate(rng) for k, v in t.items()}
-            state = {"step": step, "steps_per_epoch": steps_per_epoch, "history": history,
-                     "epoch_sums": meter.sums, "optimizer": opt_plain,
-                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+            state = {"step": step, "steps_per_epoch": steps_per_epoch, "stage": index, "stages": names,
+                     "history": history, "epoch_sums": meter.sums, "optimizers": opt_plain,
+                     "schedulers": [None if s is None else s.state_dict() for s in schedulers],
                      "rng": rng[0][1], "rng_ranks": [plain for _, plain in rng[1:]]}
             ckpt.write_checkpoint(target, model, model.build_config, trainer_tensors={**opt_tensors, **rng_tensors},
                                   trainer_state=state, extra=settings, overwrite=True)
@@ -320,63 +425,144 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
         distributed.barrier(env)  # no process goes on (or resumes) before the checkpoint is complete
         return target
 
-    total_steps = config.epochs * steps_per_epoch
     sampler = distributed.ShardedEpochSampler(train_set, config.batch_size, env, seed=config.seed, drop_last=drop_last)
     progress = config.progress if env.is_main else "none"
-    step_fn = None
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        model.train()
-        sampler.set_epoch(epoch, start=skip * config.batch_size)
-        loader = make_loader(train_set, config.batch_size // env.world_size, shuffle=False, num_workers=num_workers,
-                             seed=distributed.rank_seed(config.seed, env.rank), sampler=sampler, drop_last=drop_last)
-        epoch_start = time.perf_counter()
-        with _progress(progress, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}") as bar:
-            for batch, (x, y) in enumerate(loader, start=skip):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if step_fn is None:
-                    step_fn = distributed.data_parallel(model, env, device, sync_batchnorm=config.sync_batchnorm,
-                                                        probe=(x, y))
-                output, result = step_fn(x, y)
-                loss = result.total
-                with torch.no_grad():  # one reduction over the processes: loss, accuracy, bad inputs, loss parts
-                    correct = (output.ensemble().argmax(-1) == y).sum()
-                    local = [loss, correct, ~torch.isfinite(x).all(), *result.parts.values()]
-                    totals = distributed.all_sum(torch.stack([v.detach().double().reshape(()) for v in local]), env)
-                mean_loss = float(totals[0]) / env.world_size
-                if not math.isfinite(mean_loss):
-                    kept = (f"the last good checkpoint is {last_good} (nothing was written after it)"
-                            if last_good else "no checkpoint had been written yet")
-                    cause = ("the batch holds NaN or infinite inputs" if totals[2] > 0 else
-                             "the inputs are finite, so training diverged (lower train.lr or set train.grad_clip)")
-                    raise NonFiniteLossError(
-                        f"training stopped: the loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}, "
-                        f"batch {batch + 1} of {steps_per_epoch}); {cause}; {kept}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                step += 1
-                parts = {k: float(v) / env.world_size for k, v in zip(result.parts, totals[3:])}
-                meter.add(mean_loss, parts, int(totals[1]), len(y) * env.world_size)
-                bar.update(meter.loss(), meter.accuracy())
-                end_of_epoch = step % steps_per_epoch == 0
-                if end_of_epoch:
-                    history.append({"epoch": epoch + 1, **meter.summary(), "lr": optimizer.param_groups[0]["lr"],
-                                    "seconds": time.perf_counter() - epoch_start})
-                    meter = _Meter()
-                if folder is not None and (end_of_epoch or (config.checkpoint_every
-                                                            and step % config.checkpoint_every == 0)):
-                    last_good = save()
+    # BatchNorm is converted to its synchronised form once, by the first DDP wrapper (converting twice would
+    # replace timm's fused BatchNorm + activation layers); layers a later stage's preparation adds stay per process
+    wrapped = False
+    for index, stage in enumerate(stages):
+        _start_stage(stage, model, device)
+        if step >= bounds[index + 1]:  # done before the checkpoint resumed: only its preparation is replayed
+            if index == restore_stage and restore is not None:  # the checkpoint ends this stage
+                _load_state(*restore, model, [], [], env, config.seed)
+                restore = None
+            continue
+        with frozen_except(model, stage.trainable) as freeze:
+            params = freeze.parameters
+            if not params:
+                raise ValueError(f"stage {stage.name!r} has no parameter to train")
+            optimizers, schedulers = _stage_optimizers(stage, params, config, steps_per_epoch)
+            if restore is not None:  # resumed in the middle of this stage
+                _load_state(*restore, model, optimizers, schedulers, env, config.seed)
+                restore = None
+            step_fn = None
+            while step < bounds[index + 1]:
+                epoch, skip = divmod(step, steps_per_epoch)
+                freeze.train()
+                sampler.set_epoch(epoch, start=skip * config.batch_size)
+                loader = make_loader(train_set, config.batch_size // env.world_size, shuffle=False,
+                                     num_workers=num_workers, seed=distributed.rank_seed(config.seed, env.rank),
+                                     sampler=sampler, drop_last=drop_last)
+                epoch_start = time.perf_counter()
+                desc = f"epoch {epoch + 1}/{total_epochs}" + (f" ({stage.name})" if len(stages) > 1 else "")
+                with _progress(progress, steps_per_epoch, skip, desc) as bar:
+                    for batch, (x, y) in enumerate(loader, start=skip):
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        if step_fn is None:
+                            step_fn = distributed.data_parallel(
+                                model, env, device, sync_batchnorm=config.sync_batchnorm and not wrapped,
+                                probe=(x, y), members=stage.members)
+                            wrapped = True
+                        seen: dict[str, Any] = {}
+                        where = {"step": step + 1, "epoch": epoch + 1, "batch": batch + 1,
+                                 "steps_per_epoch": steps_per_epoch, "last_good": last_good}
+                        training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers, schedulers,
+                                      grad_clip=config.grad_clip, parameters=model.parameters())
+                        step += 1
+                        totals = seen["totals"]
+                        parts = {k: float(v) / env.world_size for k, v in zip(seen["parts"], totals[3:])}
+                        meter.add(seen["mean_loss"], parts, int(totals[1]), len(y) * env.world_size)
+                        bar.update(meter.loss(), meter.accuracy())
+                        end_of_epoch = step % steps_per_epoch == 0
+                        if end_of_epoch:
+                            entry = {"epoch": epoch + 1, "stage": stage.name,
+                                     "stage_epoch": epoch + 1 - bounds[index] // steps_per_epoch,
+                                     **meter.summary(), "lr": optimizers[0].param_groups[0]["lr"],
+                                     "seconds": time.perf_counter() - epoch_start}
+                            history.append(entry)
+                            meter = _Meter()
+                            if on_epoch is not None and env.is_main:
+                                on_epoch(dict(entry))
+                        if folder is not None and (end_of_epoch or (config.checkpoint_every
+                                                                    and step % config.checkpoint_every == 0)):
+                            last_good = save()
+            del step_fn
+            if env.enabled:
+                gc.collect()  # the stage's DDP wrapper goes with its gradient hooks before the next one is made
     distributed.broadcast_buffers(model, env)  # every process ends with rank 0's BatchNorm statistics, as saved
     return TrainResult(step, history, last_good, time.perf_counter() - start_time)
 
 
-def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any],
-             env: distributed.DistEnv, seed: int):
+def _forward(step_fn: Callable[..., Any], x: Tensor, y: Tensor, env: distributed.DistEnv, where: dict[str, Any],
+             seen: dict[str, Any]) -> Tensor:
+    """Forward pass and loss of one batch (the ``compute_loss`` of :func:`training_step`).
+
+    The loss, accuracy and loss parts summed over the processes go into
+    ``seen``; a NaN or infinite loss raises :class:`NonFiniteLossError` here,
+    before the backward pass.
+    """
+    output, result = step_fn(x, y)
+    loss = result.total
+    with torch.no_grad():  # one reduction over the processes: loss, accuracy, bad inputs, loss parts
+        correct = (output.ensemble().argmax(-1) == y).sum()
+        local = [loss, correct, ~torch.isfinite(x).all(), *result.parts.values()]
+        totals = distributed.all_sum(torch.stack([v.detach().double().reshape(()) for v in local]), env)
+    mean_loss = float(totals[0]) / env.world_size
+    if not math.isfinite(mean_loss):
+        last_good = where["last_good"]
+        kept = (f"the last good checkpoint is {last_good} (nothing was written after it)"
+                if last_good else "no checkpoint had been written yet")
+        cause = ("the batch holds NaN or infinite inputs" if totals[2] > 0 else
+                 "the inputs are finite, so training diverged (lower train.lr or set train.grad_clip)")
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {mean_loss} at step {where['step']} (epoch {where['epoch']}, "
+            f"batch {where['batch']} of {where['steps_per_epoch']}); {cause}; {kept}")
+    seen.update(totals=totals, mean_loss=mean_loss, parts=list(result.parts))
+    return loss
+
+
+def _start_stage(stage: Stage, model: nn.Module, device: torch.device) -> None:
+    """What happens to the model when ``stage`` starts: its preparation, its loss, then the device."""
+    if stage.prepare is not None:
+        stage.prepare(model)
+    if stage.loss is not None:
+        model.loss_strategy = stage.loss
+    model.to(device)  # modules a preparation added
+
+
+def _stage_optimizers(stage: Stage, params: list[nn.Parameter], config: TrainConfig,
+                      steps_per_epoch: int) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    """The optimizers and learning-rate schedulers of ``stage`` (the trainer's own where it names none)."""
+    if stage.optimizer is None:
+        optimizers = [make_optimizer(params, config)]
+    else:
+        made = stage.optimizer(params)
+        optimizers = [made] if isinstance(made, torch.optim.Optimizer) else list(made)
+        if not optimizers:
+            raise ValueError(f"stage {stage.name!r}: its optimizer factory made no optimizer")
+    if stage.lr_schedule is not None:
+        schedulers = [stage.lr_schedule(o, steps_per_epoch) for o in optimizers]
+    elif stage.optimizer is None:
+        schedulers = [make_scheduler(optimizers[0], config, steps_per_epoch, epochs=stage.epochs)]
+    else:
+        schedulers = [None] * len(optimizers)
+    return optimizers, schedulers
+
+
+def _stage_at(step: int, bounds: list[int]) -> int:
+    """The stage in which the ``step``-th optimizer step was taken (0 before any)."""
+    for i in range(len(bounds) - 1):
+        if bounds[i] < step <= bounds[i + 1]:
+            return i
+    return 0
+
+
+def _optimizer_prefix(i: int) -> str:
+    return "optimizer" if i == 0 else f"optimizer{i}"
+
+
+def _check_resumable(directory: Path, model: nn.Module, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint's folder and manifest, after checking that it is of this model and these settings."""
     directory, manifest = ckpt.read_manifest(directory)
     manifest_path = directory / ckpt.MANIFEST
     ours = asdict(model.build_config)
@@ -391,12 +577,26 @@ def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: 
                                    "settings (" + "; ".join(diff) + ")")
     if "trainer" not in manifest or ckpt.TRAINER_FILE not in manifest["files"]:
         raise ckpt.CheckpointError(f"{manifest_path} is a model-only checkpoint; it has no training state to resume")
+    return directory, manifest
+
+
+def _load_state(directory: Path, manifest: dict[str, Any], model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                schedulers: list[Any], env: distributed.DistEnv, seed: int) -> None:
+    """Load weights, the optimizers' and schedulers' states (when given) and this process's RNG state."""
     ckpt.load_weights(model, directory)
     state = manifest["trainer"]
     tensors = ckpt.read_tensors(directory, ckpt.TRAINER_FILE)
-    _set_optimizer_state(optimizer, tensors, state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    if optimizers:
+        plains = state["optimizers"] if "optimizers" in state else [state["optimizer"]]  # one, before stages
+        saved = state["schedulers"] if "schedulers" in state else [state.get("scheduler")]
+        if len(plains) != len(optimizers):
+            raise ckpt.CheckpointError(f"{directory} holds {len(plains)} optimizer states; this stage has "
+                                       f"{len(optimizers)} optimizers")
+        for i, (optimizer, plain) in enumerate(zip(optimizers, plains)):
+            _set_optimizer_state(optimizer, tensors, plain, _optimizer_prefix(i))
+        for scheduler, scheduler_state in zip(schedulers, saved):
+            if scheduler is not None:
+                _set_scheduler_state(scheduler, scheduler_state)
     ranks = state.get("rng_ranks", [])
     if env.rank == 0:
         _set_rng_state(tensors, state["rng"])
@@ -405,7 +605,19 @@ def _restore(directory: Path, model: nn.Module, optimizer, scheduler, settings: 
         _set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, ranks[env.rank - 1])
     else:  # the checkpoint's run had fewer processes: this one starts a fresh stream
         seed_everything(distributed.rank_seed(seed, env.rank) + state["step"])
-    return state["step"], state["history"], _Meter(state["epoch_sums"])
+
+
+def _set_scheduler_state(scheduler: Any, saved: dict[str, Any]) -> None:
+    """Load a scheduler state read back from JSON.
+
+    JSON turns integer dict keys into strings (``MultiStepLR``'s milestone
+    ``Counter``): such entries are set by the scheduler's constructor, so
+    the freshly made scheduler's own are kept.
+    """
+    fresh = scheduler.state_dict()
+    state = {k: (fresh[k] if isinstance(fresh.get(k), dict) and any(not isinstance(key, str) for key in fresh[k])
+                 else v) for k, v in saved.items()}
+    scheduler.load_state_dict(state)
 
 
 class _progress:

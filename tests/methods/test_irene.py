@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,10 +15,17 @@ from torch.utils.data import TensorDataset
 import ensemblekit as ek
 from ensemblekit.components.aggregators import MeanProbs
 from ensemblekit.components.halting.learned import gumbel_halting, halting_distribution, survival
-from ensemblekit.core.interfaces import EnsembleOutput
-from ensemblekit.methods.irene.woc import WoC, fit, frozen_except, stage_modules, utility
 from ensemblekit.components.losses import IreneLoss
+from ensemblekit.core.interfaces import EnsembleOutput
+from ensemblekit.core.stages import frozen_except
+from ensemblekit.methods.irene.schedule import LR_DECAY, sequential, stage_modules
+from ensemblekit.methods.irene.woc import WoC, utility
+from ensemblekit.training.config import TrainConfig
+from ensemblekit.training.trainer import train
 from tests.conftest import toy_split
+
+FIT = TrainConfig(epochs=1, batch_size=16, lr=0.1, progress="none", device="cpu")
+"""The settings ``irene.fit`` had by default (SGD lr 0.1, momentum 0.9, weight decay 5e-4)."""
 
 
 def irene_ensemble(topology: str = "cascade", seed: int = 0, **options):
@@ -232,30 +241,76 @@ def test_sequential_step_t_trains_member_t_and_the_selector():
     assert all(p.requires_grad for p in ens.parameters()) and ens.training  # restored
 
 
-def test_fit_sequential_freezes_earlier_members():
+def test_sequential_schedule_freezes_earlier_members():
     ens = irene_ensemble(seed=2)
     data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 5, (32,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=16)
     snapshots = {}
 
     def log(record):
-        snapshots[record["step"]] = [p.detach().clone() for p in ens.heads[0].parameters()]
-    history = fit(ens, loader, epochs=1, log=log)
-    assert [r["step"] for r in history] == [1, 2, 3]
-    assert {"loss", "base", "ens", "cost", "rank", "aux", "discrepancy"} <= history[-1].keys()
-    initial = snapshots[1]
-    assert all(torch.equal(a, b) for a, b in zip(initial, snapshots[3]))  # member 1 frozen after step 1
-    assert not ens.training
+        snapshots[record["stage"]] = [p.detach().clone() for p in ens.heads[0].parameters()]
+    history = train(ens, data, FIT, on_epoch=log).history  # the loss asks for Algorithm 1
+    assert [r["stage"] for r in history] == ["step 1", "step 2", "step 3"]
+    assert {f"part.{k}" for k in ("base", "ens", "cost", "rank", "aux", "discrepancy")} | {"loss"} <= history[-1].keys()
+    initial = snapshots["step 1"]
+    assert all(torch.equal(a, b) for a, b in zip(initial, snapshots["step 3"]))  # member 1 frozen after step 1
+    assert all(p.requires_grad for p in ens.parameters())  # the freezing is undone
 
 
-def test_fit_joint_trains_everything():
+def test_joint_schedule_trains_everything():
     ens = irene_ensemble(seed=2, schedule="joint")
     before = [p.detach().clone() for p in ens.parameters()]
     data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))
-    history = fit(ens, torch.utils.data.DataLoader(data, batch_size=16), epochs=1)
-    assert [r["step"] for r in history] == [3]
+    history = train(ens, data, replace(FIT, stages="irene")).history  # IRENE's optimisers
+    assert [r["stage"] for r in history] == ["joint"]
     changed = [not torch.equal(a, b) for a, b in zip(before, ens.parameters())]
     assert sum(changed) > 0.9 * len(changed)
+
+
+def test_sequential_schedule_trains_what_algorithm_1_says_at_each_step():
+    """Step t changes only member t's new nodes, its head, its aux head and the selector; the rest (weights
+    and BatchNorm statistics) is bit-identical (Algorithm 1)."""
+    ens = irene_ensemble(seed=5)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))
+    names = {id(p): n for n, p in ens.named_parameters()}
+    owner = {}  # state-dict key -> the module that holds it
+    for prefix, module in ens.named_modules():
+        for key in module.state_dict(keep_vars=True):
+            owner.setdefault(f"{prefix}.{key}" if prefix else key, set()).add(module)
+    snapshots = [copy.deepcopy(ens.state_dict())]
+    train(ens, data, FIT, on_epoch=lambda record: snapshots.append(copy.deepcopy(ens.state_dict())))
+    assert len(snapshots) == 4
+    for t in (1, 2, 3):
+        modules = stage_modules(ens, t)
+        inside = {m for top in modules for m in top.modules()}
+        trained = {names[id(p)] for m in modules for p in m.parameters()}
+        before, after = snapshots[t - 1], snapshots[t]
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed, t
+        assert all(owner[k] & inside for k in changed), (t, sorted(changed - trained))  # nothing else moved
+        own = [n for n, p in ens.named_parameters() if n in trained and not n.startswith("halting.")]
+        assert set(own) <= changed, t  # the member's nodes and head did train
+        if t > 1:
+            assert any(k.startswith("halting.") and k in trained for k in changed), t  # and the selector
+
+
+def test_sequential_schedule_optimisers_and_step_decay():
+    """SGD (Nesterov) for the models, Adam for the selector, re-created at each step; lr / 5 at 30/60/80%."""
+    ens = irene_ensemble(seed=6)
+    settings = TrainConfig(epochs=5, lr=0.1, momentum=0.9, weight_decay=5e-4, progress="none", device="cpu")
+    stages = sequential(ens, settings, selector_lr=0.002)
+    assert [s.members for s in stages] == [[0], [0, 1], [0, 1, 2]]
+    params = list(ens.parameters())
+    sgd, adam = stages[1].optimizer(params)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["weight_decay"] == 5e-4
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 0.002
+    assert {id(p) for p in adam.param_groups[0]["params"]} == selector_params(ens)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))
+    history = train(ens, data, replace(settings, batch_size=16),
+                    stages=sequential(ens, settings)).history
+    lrs = [r["lr"] for r in history if r["stage"] == "step 2"]
+    # 5 epochs: milestones round(1.5), 3, 4 -> the rate after epochs 1..5
+    assert lrs == pytest.approx([0.1, 0.1 * LR_DECAY, 0.1 * LR_DECAY**2, 0.1 * LR_DECAY**3, 0.1 * LR_DECAY**3])
+    assert [r["lr"] for r in history if r["stage"] == "step 3"][0] == 0.1  # a fresh schedule at every step
 
 
 # ------------------------------------------------------------ utility, WoC

@@ -9,12 +9,16 @@ import torch
 import torch.nn.functional as F
 
 import ensemblekit as ek
-from ensemblekit.core.cache import NodeCache
-from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilibrium, equilibrium_scales, rescale_gradient
-from ensemblekit.core.interfaces import EnsembleOutput
-from ensemblekit.methods.imta.isc import ISCExit
-from ensemblekit.components.losses.multi_exit import MultiExitLoss
 from ensemblekit.components.aggregators import LastExit
+from ensemblekit.components.losses.multi_exit import MultiExitLoss
+from ensemblekit.core.cache import NodeCache
+from ensemblekit.core.interfaces import EnsembleOutput
+from ensemblekit.methods.imta.gradient_equilibrium import (
+    apply_gradient_equilibrium,
+    equilibrium_scales,
+    rescale_gradient,
+)
+from ensemblekit.methods.imta.isc import ISCExit
 from ensemblekit.methods.imta.recipe import multi_exit, start_phase2
 from tests.conftest import toy_split
 
@@ -153,13 +157,14 @@ def test_isc_predict_with_compaction_matches_full_evaluation():
 
 
 def reference_ofa(members, target, alpha, t, weights):
+    """Eq. 7-8 written out; ``alpha`` weighs the distillation term, as in the HNE losses."""
     n = members.shape[1]
     teacher = F.softmax(members[:, -1] / t, dim=-1)
     total = weights[-1] * F.cross_entropy(members[:, -1], target)
     for k in range(n - 1):
         log_s = F.log_softmax(members[:, k] / t, dim=-1)
         kl = (teacher * (teacher.log() - log_s)).sum(-1).mean()  # KL(p_last || p_k), Eq. 8
-        total = total + weights[k] * (alpha * F.cross_entropy(members[:, k], target) + (1 - alpha) * t * t * kl)
+        total = total + weights[k] * ((1 - alpha) * F.cross_entropy(members[:, k], target) + alpha * t * t * kl)
     return total
 
 
@@ -206,3 +211,50 @@ def test_phase2_freezes_blocks_and_their_batchnorm():
         assert torch.equal(value, frozen[key]), key
     assert any(not torch.equal(v, heads_before[k]) for k, v in ens.heads.state_dict().items())
     start_phase2(ens)  # idempotent
+
+
+def test_two_phase_schedule_equals_the_manual_phases():
+    """IMTA's two phases (Sec. 3) as the trainer's stages equal the manual sequence they replace: train phase I,
+    add ISC, switch to the OFA loss, start_phase2, train again."""
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    from ensemblekit.methods.imta.isc import add_isc
+    from ensemblekit.training.config import TrainConfig
+    from ensemblekit.training.trainer import train
+
+    torch.manual_seed(1)  # one item repeated: every shuffle gives the same batches, so the epochs' orders cannot differ
+    data = TensorDataset(torch.randn(1, 3, 8, 8).repeat(8, 1, 1, 1), torch.tensor([2] * 8))
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.1, nesterov=True, progress="none", device="cpu")
+
+    manual = chain(True)
+    train(manual, data, config)
+    add_isc(manual, mode="concat")
+    manual.loss_strategy = MultiExitLoss(ofa=True, alpha=0.3, temperature=2.0)
+    start_phase2(manual)
+    train(manual, data, replace(config, epochs=1))
+
+    staged = chain(True)
+    stages = {"name": "two_phase", "phase2_epochs": 1, "isc": "concat", "ofa": True, "alpha": 0.3, "temperature": 2.0}
+    history = train(staged, data, replace(config, stages=stages)).history
+    assert [h["stage"] for h in history] == ["phase I", "phase I", "phase II"]
+    assert all(isinstance(h, ISCExit) for h in staged.heads[1:])
+    assert staged.loss_strategy.ofa and staged.loss_strategy.alpha == 0.3
+    assert not any(p.requires_grad for p in staged.nodes.parameters())  # phase II's freezing stays, as start_phase2's
+    expected = manual.state_dict()
+    assert list(staged.state_dict()) == list(expected)
+    for key, value in staged.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(staged.eval().forward_members(x), manual.eval().forward_members(x))
+
+
+def test_two_phase_schedule_refuses_a_second_isc():
+    from ensemblekit.methods.imta.schedule import two_phase
+    from ensemblekit.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="already has ISC heads"):
+        two_phase(chain(False, isc="concat"), TrainConfig(epochs=1), isc="concat")
+    phase1, phase2 = two_phase(chain(False, isc="concat"), TrainConfig(epochs=3))
+    assert (phase1.epochs, phase2.epochs, phase2.loss) == (3, 3, None)  # no OFA option: the loss stays

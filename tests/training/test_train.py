@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+import ensemblekit as ek
+from ensemblekit.build import wrap
+from ensemblekit.core.stages import Stage
 from ensemblekit.training import checkpoint
 from ensemblekit.training.checkpoint import CheckpointError
-from ensemblekit.training.config import DataConfig, ModelConfig, TrainConfig, build_ensemble
+from ensemblekit.training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, build_ensemble
 from ensemblekit.training.trainer import NonFiniteLossError, evaluate, load_split, seed_everything, train
-from ensemblekit.build import wrap
 from tests.conftest import toy_split
 
 TINY = ModelConfig("resnet10t", num_classes=10, image_size=16, topology={"name": "tree", "depth": 2},
@@ -188,3 +190,123 @@ def test_optimizer_is_fused_on_the_cpu_and_updates_like_the_plain_one(optimizer)
         plain.step()
     for a, b in zip(fused_params, plain_params):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------------ stages
+class Noisy(Dataset):
+    """Toy 8x8 images with fresh noise from the global RNG on every read (an augmentation: the RNG matters)."""
+
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(2)
+        self.x, self.y = torch.randn(n, 3, 8, 8, generator=g), torch.arange(n) % 5
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(3, 8, 8), int(self.y[i])
+
+
+def staged_model(schedule: str):
+    """A toy IMTA chain or IRENE cascade with a placeholder config (the trainer stores it, never rebuilds)."""
+    from ensemblekit.methods import irene, multi_exit
+
+    seed_everything(0)
+    if schedule == "two_phase":
+        model = multi_exit(toy_split(3), gradient_equilibrium=True)
+    else:
+        model = irene(toy_split(2), members=2)  # its loss asks for the sequential schedule
+    model.build_config = ModelConfig("toy", num_classes=5)
+    return model
+
+
+STAGED = {"two_phase": {"name": "two_phase", "phase2_epochs": 2, "isc": "concat", "ofa": True, "alpha": 0.5},
+          "sequential": None}
+
+
+@pytest.mark.parametrize("schedule", ["two_phase", "sequential"])
+@pytest.mark.parametrize("at,latest", [(8 * 8 + 3, "step-0000008"), (10 * 8 + 5, "step-0000009")])
+def test_resume_in_the_middle_of_a_schedule_equals_an_uninterrupted_run(tmp_path, schedule, at, latest):
+    """Killed at the first step of stage 2 (resumed from stage 1's last checkpoint: stage 2's preparation runs
+    after the restore) or in its middle (stage 1's preparation replayed, stage 2's optimizers restored)."""
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress="none", checkpoint_every=3, device="cpu",
+                         stages=STAGED[schedule])
+    full = staged_model(schedule)
+    reference = train(full, Noisy(), config, out_dir=tmp_path / "full")
+    assert reference.steps == 16 and len({h["stage"] for h in reference.history}) == 2
+
+    with pytest.raises(KeyboardInterrupt):
+        train(staged_model(schedule), Interrupt(Noisy(), at=at), config, out_dir=tmp_path / "cut")
+    assert (tmp_path / "cut/checkpoints/latest").read_text().strip() == latest
+
+    torch.manual_seed(123)  # the resumed process starts from other RNG states
+    resumed_model = staged_model(schedule)
+    resumed = train(resumed_model, Noisy(), config, out_dir=tmp_path / "cut", resume=True)
+    assert resumed.steps == 16
+    assert resumed.history == [{**h, "seconds": r["seconds"]} for h, r in zip(reference.history, resumed.history)]
+    assert list(resumed_model.state_dict()) == list(full.state_dict())
+    for (key, a), (_, b) in zip(full.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path):
+    config = TrainConfig(epochs=1, batch_size=8, progress="none", device="cpu", stages=STAGED["two_phase"])
+    train(staged_model("two_phase"), Noisy(16), config, out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="train.stages"):
+        train(staged_model("two_phase"), Noisy(16), replace(config, stages="joint"), out_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match=r"stages \['phase I', 'phase II'\]"):
+        train(staged_model("two_phase"), Noisy(16), config, out_dir=tmp_path, resume=True,
+              stages=[Stage("phase I", 1), Stage("other", 1)])
+
+
+def heads_then_all(ensemble, settings, *, head_epochs: int = 1):
+    """A plugin's schedule: first the heads alone on member 1, then everything with its own optimizer."""
+    return [Stage("heads", head_epochs, trainable=ensemble.heads, members=[0]),
+            Stage("all", settings.epochs, optimizer=lambda params: torch.optim.SGD(params, lr=0.01))]
+
+
+class SchedulePlugin:
+    @ek.hookimpl
+    def register_schedules(self, register):
+        register("heads_then_all", heads_then_all)
+
+
+def test_a_schedule_registered_by_a_plugin_runs():
+    from ensemblekit.plugins.manager import register_plugin
+    from ensemblekit.testing import isolated_plugins
+
+    with isolated_plugins():
+        with pytest.raises(ConfigError, match="unknown schedule 'heads_then_all'"):
+            TrainConfig(stages="heads_then_all")
+        register_plugin(SchedulePlugin(), "snapshots")
+        assert "heads_then_all" in ek.list_components("schedule")
+        config = TrainConfig(epochs=1, batch_size=8, progress="none", device="cpu",
+                             stages={"name": "heads_then_all", "head_epochs": 2})
+        torch.manual_seed(0)
+        model = wrap(toy_split(2), "tree", depth=1, loss="independent")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        snapshots = {}
+
+        def on_epoch(entry):
+            snapshots[entry["stage"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        result = train(model, Noisy(16), config, on_epoch=on_epoch)
+    assert [(h["stage"], h["stage_epoch"]) for h in result.history] == [("heads", 1), ("heads", 2), ("all", 1)]
+    assert result.history[-1]["lr"] == 0.01 and result.steps == 6
+    heads = snapshots["heads"]
+    changed = {k for k in before if not torch.equal(before[k], heads[k])}
+    assert changed and all(k.startswith("heads.0.") for k in changed)  # stage 1: member 1's head only
+    assert any(not torch.equal(heads[k], v) for k, v in model.state_dict().items() if k.startswith("nodes."))
+
+
+def test_the_conformance_check_runs_each_stage_of_a_schedule():
+    from ensemblekit.testing import ConformanceError, check_schedule
+
+    check_schedule(heads_then_all, head_epochs=2)
+
+    def leaky(ensemble, settings):  # its optimizer holds parameters the stage freezes
+        return [Stage("leaky", 1, trainable=ensemble.heads,
+                      optimizer=lambda params: torch.optim.SGD(ensemble.parameters(), lr=0.1))]
+    with pytest.raises(ConformanceError, match="hold frozen parameters"):
+        check_schedule(leaky)
+    with pytest.raises(ConformanceError, match="not a non-empty list of Stage"):
+        check_schedule(lambda ensemble, settings: [])

@@ -8,7 +8,9 @@ its own: Gradient Equilibrium (Sec. 3.1, Eq. 4-5,
 (Sec. 3.2, :mod:`ensemblekit.methods.imta.isc`) and One-for-all KD (Sec. 3.3, Eq. 7-8,
 :class:`~ensemblekit.components.losses.multi_exit.MultiExitLoss`). The paper trains in
 two phases: phase I the whole network with GE; phase II
-(:func:`start_phase2`) only the exit heads and ISC modules, with ISC and OFA.
+(:func:`start_phase2`) only the exit heads and ISC modules, with ISC and OFA;
+the ``"two_phase"`` training schedule (:mod:`ensemblekit.methods.imta.schedule`)
+runs both through :func:`ensemblekit.training.trainer.train`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def multi_exit(
     isc: str | bool | None = None,
     isc_detach: bool = True,
     ofa: bool = False,
-    alpha: float = 0.9,
+    alpha: float = 0.1,
     temperature: float = 1.0,
     weights: Sequence[float] | None = None,
     exit_head: Any = ExitHead,
@@ -58,7 +60,8 @@ def multi_exit(
             or None/False for none.
         isc_detach: stop the gradient from exit ``k`` into exit ``k-1`` through ISC.
         ofa: One-for-all KD from the last exit (IMTA Eq. 7-8).
-        alpha: weight of the cross-entropy in OFA's ``L_k`` (Eq. 7).
+        alpha: weight of the distillation term in OFA's ``L_k`` (Eq. 7: ``(1 - alpha) CE + alpha T^2 KL``;
+            the authors' code: gamma = 0.1).
         temperature: OFA's temperature ``T``.
         weights: per-exit loss weights ``w_k`` (default 1, as in MSDNet).
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
@@ -89,6 +92,10 @@ def multi_exit(
     return ensemble
 
 
+# **wrap_options go to wrap(): the option checks (configs, the registry) accept its keywords
+multi_exit.passes_kwargs_to = wrap  # type: ignore[attr-defined]
+
+
 def _keep_eval(module: nn.Module, args: Any) -> None:
     module.training = False
 
@@ -98,7 +105,9 @@ def start_phase2(ensemble: Ensemble) -> list[nn.Parameter]:
 
     Every node parameter gets ``requires_grad=False`` and every BatchNorm
     in the nodes stays in eval mode (running statistics used, never updated)
-    even when ``ensemble.train()`` is called later.
+    even when ``ensemble.train()`` is called later. The ``"two_phase"``
+    schedule (:func:`ensemblekit.methods.imta.schedule.two_phase`) calls it
+    when phase II starts; idempotent.
 
     Returns:
         The parameters left trainable, for the optimizer.

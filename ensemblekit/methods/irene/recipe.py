@@ -41,7 +41,8 @@ def irene(
     Members are averaged in probability (Eq. 7, ``aggregator="mean_probs"``);
     the selector is :class:`~ensemblekit.components.halting.Learned` and the loss
     :class:`~ensemblekit.components.losses.IreneLoss` (Eq. 13). Train with
-    :func:`ensemblekit.methods.irene.woc.fit` (Algorithm 1 when ``schedule`` is
+    :func:`ensemblekit.training.trainer.train` (it runs Algorithm 1,
+    :mod:`ensemblekit.methods.irene.schedule`, when ``schedule`` is
     "sequential"); predict with ``ens.predict(x)``.
 
     Args:
@@ -92,3 +93,7 @@ def irene(
     loss = IreneLoss(ens_weight=ens_weight, cost_weight=cost_weight, rank_weight=rank_weight, aux_weight=aux_weight,
                      discrepancy_weight=discrepancy_weight, cost=cost, schedule=schedule)
     return wrap(backbone, topology, aggregator="mean_probs", loss=loss, halting=halting, **options)
+
+
+# **options go to wrap(): the option checks (configs, the registry) accept its keywords
+irene.passes_kwargs_to = wrap  # type: ignore[attr-defined]
