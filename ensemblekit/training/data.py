@@ -1,4 +1,4 @@
-"""Datasets and loaders: scikit-learn digits, CIFAR-10/100 and any ImageFolder.
+"""Datasets and loaders: scikit-learn digits, Fashion-MNIST, CIFAR-10/100 and any ImageFolder.
 
 Every dataset has the same four splits:
 
@@ -13,6 +13,12 @@ Held-out parts are drawn once with a fixed seed (stratified by class where the
 class counts allow it), so every run, process and machine sees the same split.
 Items are ``(image [C, H, W] float32 normalised, label int)``.
 
+Fashion-MNIST is read with :class:`torchvision.datasets.FashionMNIST` from the
+first place that holds its four files (see :func:`find_fashion_mnist`): the
+``root`` given, the folder in ``$ENSEMBLEKIT_FASHION_MNIST``, the Debian
+package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
+then torchvision's download where a network allows it.
+
 Examples:
     >>> train, info = load_dataset("digits", "train")
     >>> loader = make_loader(train, batch_size=64, shuffle=True, seed=0)
@@ -23,6 +29,10 @@ Examples:
 from __future__ import annotations
 
 import functools
+import gzip
+import os
+import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +48,11 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from ensemblekit.errors import EnsembleKitError
+
 Split = Literal["train", "val", "trainval", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "fashion-mnist")
 
 SPLIT_SEED = 0
 """Seed of every fixed held-out split (never change it: results depend on it)."""
@@ -48,12 +60,14 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_VAL_FRACTION = 0.1
 """Fraction of *all* digits images held out for validation."""
 VAL_FRACTION = 0.1
-"""Fraction of a training set (CIFAR, ImageFolder without a test folder) held out for validation."""
+"""Fraction of a training set (Fashion-MNIST, CIFAR, ImageFolder without a test folder) held out for validation."""
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGEFOLDER_SIZE = 224
@@ -71,6 +85,7 @@ class DatasetInfo:
         mean: per-channel mean used for normalisation.
         std: per-channel standard deviation used for normalisation.
         classes: class names, in label order.
+        source: where the files were read from (empty for bundled data).
     """
 
     name: str
@@ -80,6 +95,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
+    source: str = ""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -214,6 +230,246 @@ def load_digits_dataset(
         classes=tuple(str(d) for d in range(10)),
     )
     return TensorImageDataset(images[idx], labels[idx], transform, indices=idx), info
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+class DataNotFoundError(EnsembleKitError, FileNotFoundError):
+    """A dataset's files are in none of the places looked at; the message says what to install or where to put them."""
+
+
+FASHION_MNIST_ENV = "ENSEMBLEKIT_FASHION_MNIST"
+"""Environment variable naming a folder that holds the four Fashion-MNIST files."""
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where the Debian package ``dataset-fashion-mnist`` installs the four files (gzipped)."""
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+"""The four IDX files, each found as itself or gzipped (``.gz``)."""
+FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
+CACHE_ENV = "ENSEMBLEKIT_CACHE"
+"""Environment variable overriding the cache folder (default ``$XDG_CACHE_HOME/ensemblekit``,
+``~/.cache/ensemblekit``)."""
+OFFLINE_ENV = "ENSEMBLEKIT_OFFLINE"
+"""Set to 1 to never download (the lookup stops after the local places)."""
+
+
+def cache_dir() -> Path:
+    """The folder where ensemblekit stages downloaded or decompressed data."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ensemblekit"
+
+
+def _fashion_mnist_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """The four files found in ``folder`` (itself or its torchvision layout ``FashionMNIST/raw``), and the missing
+    ones."""
+    found: dict[str, Path] = {}
+    for name in FASHION_MNIST_FILES:
+        for place in (folder, folder / "FashionMNIST" / "raw"):
+            for candidate in (place / name, place / f"{name}.gz"):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+            if name in found:
+                break
+    return found, [f"{name}.gz" for name in FASHION_MNIST_FILES if name not in found]
+
+
+def _stage_fashion_mnist(files: dict[str, Path]) -> Path:
+    """A torchvision root whose ``FashionMNIST/raw`` holds the four files uncompressed.
+
+    Files already laid out that way are used where they are; otherwise each
+    file is decompressed (or linked, when not gzipped) into the cache, once:
+    a stamp next to it records the source's path, size and time.
+    """
+    raw_folders = {path.parent for path in files.values()}
+    if len(raw_folders) == 1 and all(path.name == name for name, path in files.items()):
+        raw = raw_folders.pop()
+        if raw.name == "raw" and raw.parent.name == "FashionMNIST":
+            return raw.parent.parent
+    root = cache_dir() / "fashion-mnist"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        target, stamp = raw / name, raw / f"{name}.source"
+        info = source.stat()
+        signature = f"{source.resolve()} {info.st_size} {info.st_mtime_ns}\n"
+        if target.is_file() and stamp.is_file() and stamp.read_text() == signature:
+            continue
+        tmp = raw / f".{name}.tmp-{os.getpid()}"
+        try:
+            if source.suffix == ".gz":
+                with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                tmp.symlink_to(source.resolve())
+            os.replace(tmp, target)
+        finally:
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+        stamp.write_text(signature)
+    return root
+
+
+def _fashion_mnist_help() -> str:
+    names = ", ".join(f"{name}.gz" for name in FASHION_MNIST_FILES)
+    return (f"install the Debian package: `sudo apt-get install {FASHION_MNIST_PACKAGE}` (it puts the files into "
+            f"{FASHION_MNIST_SYSTEM_DIR}), or put the four files {names} ({FASHION_MNIST_URL}) into a folder and pass "
+            f"it as root=<folder> (--root <folder>) or set {FASHION_MNIST_ENV}=<folder>")
+
+
+def _download_fashion_mnist(target: Path) -> str | None:
+    """Let torchvision download the files into ``target``; ``None`` on success, else why not."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return f"not downloaded: {OFFLINE_ENV} is set"
+    host = tv_datasets.FashionMNIST.mirrors[0].split("/")[2]
+    try:  # torchvision's download has no timeout: check that the mirror answers first
+        socket.create_connection((host, 80), timeout=5).close()
+    except OSError as err:
+        return f"not downloaded: {host} cannot be reached ({err})"
+    try:
+        tv_datasets.FashionMNIST(str(target), train=True, download=True)
+    except Exception as err:  # whatever torchvision raises for a failed download
+        return f"torchvision's download failed ({type(err).__name__}: {err})"
+    return None
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> tuple[Path, str]:
+    """The folder to give :class:`torchvision.datasets.FashionMNIST` as ``root``, and where the files came from.
+
+    The places, in order: ``root``; the folder in ``$ENSEMBLEKIT_FASHION_MNIST``;
+    the Debian package's folder (:data:`FASHION_MNIST_SYSTEM_DIR`); a download
+    by torchvision into the cache, where a network allows it (not with
+    ``ENSEMBLEKIT_OFFLINE=1``). A ``root`` or variable that is given but lacks
+    a file is an error (it is not skipped). Each folder may hold the files
+    gzipped or not, directly or as ``FashionMNIST/raw/``; gzipped files are
+    decompressed into the cache once (:func:`cache_dir`).
+
+    Raises:
+        DataNotFoundError: the files are in none of these places; the message
+            says what to install or where to put them.
+    """
+    explicit = [("root", root)] if root is not None else []
+    if os.environ.get(FASHION_MNIST_ENV):
+        explicit.append((f"${FASHION_MNIST_ENV}", os.environ[FASHION_MNIST_ENV]))
+    for what, value in explicit[:1]:  # the first explicit place decides
+        folder = Path(value).expanduser()
+        files, missing = _fashion_mnist_files(folder)
+        if missing:
+            state = "does not exist" if not folder.is_dir() else f"lacks {', '.join(missing)}"
+            raise DataNotFoundError(f"fashion-mnist: {what} {folder} {state}; {_fashion_mnist_help()}")
+        return _stage_fashion_mnist(files), f"{what} {folder}"
+    files, missing = _fashion_mnist_files(FASHION_MNIST_SYSTEM_DIR)
+    if not missing:
+        return _stage_fashion_mnist(files), f"Debian package {FASHION_MNIST_PACKAGE} ({FASHION_MNIST_SYSTEM_DIR})"
+    target = cache_dir() / "fashion-mnist-download"
+    files, missing = _fashion_mnist_files(target)
+    if not missing:
+        return _stage_fashion_mnist(files), f"torchvision's download in {target}"
+    why = _download_fashion_mnist(target)
+    files, missing = _fashion_mnist_files(target)
+    if why is None and not missing:
+        return _stage_fashion_mnist(files), f"torchvision's download in {target}"
+    raise DataNotFoundError(
+        f"fashion-mnist: the data files were not found: no root given, {FASHION_MNIST_ENV} is not set, "
+        f"{FASHION_MNIST_SYSTEM_DIR} does not hold them (package {FASHION_MNIST_PACKAGE} not installed), "
+        f"{why or 'the download left files missing'}; {_fashion_mnist_help()}")
+
+
+class RandomPadCrop:
+    """Pad an image ``[C, H, W]`` by ``padding`` with ``fill``, crop ``H x W`` back at a random offset, and
+    flip it horizontally with probability 1/2 when ``flip`` is set (the CIFAR augmentation, about 4x cheaper
+    per image than the torchvision v2 transforms; draws from torch's RNG, seeded per loader worker)."""
+
+    def __init__(self, padding: int, fill: float = 0.0, flip: bool = True):
+        self.padding, self.fill, self.flip = padding, fill, flip
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        p, n = self.padding, 2 * self.padding + 1
+        draw = int(torch.randint(0, 2 * n * n, ()))  # one draw: offsets and flip
+        top, left, flip = draw % n, draw // n % n, draw // (n * n)
+        h, w = image.shape[-2:]
+        out = F.pad(image, (p, p, p, p), value=self.fill)[..., top:top + h, left:left + w] if p else image
+        return out.flip(-1) if self.flip and flip else out
+
+
+def _files_signature(root: Path) -> tuple:
+    """Path, size and time of each staged file (a cache key that changes when a file does)."""
+    raw = root / "FashionMNIST" / "raw"
+    return tuple((name, (raw / name).stat().st_size, (raw / name).stat().st_mtime_ns) for name in FASHION_MNIST_FILES)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_mnist(root: Path, image_size: int, signature: tuple = ()) -> tuple[dict[str, torch.Tensor],
+                                                                                dict[str, torch.Tensor]]:
+    images, labels = {}, {}
+    for part, train in (("train", True), ("test", False)):
+        try:
+            data = tv_datasets.FashionMNIST(str(root), train=train, download=False)
+        except Exception as err:  # torchvision's reader raises several kinds on a damaged file
+            raise DataNotFoundError(
+                f"fashion-mnist: the files staged in {root / 'FashionMNIST' / 'raw'} cannot be read "
+                f"({type(err).__name__}: {err}); they are damaged or not the Fashion-MNIST IDX files; "
+                f"{_fashion_mnist_help()}") from err
+        pixels = data.data.unsqueeze(1).float().div_(255)
+        if image_size != pixels.shape[-1]:
+            pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        images[part] = pixels.sub_(FASHION_MNIST_MEAN[0]).div_(FASHION_MNIST_STD[0])
+        labels[part] = data.targets.long()
+    return images, labels
+
+
+def load_fashion_mnist(
+    split: Split, root: str | Path | None = None, augment: bool = False, image_size: int = 28
+) -> tuple[TensorImageDataset, DatasetInfo]:
+    """Fashion-MNIST (Zalando): 60k training and 10k test images of 28x28, one channel, 10 classes.
+
+    Read with :class:`torchvision.datasets.FashionMNIST` from the place
+    :func:`find_fashion_mnist` finds. Pixels are scaled to [0, 1], resized
+    (bilinear) when ``image_size`` is not 28 and normalised with the
+    training set's mean and std. ``"val"`` is a fixed stratified 10% of the
+    training set (seed :data:`SPLIT_SEED`), ``"train"`` the rest,
+    ``"trainval"`` all 60k, ``"test"`` the 10k test images;
+    ``dataset.indices`` are positions in the training (or test) file.
+    Augmentation: a random pad-and-crop (pad ``image_size // 8``, black) and
+    a horizontal flip.
+
+    Raises:
+        DataNotFoundError: the files are nowhere (the message says what to
+            install or where to put them), or cannot be read.
+    """
+    _check_split(split)
+    folder, source = find_fashion_mnist(root)
+    folder = folder.resolve()
+    images, labels = _fashion_mnist(folder, image_size, _files_signature(folder))
+    part = "test" if split == "test" else "train"
+    if split in ("test", "trainval"):
+        idx = torch.arange(len(labels[part]))
+    else:
+        keep, held = split_indices(labels[part].numpy(), VAL_FRACTION)
+        idx = torch.as_tensor(keep if split == "train" else held)
+    black = -FASHION_MNIST_MEAN[0] / FASHION_MNIST_STD[0]
+    transform = RandomPadCrop(image_size // 8, fill=black) if augment else None
+    info = DatasetInfo(
+        name="fashion-mnist",
+        num_classes=10,
+        in_chans=1,
+        image_size=image_size,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+        classes=tuple(tv_datasets.FashionMNIST.classes),
+        source=source,
+    )
+    if split in ("test", "trainval"):  # the whole file: share the cached tensors instead of copying them
+        return TensorImageDataset(images[part], labels[part], transform, indices=idx), info
+    return TensorImageDataset(images[part][idx], labels[part][idx], transform, indices=idx), info
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -351,7 +607,10 @@ def load_dataset(
     """Load one split of a dataset.
 
     Args:
-        name: ``"digits"`` (bundled with scikit-learn), ``"cifar10"`` or
+        name: ``"digits"`` (bundled with scikit-learn), ``"fashion-mnist"``
+            (one channel, 28x28; found by :func:`find_fashion_mnist`:
+            ``root``, ``$ENSEMBLEKIT_FASHION_MNIST``, the Debian package
+            ``dataset-fashion-mnist``, then torchvision's download), ``"cifar10"`` or
             ``"cifar100"`` (``root`` holds ``cifar-10-batches-py/`` or
             ``cifar-100-python/``, the official python version, extracted),
             or ``"imagefolder"`` (``root/train/<class>/*.png`` and
@@ -360,19 +619,21 @@ def load_dataset(
             otherwise ``val`` is the test split and the validation split is a
             fixed 10% of ``train``).
         split: ``"train"``, ``"val"``, ``"trainval"`` or ``"test"``.
-        root: data folder (unused for digits).
+        root: data folder (unused for digits; optional for Fashion-MNIST).
         augment: random pad-and-crop (and horizontal flip, except for digits);
             ``None`` means on for ``"train"`` and ``"trainval"``.
         image_size: side of the images returned; defaults to 32 (digits,
-            CIFAR) or 224 (ImageFolder: resize shorter side, centre crop).
+            CIFAR), 28 (Fashion-MNIST) or 224 (ImageFolder: resize shorter
+            side, centre crop).
 
     Returns:
-        ``(dataset, info)``; items are ``(image [3, S, S], label)``.
+        ``(dataset, info)``; items are ``(image [C, S, S], label)`` with
+        ``C = info.in_chans`` (1 for Fashion-MNIST, 3 otherwise).
 
     Raises:
         ValueError: unknown dataset name or split.
         FileNotFoundError: data missing or laid out wrongly (the message says
-            what to put where).
+            what to put where; :class:`DataNotFoundError` for Fashion-MNIST).
 
     Examples:
         >>> test, info = load_dataset("digits", "test")
@@ -386,6 +647,8 @@ def load_dataset(
         augment = split in ("train", "trainval")
     if name == "digits":
         return load_digits_dataset(split, augment=augment, image_size=image_size or 32)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, root, augment=augment, image_size=image_size or 28)
     if name == "imagefolder":
         return _load_imagefolder(split, root, augment, image_size or IMAGEFOLDER_SIZE)
     return _load_cifar(name, split, root, augment, image_size or 32)

@@ -1,9 +1,11 @@
-"""Datasets: digits splits, CIFAR from fake local folders, ImageFolder, loaders."""
+"""Datasets: digits splits, Fashion-MNIST and CIFAR from fake local files, ImageFolder, loaders."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from ensemblekit.errors import EnsembleKitError
+from ensemblekit.training import data as data_module
 from ensemblekit.training.data import (
     CIFAR10_MEAN,
+    DataNotFoundError,
+    RandomPadCrop,
+    find_fashion_mnist,
     load_dataset,
     load_digits_dataset,
     make_loader,
@@ -242,3 +249,186 @@ def test_make_loader_sampler():
     assert sum(len(y) for _, y in make_loader(ds, 4, shuffle=False, sampler=sampler)) == 10
     with pytest.raises(ValueError, match="not both"):
         make_loader(ds, 4, shuffle=True, sampler=sampler)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def write_fashion_mnist(folder: Path, n_train: int = 100, n_test: int = 20, label: int | None = None,
+                        gz: bool = True, seed: int = 0) -> Path:
+    """The four IDX files with random 28x28 images; labels cycle over the 10 classes (or are all ``label``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.full(n, label, np.uint8) if label is not None else (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        for kind, payload in (("images-idx3", struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()),
+                              ("labels-idx1", struct.pack(">II", 0x801, n) + labels.tobytes())):
+            name = folder / f"{prefix}-{kind}-ubyte"
+            if gz:
+                with gzip.open(f"{name}.gz", "wb") as f:
+                    f.write(payload)
+            else:
+                name.write_bytes(payload)
+    return folder
+
+
+def _raw_test_images(folder: Path) -> np.ndarray:
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as f:
+        return np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
+
+
+@pytest.fixture
+def fashion(monkeypatch, tmp_path):
+    """No Fashion-MNIST anywhere: no variable, no Debian package, no download; a private cache."""
+    monkeypatch.delenv(data_module.FASHION_MNIST_ENV, raising=False)
+    monkeypatch.setenv(data_module.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(data_module.OFFLINE_ENV, "1")
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "usr-share-datasets-fashion-mnist")
+    return tmp_path
+
+
+def test_fashion_mnist_splits_shapes_and_info(fashion):
+    root = write_fashion_mnist(fashion / "fm")
+    parts = {split: load_dataset("fashion-mnist", split, root=root) for split in ("train", "val", "trainval", "test")}
+    assert {s: len(ds) for s, (ds, _) in parts.items()} == {"train": 90, "val": 10, "trainval": 100, "test": 20}
+    train, val = parts["train"][0], parts["val"][0]
+    assert not set(train.indices.tolist()) & set(val.indices.tolist())
+    assert sorted(val.labels.tolist()) == list(range(10))  # stratified: one image of each class
+    assert torch.equal(load_dataset("fashion-mnist", "val", root=root)[0].indices, val.indices)  # fixed split
+    test, info = parts["test"]
+    assert (info.name, info.num_classes, info.in_chans, info.image_size) == ("fashion-mnist", 10, 1, 28)
+    assert info.classes[0] == "T-shirt/top" and len(info.classes) == 10
+    assert info.source == f"root {root}"
+    image, label = test[3]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and label == 3
+    raw = torch.from_numpy(_raw_test_images(root)[3].astype(np.float32) / 255)
+    assert torch.allclose(image[0], (raw - info.mean[0]) / info.std[0], atol=1e-5)
+    assert test.transform is None and train.transform is not None  # train augments by default
+
+
+def test_fashion_mnist_lookup_order(fashion, monkeypatch):
+    """root, then $ENSEMBLEKIT_FASHION_MNIST, then the Debian package's folder, then torchvision's download."""
+    places = {"root": 1, "env": 2, "system": 3, "download": 4}
+    folders = {k: write_fashion_mnist(fashion / k, label=v) for k, v in places.items() if k != "download"}
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", folders["system"])
+    monkeypatch.setenv(data_module.FASHION_MNIST_ENV, str(folders["env"]))
+    downloads = []
+
+    def download(target: Path) -> str | None:
+        downloads.append(target)
+        write_fashion_mnist(target, label=places["download"])
+        return None
+
+    monkeypatch.setattr(data_module, "_download_fashion_mnist", download)
+
+    def first_label(**kwargs) -> tuple[int, str]:
+        ds, info = load_dataset("fashion-mnist", "test", **kwargs)
+        return ds[0][1], info.source
+
+    assert first_label(root=folders["root"]) == (1, f"root {folders['root']}")
+    assert first_label() == (2, f"${data_module.FASHION_MNIST_ENV} {folders['env']}")
+    monkeypatch.delenv(data_module.FASHION_MNIST_ENV)
+    assert first_label() == (3, f"Debian package dataset-fashion-mnist ({folders['system']})")
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", fashion / "not-installed")
+    label, source = first_label()
+    assert label == 4 and source.startswith("torchvision's download in") and len(downloads) == 1
+    assert first_label()[0] == 4 and len(downloads) == 1  # downloaded once, then found in the cache
+
+
+def test_fashion_mnist_missing_says_what_to_install_or_where_to_put_the_files(fashion):
+    with pytest.raises(DataNotFoundError) as caught:
+        load_dataset("fashion-mnist", "train")
+    message = str(caught.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "ENSEMBLEKIT_FASHION_MNIST=<folder>" in message and "root=<folder>" in message
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        assert name in message
+    assert "ENSEMBLEKIT_OFFLINE is set" in message  # and why nothing was downloaded
+    assert isinstance(caught.value, FileNotFoundError) and isinstance(caught.value, EnsembleKitError)
+
+
+def test_fashion_mnist_given_place_lacking_a_file_is_an_error_not_skipped(fashion, monkeypatch):
+    full = write_fashion_mnist(fashion / "full")
+    partial = write_fashion_mnist(fashion / "partial")
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv(data_module.FASHION_MNIST_ENV, str(full))
+    with pytest.raises(DataNotFoundError, match=r"root .*partial lacks t10k-labels-idx1-ubyte.gz; install"):
+        load_dataset("fashion-mnist", "test", root=partial)
+    monkeypatch.setenv(data_module.FASHION_MNIST_ENV, str(fashion / "nowhere"))
+    with pytest.raises(DataNotFoundError, match=r"\$ENSEMBLEKIT_FASHION_MNIST .*nowhere does not exist"):
+        load_dataset("fashion-mnist", "test")
+
+
+def test_fashion_mnist_uncompressed_files_and_torchvision_layout(fashion):
+    tv_root = fashion / "tv"
+    write_fashion_mnist(tv_root / "FashionMNIST" / "raw", gz=False, label=5)
+    folder, source = find_fashion_mnist(tv_root)
+    assert folder == tv_root and source == f"root {tv_root}"  # read in place, nothing copied
+    assert not (fashion / "cache").exists()
+    flat = write_fashion_mnist(fashion / "flat", gz=False, label=6)
+    folder, _ = find_fashion_mnist(flat)
+    staged = folder / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    assert staged.is_symlink() and staged.resolve() == (flat / "t10k-labels-idx1-ubyte").resolve()
+    assert load_dataset("fashion-mnist", "test", root=flat)[0][0][1] == 6
+
+
+def test_fashion_mnist_is_staged_again_when_the_files_change(fashion, monkeypatch):
+    folder = write_fashion_mnist(fashion / "fm", label=1)
+    monkeypatch.setenv(data_module.FASHION_MNIST_ENV, str(folder))
+    assert load_dataset("fashion-mnist", "test")[0][0][1] == 1
+    write_fashion_mnist(folder, label=7)
+    for f in folder.iterdir():  # a new modification time, whatever the file system's resolution
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert load_dataset("fashion-mnist", "test")[0][0][1] == 7
+
+
+def test_fashion_mnist_damaged_file(fashion):
+    root = write_fashion_mnist(fashion / "fm")
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"not an IDX file")
+    with pytest.raises(DataNotFoundError, match="cannot be read.*damaged"):
+        load_dataset("fashion-mnist", "test", root=root)
+
+
+def test_fashion_mnist_augmentation_and_other_size(fashion):
+    root = write_fashion_mnist(fashion / "fm")
+    plain, _ = load_dataset("fashion-mnist", "train", root=root, augment=False)
+    augmented, _ = load_dataset("fashion-mnist", "train", root=root)
+    torch.manual_seed(0)
+    pairs = [(augmented[i][0], plain[i][0]) for i in range(8)]
+    assert all(a.shape == (1, 28, 28) for a, _ in pairs) and any(not torch.equal(a, p) for a, p in pairs)
+    small, info = load_dataset("fashion-mnist", "test", root=root, image_size=16)
+    assert small[0][0].shape == (1, 16, 16) and info.input_shape == (1, 16, 16)
+
+
+def test_random_pad_crop_pads_with_the_fill_and_repeats_with_the_seed():
+    crop = RandomPadCrop(3, fill=-2.0, flip=True)
+    image = torch.arange(36.0).reshape(1, 6, 6)
+    torch.manual_seed(0)
+    first = [crop(image) for _ in range(500)]
+    torch.manual_seed(0)
+    assert all(torch.equal(a, crop(image)) for a in first)
+    assert all(a.shape == (1, 6, 6) for a in first)
+    assert any((a == -2.0).any() for a in first) and any(torch.equal(a, image) for a in first)
+    assert any(torch.equal(a, image.flip(-1)) for a in first)
+
+
+def test_download_is_skipped_offline_and_without_a_network(monkeypatch, tmp_path):
+    monkeypatch.setenv(data_module.OFFLINE_ENV, "1")
+    assert "ENSEMBLEKIT_OFFLINE is set" in data_module._download_fashion_mnist(tmp_path)
+    monkeypatch.delenv(data_module.OFFLINE_ENV)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data_module.socket, "create_connection", unreachable)
+    assert "cannot be reached (network is unreachable)" in data_module._download_fashion_mnist(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_fashion_mnist_is_a_config_dataset_name():
+    from ensemblekit.training.config import DataConfig
+
+    assert DataConfig(name="fashion-mnist").name == "fashion-mnist"
