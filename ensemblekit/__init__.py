@@ -27,7 +27,7 @@ from ensemblekit import methods as recipes
 from ensemblekit.plugins import manager as _plugin_manager  # noqa: F401  (installs the registries' loader)
 from ensemblekit.plugins.hookspecs import hookimpl
 from ensemblekit.splitting import split
-from ensemblekit.training.checkpoint import load
+from ensemblekit.training.checkpoint import load, save
 
 _moved.install()
 
@@ -54,6 +54,7 @@ __all__ = [
     "load",
     "losses",
     "recipes",
+    "save",
     "split",
     "topologies",
     "wrap",

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ensemblekit.errors import EnsembleKitError
-from ensemblekit.core.batching import select_batch
+from ensemblekit.core.batching import select_running_state
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, HaltingStep, LossResult, LossStrategy
@@ -184,13 +184,13 @@ def check_aggregator(aggregator: Aggregator, num_members: int = MEMBERS) -> None
     state = None
     for k in range(num_members):
         state = aggregator.update(state, members[:, k], k)
-        _expect_batch_first(state, BATCH, "the aggregator state")
+        _expect_batch_first(_per_sample(state, aggregator.per_sample_state), BATCH, "the aggregator state")
         incremental = aggregator.value(state)
         _expect_close(incremental, aggregator(members[:, : k + 1]), f"incremental vs batch after {k + 1} members")
         _expect_close(incremental, prefixes[:, k], f"prefixes()[:, {k}] vs incremental")
     keep = torch.arange(BATCH) % 2 == 0
     state = aggregator.update(None, members[:, 0], 0)
-    state = select_batch(state, keep, BATCH)
+    state = select_running_state(state, keep, BATCH, aggregator.per_sample_state, type(aggregator).__name__)
     for k in range(1, num_members):
         state = aggregator.update(state, members[keep, k], k)
     _expect_close(aggregator.value(state), full[keep], "predictions after dropping samples from the state")
@@ -263,7 +263,7 @@ def _predict_recording_steps(ens: Ensemble, x: Tensor) -> Any:
         _expect(isinstance(stop, Tensor) and stop.dtype == torch.bool and tuple(stop.shape) == (n,),
                 f"step() must return a bool mask of shape [{n}] (the samples still running), got "
                 + (f"{stop.dtype} {tuple(stop.shape)}" if isinstance(stop, Tensor) else type(stop).__name__))
-        _expect_batch_first(new_state, n, "the halting state")
+        _expect_batch_first(_per_sample(new_state, policy.per_sample_state), n, "the halting state")
         return stop, new_state
 
     policy.step = step
@@ -490,6 +490,13 @@ def _expect_close(actual: Tensor, expected: Tensor, what: str) -> None:
     _expect(actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     _expect(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5),
             f"{what} differ by up to {(actual - expected).abs().max().item():.3g}")
+
+
+def _per_sample(state: Any, keys: Any) -> Any:
+    """The entries of a running state declared per-sample (all of it when the component declares none)."""
+    if keys is None or not isinstance(state, dict):
+        return state
+    return {k: v for k, v in state.items() if k in keys}
 
 
 def _expect_batch_first(value: Any, batch: int, what: str) -> None:

@@ -63,10 +63,12 @@ def main() -> None:
     assert torch.allclose(logits, members.mean(dim=1), atol=1e-5)  # "mean" aggregator = mean of logits
 
     # Cost of every prefix: member k+1 only adds the nodes it does not share.
-    h, w = ens.example_size
-    print(f"\ncost of the first k members (FLOPs per {h}x{w} image):")
+    # FLOPs depend on the image size: count them at the size evaluated here (cost_table() alone
+    # uses the backbone's own input size, 176x176 for resnet10t). A multiply-add is 2 FLOPs.
+    h, w = info.input_shape[1:]
+    print(f"\ncost of the first k members (FLOPs per {h}x{w} image; a multiply-add is 2 FLOPs):")
     print(f"{'k':>3} {'FLOPs':>12} {'params':>10} {'new nodes':>10} {'vs k=1':>7}")
-    table = ens.cost_table()
+    table = ens.cost_table(input_size=info.input_shape)
     for row in table:
         new = len(ens.graph.new_nodes(row.members - 1))
         print(f"{row.members:>3} {row.flops:>12,} {row.params:>10,} {new:>10} {row.flops / table[0].flops:>6.2f}x")

@@ -79,7 +79,7 @@ def main() -> None:
     # Anytime evaluation: member logits once, then every prefix of members.
     ens.eval()
     members, labels = collect_members(ens.forward_members, make_loader(test_set, 256, shuffle=False))
-    report = anytime_report(members, labels, ens.aggregator, costs=ens.cost_table())
+    report = anytime_report(members, labels, ens.aggregator, costs=ens.cost_table(input_size=info.input_shape))
     print(report.table(f"HNE on digits (test): {report.num_samples} samples, {report.num_members} members"))
 
 

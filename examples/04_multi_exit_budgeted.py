@@ -60,7 +60,7 @@ def main() -> None:
     # An exit after each of the backbone's stages; GE on the whole network in phase I.
     net = ek.recipes.multi_exit(backbone, gradient_equilibrium=True, example_input=torch.zeros(1, *info.input_shape))
     print(f"multi-exit {net.block_names}: {net.num_members} exits, "
-          f"MFLOPs to each exit {[round(r.flops / 1e6, 3) for r in net.cost_table()]}")
+          f"MFLOPs to each exit {[round(r.flops / 1e6, 3) for r in net.cost_table(input_size=info.input_shape)]}")
 
     # Both phases in one call: the "two_phase" schedule's phase II freezes the backbone, adds ISC, switches OFA on.
     # SGD with Nesterov momentum and a cosine schedule in each phase.
@@ -73,7 +73,7 @@ def main() -> None:
     net.eval()
     x_test = torch.stack([x for x, _ in test_set])
     y_test = torch.tensor([y for _, y in test_set])
-    cum_flops = [r.flops for r in net.cost_table()]
+    cum_flops = [r.flops for r in net.cost_table(input_size=info.input_shape)]
     with torch.no_grad():
         exits = net.forward_members(x_test)          # [N, exits, C]
     print("\nevery sample takes the first k exits (the last one's answer):")

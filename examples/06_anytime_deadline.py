@@ -82,7 +82,7 @@ def main() -> None:
     print("(the first member always runs, so a deadline shorter than it is overrun)")
 
     # A FLOPs budget instead of a clock: deterministic.
-    budget = ens.cost_table()[ens.num_members // 2 - 1].flops
+    budget = ens.cost_table(input_size=info.input_shape)[ens.num_members // 2 - 1].flops
     last = list(ens.anytime(x, max_flops=budget))[-1]
     print(f"\nmax_flops={budget / 1e6:.3f}M per image: {last.members} members, {accuracy(last.prediction):.2f}%")
 

@@ -124,7 +124,7 @@ def main() -> None:
 
     ens.eval()
     members, labels = collect_members(ens.forward_members, make_loader(test_set, 256, shuffle=False))
-    costs = ens.cost_table()
+    costs = ens.cost_table(input_size=data.input_shape)
     geo = anytime_report(members, labels, ens.aggregator, costs=costs)
     arithmetic = anytime_report(members, labels, MeanProbs(), costs=costs)
     print(f"\nsame members, two aggregators (digits test, {len(labels)} images):")

@@ -65,7 +65,7 @@ def main() -> None:
         train_set, info = load_dataset("digits", "train", image_size=16)
         backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
         ens = ek.recipes.hne(backbone, depth=args.depth, example_input=torch.zeros(1, *info.input_shape))
-        ens.cost_table()  # measured before training (cached), on the CPU
+        ens.cost_table(input_size=info.input_shape)  # measured before training (cached)
         ens.to(device)
         log(f"HNE with {ens.num_members} members on {env.world_size} process(es), device {device}, "
             f"global batch {args.batch_size} ({args.batch_size // env.world_size} per process)")
@@ -107,7 +107,7 @@ def main() -> None:
             ens.eval()
             members, labels = collect_members(ens.forward_members, make_loader(test_set, 256, shuffle=False),
                                               device)
-            report = anytime_report(members, labels, ens.aggregator, costs=ens.cost_table())
+            report = anytime_report(members, labels, ens.aggregator, costs=ens.cost_table(input_size=info.input_shape))
             print(report.table(f"HNE trained on {env.world_size} process(es), digits test"), flush=True)
     finally:
         if created:

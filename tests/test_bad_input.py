@@ -163,7 +163,7 @@ WRAP_CASES = [
      "halting policy 'confidence' needs the option(s) threshold"),
     ("num_classes 0", {"num_classes": 0}, ValueError, "num_classes must be an integer >= 1 or None, got 0"),
     ("num_blocks of a wrong type", {"num_blocks": "3"}, ValueError, "num_blocks must be an integer >= 1"),
-    ("unknown init", {"init": "random"}, ValueError, "init must be one of ('reinit', 'copy')"),
+    ("unknown init", {"init": "random"}, ValueError, "init must be one of ('auto', 'reinit', 'pretrained', "),
     ("unknown execution", {"execution": "parallel"}, ValueError, "unknown execution strategy 'parallel'"),
     ("exit_head not callable", {"exit_head": 3}, TypeError, "exit_head must be a callable"),
     ("example_input not a tensor", {"example_input": [1, 2]}, TypeError, "example_input must be a tensor"),

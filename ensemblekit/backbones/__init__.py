@@ -1,6 +1,8 @@
-"""timm backbones: creating them by name and narrowing their width."""
+"""timm backbones: creating them by name, describing them as JSON, narrowing their width."""
 
 from ensemblekit.backbones.factory import UnknownBackboneError, create_backbone
 from ensemblekit.backbones.narrow import WIDTH_ARGS, narrow_model, width_arg
+from ensemblekit.backbones.spec import BackboneSpecError, backbone_spec, build_backbone, draw_split
 
-__all__ = ["WIDTH_ARGS", "UnknownBackboneError", "create_backbone", "narrow_model", "width_arg"]
+__all__ = ["WIDTH_ARGS", "BackboneSpecError", "UnknownBackboneError", "backbone_spec", "build_backbone",
+           "create_backbone", "draw_split", "narrow_model", "width_arg"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import json
 from typing import Any
 
 import timm
 from torch import nn
 
+from ensemblekit.backbones.spec import PRETRAINED_ATTR, SPEC_ATTR
 from ensemblekit.errors import EnsembleKitError
 
 __all__ = ["UnknownBackboneError", "create_backbone"]
@@ -18,11 +20,18 @@ class UnknownBackboneError(EnsembleKitError, ValueError):
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """The timm model ``name``, never with pretrained weights (nothing is downloaded).
+    """The timm model ``name``, randomly initialised unless ``pretrained``.
+
+    The model records its spec (``ensemblekit.backbones.spec``) and whether it
+    holds loaded weights, so that :func:`ensemblekit.wrap` draws copies by the
+    backbone's own rule and picks ``init="pretrained"`` for loaded weights.
 
     Args:
         name: a timm model name, e.g. "resnet18".
-        **kwargs: keywords of ``timm.create_model`` (``num_classes``, ``in_chans``, widths).
+        **kwargs: keywords of ``timm.create_model`` (``num_classes``, ``in_chans``,
+            widths, ...), among them ``pretrained``: load weights. With ``pretrained_cfg_overlay=dict(file=path)``
+            (or ``state_dict=...``) they come from that file, never from the
+            network; without one timm downloads the architecture's default weights.
 
     Raises:
         UnknownBackboneError: ``name`` is not a timm model (close names are suggested).
@@ -35,4 +44,17 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownBackboneError(f"unknown timm model {name!r}{hint}")
-    return timm.create_model(name, pretrained=False, **kwargs)
+    pretrained = bool(kwargs.pop("pretrained", False))
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    if pretrained and overlay and (overlay.get("file") or overlay.get("state_dict") is not None):
+        overlay = {**overlay, "source": overlay.get("source") or ""}  # timm would try the hub before a file
+    model = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    spec = {"kind": "timm", "name": name, "kwargs": kwargs}
+    try:
+        json.dumps(spec)
+    except (TypeError, ValueError):
+        pass  # not recordable: backbone_spec infers what it can from the model
+    else:
+        setattr(model, SPEC_ATTR, spec)
+    setattr(model, PRETRAINED_ATTR, bool(pretrained))
+    return model

@@ -279,7 +279,7 @@ class Bench:
         nets = [self.model() for _ in range(m)]
         nets_nhwc = [copy.deepcopy(n).to(memory_format=torch.channels_last) for n in nets]
         x_nhwc = self.x.contiguous(memory_format=torch.channels_last)
-        ratio = m * self.flops(nets[0]) / tree.cost_table()[-1].flops
+        ratio = m * self.flops(nets[0]) / tree.cost_table(input_size=tuple(self.x.shape[1:]))[-1].flops
         target = TARGETS["tree"].get(self.device.type, TARGETS["tree"]["cpu"])
 
         def nets_forward(group: list[nn.Module]) -> Callable[[Tensor], list[Tensor]]:
@@ -364,7 +364,7 @@ class Bench:
         for n in s.members:
             ensembles = {name: self.wrap("independent", execution=name, members=n)
                          for name in (*STRATEGIES, "auto")}
-            flops = ensembles["loop"].cost_table()[-1].flops
+            flops = ensembles["loop"].cost_table(input_size=tuple(self.x.shape[1:]))[-1].flops
             compiled = None
             if n in s.compile_members:
                 compiled = self.wrap("independent", execution="loop", members=n)

@@ -71,6 +71,7 @@ class WeightedMean(Aggregator):
         if len(weights) != num_members or min(weights) <= 0:
             raise ValueError(f"weights must be {num_members} positive numbers, got {weights}")
         log_weights = torch.tensor(weights, dtype=torch.float32).log()
+        self.learnable = learnable
         if learnable:
             self.log_weights = nn.Parameter(log_weights)
         else:

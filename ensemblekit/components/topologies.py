@@ -9,7 +9,7 @@ copies of blocks, members = root-to-exit paths, in depth-first anytime order).
 | :class:`MultiBranch` (EnsembleNet) | 1 before the fork, N from it | N |
 | :class:`Tree` (HNE) | k^b | k^B leaves |
 | :class:`Chain` (multi-exit, MSDNet/IMTA) | 1 | one exit after each chosen block |
-| :class:`Cascade` (IRENE) | N, evaluated strictly member by member | N |
+| :class:`Cascade` (IRENE) | N, evaluated member by member and trained stage by stage | N |
 """
 
 from __future__ import annotations
@@ -34,7 +34,17 @@ class Independent(SharingTopology):
 
 
 class Cascade(Independent):
-    """IRENE's sequential ensemble: independent members, evaluated strictly in order."""
+    """IRENE's sequential ensemble: independent members, evaluated and trained one after another.
+
+    The nodes are those of :class:`Independent`; what differs is the order
+    (Li et al., AAAI 2023, Sec. 3 and Algorithm 1):
+
+    * evaluated strictly member by member: a forward pass has member ``k``'s
+      logits before it runs any node of member ``k + 1`` (``sequential``);
+    * trained stage by stage: the trainer's default schedule for a cascade is
+      IRENE's "sequential" one (:func:`ensemblekit.methods.irene.schedule.sequential`),
+      member ``t`` trained at step ``t`` with members ``1..t-1`` frozen, whatever the loss.
+    """
 
     name = "cascade"
     sequential = True

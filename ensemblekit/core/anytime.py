@@ -10,7 +10,7 @@ Deadline semantics (one rule, :mod:`ensemblekit.core.timing`, shared with
 :class:`ensemblekit.components.halting.Deadline`):
 
 * the clock starts when work starts (the first ``next()``), after the
-  ensemble's cost table is measured (once per ensemble, cached);
+  ensemble's cost table is measured (once per input shape, cached);
 * the first member always runs, so there is always a prediction;
 * member ``k+1`` starts only if it is predicted to finish in time:
   ``elapsed + rate * flops(k+1) <= deadline``, where ``flops(k+1)`` is what
@@ -46,7 +46,8 @@ class AnytimeStep:
         prediction: aggregated prediction ``[B, C]`` of the members so far.
         member_logits: logits ``[B, C]`` of the member this step added.
         members: how many members the prediction uses.
-        flops: FLOPs per image spent so far (shared nodes counted once).
+        flops: FLOPs per image of ``x``'s size spent so far (shared nodes
+            counted once; a multiply-add is 2 FLOPs).
         seconds: wall-clock seconds from the start until this prediction was ready.
     """
 
@@ -71,7 +72,7 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
         deadline: wall-clock seconds; a member predicted to finish later is
             not started (see the module docstring). The first member always runs.
         max_flops: do not start a member whose prefix would exceed this many
-            FLOPs per image (the first member always runs).
+            FLOPs per image of ``x``'s size (the first member always runs).
         max_members: stop after this many members.
 
     Examples:
@@ -84,7 +85,7 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
     if max_members is not None and (not isinstance(max_members, int) or max_members < 1):
         raise ValueError(f"max_members must be an integer >= 1, got {max_members!r}")
     ensemble.check_input(x)
-    prefix_flops = [row.flops for row in ensemble.cost_table()]
+    prefix_flops = [row.flops for row in ensemble.cost_table(input_size=tuple(x.shape[1:]))]
     limit = ensemble.num_members if max_members is None else min(max_members, ensemble.num_members)
     return _steps(ensemble, NodeCache(x), prefix_flops, limit, deadline, max_flops)
 

@@ -9,12 +9,14 @@ backbone's ``model(x)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Union, runtime_checkable
 
 import torch
 from torch import fx, nn
+
+from ensemblekit.core.batching import StateLayout
 
 State = Union[torch.Tensor, tuple[Any, ...]]
 FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
@@ -41,7 +43,24 @@ class BlockSplit:
         input_size: ``(H, W)`` when the backbone only accepts that size,
             else ``None``.
         example_size: a small ``(H, W)`` that the backbone accepts, used to
-            trace shapes and count FLOPs when the user gives none.
+            trace shapes (and to count FLOPs when ``native_size`` is unknown).
+        native_size: ``(H, W)`` the backbone was made for (timm's
+            ``pretrained_cfg["input_size"]``; ``None`` when unknown):
+            :meth:`~ensemblekit.Ensemble.cost_table` reports FLOPs at this
+            size unless given another.
+        per_sample: which values of each block's output state are per-sample
+            (computed from the input batch), so that samples that stopped can
+            be dropped from them (:mod:`ensemblekit.core.batching`): ``True``
+            for a tensor state, a tuple of flags for a tuple state (``False``
+            for side inputs such as a RoPE table or an attention bias, and for
+            sizes). One entry per block; ``None`` when the splitter does not
+            say (a tensor state is then per-sample, a tuple state cannot be compacted).
+        fresh: draws a new split of the same backbone, initialised anew by the
+            backbone's own rule (independent modules with the same parameter
+            names and shapes; each call a new draw from the global torch RNG).
+            :func:`ensemblekit.wrap` sets it for timm backbones; ``None`` when
+            unknown, and then copies are redrawn by each submodule's
+            ``reset_parameters`` (see ``docs/concepts.md``, "Initialisation").
     """
 
     blocks: list[nn.Module]
@@ -54,6 +73,9 @@ class BlockSplit:
     in_chans: int | None = None
     input_size: tuple[int, int] | None = None
     example_size: tuple[int, int] = (32, 32)
+    native_size: tuple[int, int] | None = None
+    per_sample: list[StateLayout] | None = None
+    fresh: Callable[[], BlockSplit] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.blocks)
@@ -66,6 +88,8 @@ class BlockSplit:
             )
         if self.names is None:
             self.names = [f"block{b}" for b in range(n)]
+        if self.per_sample is not None and len(self.per_sample) != n:
+            raise ValueError(f"per_sample ({len(self.per_sample)}) needs one entry per block ({n})")
 
     def __len__(self) -> int:
         return len(self.blocks)

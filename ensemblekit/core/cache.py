@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
-from ensemblekit.core.batching import select_batch
+from ensemblekit.core.batching import StateLayout, select_state
 from ensemblekit.core.blocks import State
 
 __all__ = ["NodeCache"]
@@ -32,10 +34,17 @@ class NodeCache:
         """The state of ``node``; ``None`` (a root's parent) is the input."""
         return self.input if node is None else self.states[node]
 
-    def select(self, keep: Tensor) -> NodeCache:
-        """A cache holding only the samples selected by ``keep``."""
+    def select(self, keep: Tensor, layouts: Sequence[StateLayout | None]) -> NodeCache:
+        """A cache holding only the samples selected by ``keep``.
+
+        Args:
+            keep: bool ``[B]`` or indices of the samples kept.
+            layouts: per node, which values of its state are per-sample
+                (:func:`~ensemblekit.core.batching.select_state`); the rest,
+                side inputs and sizes, are kept whole.
+        """
         b = self.batch_size
         out = NodeCache(self.input[keep])
-        out.states = {i: select_batch(s, keep, b) for i, s in self.states.items()}
+        out.states = {i: select_state(s, keep, b, layouts[i], f"the state of node {i}") for i, s in self.states.items()}
         out.logits = {m: z[keep] for m, z in self.logits.items()}
         return out

@@ -1,39 +1,70 @@
 """FLOPs and parameters of every prefix of members, each shared node counted once.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the
-plain per-node modules (one image, eval mode), never from formulas.
+plain per-node modules (one image, eval mode), never from formulas, and a
+multiply-add counts as 2 FLOPs (the papers' FLOPs are MACs, half of these:
+:attr:`PrefixCost.macs`). The count depends on the input shape, so costs are
+measured per ``(channels, H, W)``, when first asked for, and cached by the
+ensemble; the dtype does not change a count.
+
+The nodes run on the meta device (:func:`~ensemblekit.core.flops.count_flops_meta`):
+nothing is computed, and fused kernels such as the CPU's attention count as
+the matrix products they perform. A block that cannot run there (one that
+holds a plain tensor, or reads a value with ``.item()``) is counted by
+running the ensemble on a zero image on its own device instead.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ensemblekit.core.blocks import State, call_block
-from ensemblekit.core.cache import NodeCache
-from ensemblekit.core.flops import count_flops
+from ensemblekit.core.flops import count_flops, count_flops_meta, flops_to_macs
+from ensemblekit.errors import EnsembleKitError
+
+__all__ = ["CostError", "EnsembleCosts", "PrefixCost", "cost_shape", "measure_costs"]
+
+Shape = tuple[int, int, int]
+
+
+class CostError(EnsembleKitError, ValueError):
+    """An input size at which costs cannot be measured (malformed, or one the backbone does not accept)."""
 
 
 @dataclass(frozen=True)
 class PrefixCost:
-    """Cost of the first ``members`` members: forward FLOPs per image and parameters."""
+    """Cost of the first ``members`` members: forward FLOPs per image and parameters.
+
+    ``flops`` counts a multiply-add as 2; ``macs`` is the papers' unit (half).
+    """
 
     members: int
     flops: int
     params: int
 
+    @property
+    def macs(self) -> float:
+        """Multiply-accumulates per image (what HNE, MSDNet and IMTA call FLOPs)."""
+        return flops_to_macs(self.flops)
+
 
 @dataclass
 class EnsembleCosts:
-    """Per-node and per-head FLOPs (one image) and parameter counts of an ensemble."""
+    """Per-node and per-head FLOPs (one image of ``input_size``) and parameter counts of an ensemble."""
 
     node_flops: list[int]
     node_params: list[int]
     head_flops: list[int]
     head_params: list[int]
     member_paths: list[tuple[int, ...]]
+    input_size: tuple[int, int]
+    in_chans: int
 
     def prefix(self, k: int) -> PrefixCost:
         """Cost of the first ``k`` members: the union of their nodes plus their heads."""
@@ -44,6 +75,40 @@ class EnsembleCosts:
 
     def prefix_table(self) -> list[PrefixCost]:
         return [self.prefix(k) for k in range(1, len(self.member_paths) + 1)]
+
+
+def cost_shape(ensemble: Any, input_size: int | Sequence[int] | None = None) -> Shape:
+    """``(channels, H, W)`` of the image costs are measured on.
+
+    Args:
+        input_size: ``S`` (a square image), ``(H, W)`` or ``(C, H, W)``
+            (timm's ``pretrained_cfg["input_size"]``); ``None`` is the
+            backbone's own size: the only one it accepts, else the one it was
+            made for (timm's ``pretrained_cfg``), else the split's example size.
+
+    Raises:
+        CostError: for a malformed size, a channel count other than the
+            backbone's, or a size a fixed-size backbone does not accept.
+    """
+    if input_size is None:
+        input_size = ensemble.input_size or ensemble.native_size or ensemble.example_size
+    if isinstance(input_size, (tuple, list)):
+        sizes = tuple(input_size)
+    else:
+        sizes = (input_size,) * 2
+    try:
+        values = tuple(operator.index(s) for s in sizes)
+    except TypeError:
+        values = ()
+    if len(values) not in (2, 3) or min(values) < 1:
+        raise CostError(f"input_size must be S, (H, W) or (C, H, W) of positive integers, got {input_size!r}")
+    c = values[0] if len(values) == 3 else ensemble.in_chans or 3
+    h, w = values[-2:]
+    if ensemble.in_chans is not None and c != ensemble.in_chans:
+        raise CostError(f"input_size has {c} channels but the backbone takes {ensemble.in_chans}")
+    if ensemble.input_size is not None and (h, w) != tuple(ensemble.input_size):
+        raise CostError(f"input_size is {(h, w)} but the backbone only accepts {tuple(ensemble.input_size)}")
+    return c, h, w
 
 
 def _params(module: nn.Module) -> int:
@@ -57,33 +122,22 @@ def _signature(module: nn.Module, state: State) -> tuple:
     return type(module).__name__, shapes, inputs
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point parameter (what the example image must be)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
 @torch.no_grad()
-def measure_costs(ensemble) -> EnsembleCosts:
-    """Count FLOPs of every node and head of ``ensemble`` on one example image."""
-    h, w = ensemble.input_size or ensemble.example_size
-    device = next(ensemble.parameters()).device
-    x = torch.zeros(1, ensemble.in_chans or 3, h, w, device=device)
+def measure_costs(ensemble: Any, shape: Shape) -> EnsembleCosts:
+    """Count FLOPs of every node and head of ``ensemble`` on one image of ``shape`` ``(C, H, W)``."""
     modes = {module: module.training for module in ensemble.modules()}
     ensemble.eval()
-    memo: dict[tuple, int] = {}
-
-    def flops_of(module: nn.Module, state: State) -> int:
-        key = _signature(module, state)
-        if key not in memo:
-            memo[key] = count_flops(lambda: call_block(module, state))
-        return memo[key]
-
     try:
-        cache = NodeCache(x)
-        node_flops = []
-        for node in ensemble.graph.nodes:
-            state = cache.output_of(node.parent)
-            node_flops.append(flops_of(ensemble.nodes[node.index], state))
-            cache.states[node.index] = call_block(ensemble.nodes[node.index], state)
-        head_flops = [
-            flops_of(head, cache.states[member.exit_node])
-            for head, member in zip(ensemble.heads, ensemble.graph.members)
-        ]
+        try:
+            node_flops, head_flops = _count(ensemble, torch.zeros(1, *shape, dtype=_dtype(ensemble), device="meta"))
+        except (RuntimeError, NotImplementedError):  # a block that needs real values or holds a plain tensor
+            device = next(ensemble.parameters()).device
+            node_flops, head_flops = _count(ensemble, torch.zeros(1, *shape, dtype=_dtype(ensemble), device=device))
     finally:
         for module, mode in modes.items():  # not train(): frozen parts keep their own mode
             module.training = mode
@@ -93,4 +147,30 @@ def measure_costs(ensemble) -> EnsembleCosts:
         head_flops=head_flops,
         head_params=[_params(h) for h in ensemble.heads],
         member_paths=[m.path for m in ensemble.graph.members],
+        input_size=(shape[1], shape[2]),
+        in_chans=shape[0],
     )
+
+
+def _count(ensemble: Any, x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """FLOPs of every node and head on ``x``; modules of one structure and input shape are run once."""
+    memo: dict[tuple, tuple[int, Any]] = {}
+
+    def run(module: nn.Module, state: State) -> tuple[int, Any]:
+        key = _signature(module, state)
+        if key not in memo:
+            if x.device.type == "meta":
+                memo[key] = count_flops_meta(module, *(state if isinstance(state, tuple) else (state,)))
+            else:
+                out: list[Any] = []
+                memo[key] = count_flops(lambda: out.append(call_block(module, state))), out[0]
+        return memo[key]
+
+    states: dict[int, State] = {}
+    node_flops = []
+    for node in ensemble.graph.nodes:
+        flops, states[node.index] = run(ensemble.nodes[node.index], x if node.parent is None else states[node.parent])
+        node_flops.append(flops)
+    exits = [member.exit_node for member in ensemble.graph.members]
+    head_flops = [run(head, states[node])[0] for head, node in zip(ensemble.heads, exits)]
+    return node_flops, head_flops

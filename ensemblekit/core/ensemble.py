@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ensemblekit.core.anytime import anytime
-from ensemblekit.core.batching import select_batch
+from ensemblekit.core.batching import select_running_state
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.cache import NodeCache
-from ensemblekit.core.cost import measure_costs
+from ensemblekit.core.cost import EnsembleCosts, PrefixCost, cost_shape, measure_costs
 from ensemblekit.core.graph import NodeGraph, SharingTopology
-from ensemblekit.core.heads import ExitHead, feature_dim, fresh_copy
+from ensemblekit.core.heads import ExitHead, feature_dim
+from ensemblekit.core.initialisation import MemberInit
 from ensemblekit.core.interfaces import (
     Aggregator,
     EnsembleOutput,
@@ -26,11 +27,10 @@ from ensemblekit.core.interfaces import (
     HaltingStep,
     LossResult,
     LossStrategy,
+    UntrainedHaltingWarning,
 )
 from ensemblekit.core.registry import EXECUTORS
 from ensemblekit.core.timing import Clock
-
-INIT_MODES = ("reinit", "copy")
 
 
 class FeatureExit(nn.Module):
@@ -74,10 +74,13 @@ class Ensemble(nn.Module):
         aggregator: how member logits combine into a prediction.
         loss: the training objective used by :meth:`loss`.
         halting: the policy used by :meth:`predict`.
-        init: "reinit" keeps the backbone's weights in the first copy of each
-            block and head and redraws every other copy (diversity from
-            initialisation, as in HNE); "copy" starts every copy from the
-            backbone's weights (fine-tuning a pretrained model).
+        init: where every copy of a block and of the head starts: "reinit"
+            (i.i.d. draws of the backbone's own initialisation, as in HNE),
+            "pretrained" (the given weights, each member's classifier drawn
+            anew), "pretrained+noise" (plus noise; ``{"name":
+            "pretrained+noise", "scale": s}``), "copy" (identical copies) or
+            "auto" ("pretrained" for trained weights, else "reinit"); see
+            :mod:`ensemblekit.core.initialisation`.
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
             -> nn.Module`` for exits before the last block (chains).
         execution: how the nodes of one level run: a registered executor
@@ -103,24 +106,28 @@ class Ensemble(nn.Module):
         aggregator: Aggregator,
         loss: LossStrategy | None = None,
         halting: HaltingPolicy | None = None,
-        init: str = "reinit",
+        init: str | dict = "auto",
         exit_head: Any = ExitHead,
         execution: str | dict | Executor = "loop",
         node_modules: dict[int, nn.Module] | None = None,
         head_modules: dict[int, nn.Module] | None = None,
     ):
         super().__init__()
-        if init not in INIT_MODES:
-            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         self.topology = topology
         self.graph: NodeGraph = topology.build(len(split))
         self.num_classes = split.num_classes
         self.in_chans = split.in_chans
         self.input_size = split.input_size
         self.example_size = split.example_size
+        self.native_size = split.native_size
+        self._costs: dict[tuple[int, int, int], EnsembleCosts] = {}
         self.block_names = list(split.names or [])
-        self.nodes = nn.ModuleList(_override(self._make_nodes(split, init), node_modules, "node"))
-        self.heads = nn.ModuleList(_override(self._make_heads(split, init, exit_head), head_modules, "head"))
+        self.state_layouts = list(split.per_sample or [None] * len(split))  # per block: what is per-sample
+        copies = MemberInit(split, init)
+        self.init_mode = copies.mode  # the mode applied ("auto" resolved)
+        self.nodes = nn.ModuleList(_override(self._make_nodes(copies, node_modules or {}), node_modules, "node"))
+        self.heads = nn.ModuleList(_override(self._make_heads(split, copies, exit_head, head_modules or {}),
+                                             head_modules, "head"))
         self.aggregator = aggregator
         self.loss_strategy = loss
         self.halting = halting
@@ -132,23 +139,25 @@ class Ensemble(nn.Module):
             loss.check(self)
 
     # ------------------------------------------------------------------ build
-    def _make_nodes(self, split: BlockSplit, init: str) -> list[nn.Module]:
-        nodes = []
-        copies = [0] * len(split)
+    def _make_nodes(self, copies: MemberInit, skip: Container[int]) -> list[nn.Module | None]:
+        """Copy ``k`` of block ``b`` for the ``k``-th node of block ``b`` (``None`` where ``skip`` replaces it)."""
+        nodes: list[nn.Module | None] = []
+        count = [0] * len(copies.split)
         for node in self.graph.nodes:
-            reinit = init == "reinit" and copies[node.block] > 0
-            nodes.append(fresh_copy(split.blocks[node.block], reinit))
-            copies[node.block] += 1
+            nodes.append(None if node.index in skip else copies.block(node.block, count[node.block]))
+            count[node.block] += 1
         return nodes
 
-    def _make_heads(self, split: BlockSplit, init: str, exit_head: Any) -> list[nn.Module]:
+    def _make_heads(self, split: BlockSplit, copies: MemberInit, exit_head: Any,
+                    skip: Container[int]) -> list[nn.Module | None]:
         last = len(split) - 1
         exit_blocks = [self.graph.nodes[m.exit_node].block for m in self.graph.members]
         features = _example_features(split, exit_blocks) if min(exit_blocks) < last else {}
-        heads, final_copies = [], 0
+        heads: list[nn.Module | None] = []
+        final_copies = 0
         for block in exit_blocks:
             if block == last:
-                heads.append(fresh_copy(split.head, reinit=init == "reinit" and final_copies > 0))
+                heads.append(None if len(heads) in skip else copies.head(final_copies))
                 final_copies += 1
             else:
                 fmt = split.feature_format[block]
@@ -283,11 +292,22 @@ class Ensemble(nn.Module):
         return output
 
     def _forward_pass(self, x: Tensor, members: list[int]) -> tuple[NodeCache, Tensor]:
-        """The cache (exit states only) and the members' logits ``b m c``."""
+        """The cache (exit states only) and the members' logits ``b m c``.
+
+        Level by level, or for a ``sequential`` topology (a cascade) member by
+        member: member ``k``'s logits exist before any node only later members use runs.
+        """
         cache = NodeCache(x)
         exits = {self.graph.members[m].exit_node for m in members}
-        self.compute_nodes(cache, self.graph.nodes_for(members), keep=exits)
-        return cache, torch.stack([self.member_logits(cache, m) for m in members], dim=1)
+        if not self.topology.sequential:
+            self.compute_nodes(cache, self.graph.nodes_for(members), keep=exits)
+            return cache, torch.stack([self.member_logits(cache, m) for m in members], dim=1)
+        logits = []
+        for i, m in enumerate(members):
+            later = set(self.graph.nodes_for(members[i + 1:]))
+            self.compute_nodes(cache, self.graph.members[m].path, keep=exits | later)
+            logits.append(self.member_logits(cache, m))
+        return cache, torch.stack(logits, dim=1)
 
     def _member_list(self, members: Any) -> list[int]:
         """``members`` as a list of valid member indices, or a clear error."""
@@ -308,7 +328,13 @@ class Ensemble(nn.Module):
         return self.aggregator(self.forward_members(x))
 
     def loss(self, output: EnsembleOutput | Tensor, target: Tensor) -> LossResult:
-        """The configured loss of ``output`` (from :meth:`forward_output`) against labels."""
+        """The configured loss of ``output`` (from :meth:`forward_output`) against labels.
+
+        A halting policy with its own training terms (:meth:`HaltingPolicy.loss
+        <ensemblekit.core.interfaces.HaltingPolicy.loss>`, e.g. the learned
+        selector) adds them to the total, its parts named ``halting.<name>``,
+        unless the loss holds them already (``trains_halting``, IRENE's loss).
+        """
         if self.loss_strategy is None:
             raise ValueError("this ensemble has no loss; pass loss=... to ensemblekit.build()")
         if isinstance(output, Tensor):
@@ -321,17 +347,34 @@ class Ensemble(nn.Module):
                 f"{tuple(output.members.shape)}; forward(x) returns the aggregated prediction, not the members"
             )
         _check_target(target, output.members)
-        return self.loss_strategy(output, target)
+        result = self.loss_strategy(output, target)
+        own = None if self.halting is None or self.loss_strategy.trains_halting else self.halting.loss(output, target)
+        if own is None:
+            return result
+        parts = {**result.parts, **{f"halting.{name}": value for name, value in own.parts.items()}}
+        return LossResult(result.total + own.total, parts)
 
     # --------------------------------------------------------------- costs
-    @cached_property
-    def costs(self):
-        """FLOPs and parameters per node and head (see :mod:`ensemblekit.core.cost`)."""
-        return measure_costs(self)
+    def costs(self, input_size: int | Sequence[int] | None = None) -> EnsembleCosts:
+        """FLOPs and parameters per node and head for one image of ``input_size``.
 
-    def cost_table(self):
-        """FLOPs and parameters of the first ``k`` members, ``k = 1..M``, shared nodes once."""
-        return self.costs.prefix_table()
+        Measured the first time a shape is asked for, then cached; see
+        :mod:`ensemblekit.core.cost` and :func:`~ensemblekit.core.cost.cost_shape`
+        for ``input_size`` (default: the backbone's own input size).
+        """
+        shape = cost_shape(self, input_size)
+        if shape not in self._costs:
+            self._costs[shape] = measure_costs(self, shape)
+        return self._costs[shape]
+
+    def cost_table(self, input_size: int | Sequence[int] | None = None) -> list[PrefixCost]:
+        """FLOPs (a multiply-add is 2; ``.macs`` is half) and parameters of the first ``k`` members.
+
+        One row per ``k = 1..M``, shared nodes counted once, for one image of
+        ``input_size``: ``S``, ``(H, W)`` or ``(C, H, W)``; by default the
+        backbone's own input size (timm's ``pretrained_cfg``), as ``inspect`` shows.
+        """
+        return self.costs(input_size).prefix_table()
 
     # ----------------------------------------------------- adaptive inference
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
@@ -345,8 +388,11 @@ class Ensemble(nn.Module):
 
         After each member the policy decides, per sample, whether to stop;
         stopped samples are removed from every cached state, so the next
-        member only runs on the samples still going. The policy's
-        ``step_inputs`` say which extras each step carries (see
+        member only runs on the samples still going. What is per-sample is
+        declared: by the split for block states, by the aggregator and the
+        policy (``per_sample_state``) for their states; see
+        :mod:`ensemblekit.core.batching`. The policy's ``step_inputs`` say
+        which extras each step carries (see
         :class:`~ensemblekit.core.interfaces.HaltingPolicy`).
         """
         policy = halting if halting is not None else self.halting
@@ -357,9 +403,14 @@ class Ensemble(nn.Module):
                             f"got {type(policy).__name__}")
         self.check_input(x)
         policy.bind(self)
+        if not policy.is_trained:
+            warnings.warn(f"the {type(policy).__name__} halting policy was never trained, so it halts at random: "
+                          "train it (ensemblekit.training.trainer.train marks it trained; in your own loop "
+                          "ens.loss() trains it, then call ens.halting.mark_trained())",
+                          UntrainedHaltingWarning, stacklevel=3)
         needs = policy.step_inputs
         b, m_total = x.shape[0], self.num_members
-        prefix_flops = [row.flops for row in self.cost_table()]
+        prefix_flops = [row.flops for row in self.cost_table(input_size=tuple(x.shape[1:]))]
         active = torch.arange(b, device=x.device)
         cache, agg_state, policy_state = NodeCache(x), None, None
         prediction = x.new_zeros(b, self.num_classes)
@@ -386,20 +437,23 @@ class Ensemble(nn.Module):
             if keep.all():  # no sample stopped: nothing to drop from the cache
                 continue
             n = active.shape[0]
-            active, cache = active[keep], cache.select(keep)
-            agg_state = select_batch(agg_state, keep, n)
-            policy_state = select_batch(policy_state, keep, n)
+            active = active[keep]
+            cache = cache.select(keep, [self.state_layouts[node.block] for node in self.graph.nodes])
+            agg_state = select_running_state(agg_state, keep, n, self.aggregator.per_sample_state,
+                                             f"aggregator {type(self.aggregator).__name__}")
+            policy_state = select_running_state(policy_state, keep, n, policy.per_sample_state,
+                                                f"halting policy {type(policy).__name__}")
         flops = torch.tensor(prefix_flops, dtype=torch.float64, device=x.device)[used - 1]
         return HaltedPrediction(prediction, used, flops)
 
 
-def _override(modules: list[nn.Module], replace: dict[int, nn.Module] | None, kind: str) -> list[nn.Module]:
-    """``modules`` with the entries named in ``replace`` swapped for the given modules."""
-    for index, module in (replace or {}).items():
+def _override(modules: list[nn.Module | None], replace: dict[int, nn.Module] | None, kind: str) -> list[nn.Module]:
+    """``modules`` (``None`` where not built) with the entries named in ``replace`` swapped for the given ones."""
+    replace = replace or {}
+    for index in replace:
         if not 0 <= index < len(modules):
             raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
-        modules[index] = module
-    return modules
+    return [replace[i] if i in replace else cast(nn.Module, m) for i, m in enumerate(modules)]
 
 
 def _check_target(target: Any, members: Tensor) -> None:

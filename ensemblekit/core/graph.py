@@ -103,7 +103,8 @@ class SharingTopology(ABC):
 
     ``num_blocks`` says how many blocks the topology wants from the splitter
     (``None``: the backbone's natural stages). ``sequential`` topologies are
-    evaluated strictly member by member (a cascade), others level by level.
+    evaluated strictly member by member (a cascade), others level by level, and
+    train with the "sequential" schedule by default (:func:`ensemblekit.core.stages.default_schedule`).
     """
 
     name: str = ""

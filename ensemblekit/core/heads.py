@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ensemblekit.core.blocks import FeatureFormat
+from ensemblekit.errors import EnsembleKitError
 
 
 def pool_features(feature: Tensor, fmt: FeatureFormat, num_prefix_tokens: int = 0) -> Tensor:
@@ -88,6 +91,41 @@ def fresh_copy(module: nn.Module, reinit: bool) -> nn.Module:
     """A deep copy of ``module``; with ``reinit`` its parameters are redrawn."""
     clone = copy.deepcopy(module)
     return reset_parameters(clone) if reinit else clone
+
+
+class StateShapeError(EnsembleKitError, ValueError):
+    """A tensor given for a module's parameter or buffer has another shape."""
+
+
+def copy_with_state(module: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers named in ``state`` are ``state``'s tensors.
+
+    They are used as they are (no copy) when dtype and device already match
+    ``module``'s, else cast; ``requires_grad`` follows ``module``. Tensors not
+    named in ``state`` are copied.
+
+    Raises:
+        StateShapeError: a tensor of ``state`` has another shape than ``module``'s.
+    """
+    memo: dict[int, Any] = {}
+    for named, make in ((module.named_parameters(), True), (module.named_buffers(), False)):
+        for name, tensor in named:
+            if name not in state:
+                continue
+            value = state[name].detach()
+            if value.shape != tensor.shape:
+                raise StateShapeError(f"{name}: the new value has shape {tuple(value.shape)}, "
+                                      f"the module's {tuple(tensor.shape)}")
+            value = value.to(device=tensor.device, dtype=tensor.dtype)
+            memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if make else value
+    return copy.deepcopy(module, memo)
+
+
+def classifier_names(head: nn.Module, num_classes: int) -> list[str]:
+    """Paths of the layers of ``head`` that output the class logits (a linear or conv with ``num_classes`` outputs)."""
+    return [name for name, sub in head.named_modules()
+            if (isinstance(sub, nn.Linear) and sub.out_features == num_classes)
+            or (isinstance(sub, nn.modules.conv._ConvNd) and sub.out_channels == num_classes)]
 
 
 def replace_classifier(head: nn.Module, old_classes: int, num_classes: int) -> nn.Module:

@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ensemblekit.errors import EnsembleKitWarning
+
 if TYPE_CHECKING:
     from ensemblekit.core.blocks import State
     from ensemblekit.core.ensemble import Ensemble
 
 AggregatorState = dict[str, Tensor]
-"""Running state of an incremental aggregation; every tensor is batch-first."""
+"""Running state of an incremental aggregation; its per-sample entries are batch-first."""
 
 
 class Aggregator(nn.Module, ABC):
@@ -42,6 +44,12 @@ class Aggregator(nn.Module, ABC):
     predictive distribution (logits for a mean of logits, log-probabilities
     for a mean of probabilities), so a cross-entropy on it is meaningful.
     """
+
+    per_sample_state: ClassVar[frozenset[str] | None] = None
+    """Keys of the running state holding per-sample (batch-first) values: when samples stop,
+    :meth:`Ensemble.predict <ensemblekit.Ensemble.predict>` drops them from these entries and keeps the
+    others whole (counts, per-class tensors). ``None`` (the default): every tensor with a dimension is
+    per-sample and must be batch-first; 0-dim tensors and other values are kept whole."""
 
     @abstractmethod
     def update(self, state: AggregatorState | None, logits: Tensor, index: int) -> AggregatorState:
@@ -130,6 +138,9 @@ class LossStrategy(nn.Module, ABC):
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    trains_halting: ClassVar[bool] = False
+    """True for a loss that holds the halting policy's training terms itself (IRENE's): then
+    :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` does not add the policy's :meth:`HaltingPolicy.loss`."""
 
     @abstractmethod
     def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
@@ -174,7 +185,9 @@ class HaltingPolicy(nn.Module, ABC):
     its own per-sample state (batch-first tensors, so the ensemble can drop
     samples that stopped). It returns a boolean mask ``[B]``: True where the
     sample stops now. After the last member every sample stops regardless.
-    A policy with parameters is trained through the loss; one that needs
+    A policy with parameters to train overrides :meth:`loss` (its own terms,
+    which :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` adds to whatever the
+    task loss is), :attr:`is_trained` and :meth:`mark_trained`; one that needs
     held-out data overrides :meth:`calibrate`.
 
     ``step_inputs`` names what the policy reads from :attr:`HaltingStep.extras`:
@@ -185,6 +198,11 @@ class HaltingPolicy(nn.Module, ABC):
 
     provides: ClassVar[frozenset[str]] = frozenset()
     step_inputs: ClassVar[frozenset[str]] = frozenset()
+    per_sample_state: ClassVar[frozenset[str] | None] = None
+    """Keys of the running state holding per-sample (batch-first) values: when samples stop,
+    :meth:`Ensemble.predict <ensemblekit.Ensemble.predict>` drops them from these entries and keeps the
+    others whole (counts, per-class tensors). ``None`` (the default): every tensor with a dimension is
+    per-sample and must be batch-first; 0-dim tensors and other values are kept whole."""
 
     def bind(self, ensemble: Ensemble) -> None:
         """Called when the policy is given to an ensemble (to read its heads or costs)."""
@@ -199,6 +217,27 @@ class HaltingPolicy(nn.Module, ABC):
 
     def calibrate(self, ensemble: Ensemble, data: Any) -> None:
         """Fit thresholds on held-out data; the default policy needs none."""
+
+    def loss(self, output: EnsembleOutput, target: Tensor) -> LossResult | None:
+        """The policy's own training terms on ``output`` (from ``forward_output``) and labels ``target``.
+
+        ``None`` (the default): nothing to train. Named parts are logged as
+        ``halting.<name>`` next to the task loss's.
+        """
+        return None
+
+    @property
+    def is_trained(self) -> bool:
+        """False while a policy with parameters to train has never been trained (:meth:`Ensemble.predict
+        <ensemblekit.Ensemble.predict>` then warns with :class:`UntrainedHaltingWarning`)."""
+        return True
+
+    def mark_trained(self) -> None:  # noqa: B027  (a hook: a policy without parameters has nothing to record)
+        """Record that the policy was trained (the trainer calls it; kept in a buffer, so in checkpoints)."""
+
+
+class UntrainedHaltingWarning(EnsembleKitWarning):
+    """``predict()`` with a halting policy whose parameters were never trained (it halts at random)."""
 
 
 class Executor(ABC):

@@ -13,8 +13,8 @@ Built in: ``"joint"`` (:func:`joint`: everything, one stage),
 ``"sequential"`` and ``"irene"`` (IRENE's Algorithm 1,
 :mod:`ensemblekit.methods.irene.schedule`) and ``"two_phase"`` (IMTA's two
 phases, :mod:`ensemblekit.methods.imta.schedule`). Without a schedule named
-in the training settings, the loss's ``schedule`` attribute decides
-(:func:`default_schedule`).
+in the training settings, the loss's ``schedule`` attribute decides, then
+the topology (a cascade trains "sequential"; :func:`default_schedule`).
 
 Examples:
     >>> import torch
@@ -207,10 +207,14 @@ def joint(ensemble: Any, settings: ScheduleSettings) -> list[Stage]:
 
 
 def default_schedule(ensemble: Any) -> str:
-    """The schedule a model trains with when the settings name none: its loss's ``schedule``, else "joint".
+    """The schedule a model trains with when the settings name none.
 
-    :class:`~ensemblekit.components.losses.IreneLoss` says ``"sequential"``
-    (IRENE's Algorithm 1) unless it was built with ``schedule="joint"``.
+    Its loss's ``schedule`` (:class:`~ensemblekit.components.losses.IreneLoss`
+    says ``"sequential"``, IRENE's Algorithm 1, unless it was built with
+    ``schedule="joint"``); else ``"sequential"`` for a ``sequential``
+    topology (a cascade, trained member by member whatever the loss); else ``"joint"``.
     """
     schedule = getattr(getattr(ensemble, "loss_strategy", None), "schedule", None)
-    return schedule if isinstance(schedule, str) and schedule else "joint"
+    if isinstance(schedule, str) and schedule:
+        return schedule
+    return "sequential" if getattr(getattr(ensemble, "topology", None), "sequential", False) else "joint"

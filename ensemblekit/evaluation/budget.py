@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ensemblekit.components.halting.budgeted import Budgeted, prefix_predictions
 from ensemblekit.components.halting.fixed import Fixed
+from ensemblekit.core.flops import FLOPS_NOTE
 from ensemblekit.core.loaders import iter_batches
 from ensemblekit.core.timing import timed
 from ensemblekit.evaluation.formatting import format_si
@@ -122,7 +123,8 @@ class BudgetReport:
             )
         buffer = io.StringIO()
         Console(file=buffer, width=200, color_system=None, force_terminal=False).print(table)
-        return "\n".join(line.rstrip() for line in buffer.getvalue().strip("\n").splitlines()) + "\n"
+        lines = [line.rstrip() for line in buffer.getvalue().strip("\n").splitlines()]
+        return "\n".join([FLOPS_NOTE, *lines]) + "\n"
 
 
 def _finite(x: float) -> float | str:
@@ -163,22 +165,23 @@ def budget_sweep(ensemble: Any, held_out: Any, test: Any, qs: Sequence[float] = 
     was_training = ensemble.training
     ensemble.eval()
     try:
-        cum_flops = [float(row.flops) for row in ensemble.cost_table()]
         val_preds, val_labels = prefix_predictions(ensemble, held_out)
         xs, ys = zip(*[(x, torch.as_tensor(y)) for x, y in iter_batches(test, batch_size)])
         x_all, y_all = torch.cat(xs), torch.cat(ys).long()
+        costs = ensemble.cost_table(input_size=tuple(x_all.shape[1:]))  # FLOPs per test image
+        cum_flops = [float(row.flops) for row in costs]
         batches = [(x_all[i:i + batch_size].to(device), y_all[i:i + batch_size]) for i in range(0, len(x_all),
                                                                                               batch_size)]
         with torch.no_grad():
             members = torch.cat([ensemble.forward_members(x).float().cpu() for x, _ in batches])
-        anytime = anytime_report(members, y_all, ensemble.aggregator, costs=ensemble.cost_table())
+        anytime = anytime_report(members, y_all, ensemble.aggregator, costs=costs)
         full = Fixed(ensemble.num_members)
         _timed_predict(ensemble, batches[:1], full)  # warm-up: first calls allocate and pick kernels
         _, full_seconds = _timed_predict(ensemble, batches, full, repeats)
         points = []
         for q in qs:
             policy = Budgeted(q=q)
-            policy.calibrate_from_predictions(val_preds, val_labels, cum_flops)
+            policy.calibrate_from_predictions(val_preds, val_labels, cum_flops, input_size=x_all.shape[-2:])
             (prediction, used, flops), seconds = _timed_predict(ensemble, batches, policy, repeats)
             fractions = torch.bincount(used - 1, minlength=ensemble.num_members).double() / len(used)
             points.append(BudgetPoint(
@@ -203,6 +206,6 @@ def plot_budget(report: BudgetReport, path: str | Path, title: str | None = None
     ax.plot(report.anytime.prefix_flops, [100 * a for a in report.anytime.prefix_accuracy], marker="s",
             markersize=4, linewidth=1.5, label="anytime (first k members for every sample)")
     ax.xaxis.set_major_formatter(EngFormatter())
-    ax.set_xlabel("average FLOPs per image")
+    ax.set_xlabel("average FLOPs per image (multiply-add = 2)")
     ax.grid(True, alpha=0.3)
     return save_accuracy_figure(fig, ax, path, title)

@@ -33,6 +33,7 @@ from rich.table import Table
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from ensemblekit.core.flops import FLOPS_NOTE
 from ensemblekit.core.interfaces import Aggregator
 from ensemblekit.core.loaders import iter_batches
 from ensemblekit.evaluation.formatting import format_si
@@ -104,7 +105,7 @@ class Report:
         prefix_ece: expected calibration error (15 equal-width bins, l1) of
             each prefix ensemble's softmax.
         prefix_nll: mean negative log-likelihood of each prefix ensemble.
-        prefix_flops: FLOPs per sample of each prefix, when costs were given.
+        prefix_flops: FLOPs per sample of each prefix (a multiply-add is 2), when costs were given.
         prefix_params: parameters used by each prefix, when costs were given.
     """
 
@@ -179,6 +180,8 @@ class Report:
     def table(self, title: str | None = None) -> str:
         """The report as an aligned text table (Markdown), one row per prefix size.
 
+        With costs, a first line says how FLOPs are counted (a multiply-add is 2).
+
         Examples:
             >>> r = Report(10, 2, [0.5, 0.6], [0.5, 0.4], [float("nan"), 0.3], [0.1, 0.05], [0.7, 0.6])
             >>> "60.00" in r.table()
@@ -211,7 +214,8 @@ class Report:
             )
         buffer = io.StringIO()
         Console(file=buffer, width=200, color_system=None, force_terminal=False).print(table)
-        return "\n".join(line.rstrip() for line in buffer.getvalue().strip("\n").splitlines()) + "\n"
+        lines = [line.rstrip() for line in buffer.getvalue().strip("\n").splitlines()]
+        return "\n".join(([FLOPS_NOTE] if self.prefix_flops is not None else []) + lines) + "\n"
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -327,7 +331,7 @@ def plot_accuracy_vs_flops(reports: Mapping[str, Report], path: str | Path, titl
             ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
             ax.xaxis.set_minor_formatter(EngFormatter() if span < 100 else NullFormatter())
         ax.xaxis.set_major_formatter(EngFormatter())
-        ax.set_xlabel("FLOPs per image")
+        ax.set_xlabel("FLOPs per image (multiply-add = 2)")
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("members evaluated")

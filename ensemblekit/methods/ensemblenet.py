@@ -12,7 +12,7 @@ from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.heads import feature_dim, fresh_copy, replace_classifier
 from ensemblekit.components.topologies import MultiBranch
-from ensemblekit.build import wrap
+from ensemblekit.build import recorded_recipe, wrap
 
 __all__ = ["WIDTH", "AdaptedBlock", "ChannelAdapter", "ensemblenet"]
 
@@ -51,6 +51,7 @@ class AdaptedBlock(nn.Module):
         return call_block(self.block, self.adapter(x))
 
 
+@recorded_recipe
 def ensemblenet(
     backbone: nn.Module | str,
     branches: int = 2,

@@ -8,13 +8,14 @@ from typing import Any
 from torch import nn
 
 from ensemblekit.backbones import create_backbone
-from ensemblekit.build import wrap
+from ensemblekit.build import recorded_recipe, wrap
 from ensemblekit.components.losses import HierarchicalDistillation
 from ensemblekit.components.topologies import Tree
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
 
 
+@recorded_recipe
 def hne(
     backbone: nn.Module | BlockSplit | str,
     depth: int = 4,

@@ -153,7 +153,7 @@ def reproduce(data: str = "digits", root: str | None = None, backbone: str = "re
         return None if log is None else (lambda record: log({"model": model, **record}))
 
     seed_everything(seed)
-    average = ek.wrap(backbone_model(), "cascade", members=members, aggregator="mean_probs", loss="independent")
+    average = ek.wrap(backbone_model(), "independent", members=members, aggregator="mean_probs", loss="independent")
     train(average, train_set, config, on_epoch=logger("average"))
     seed_everything(seed)  # IRENE's first member starts from the single model's initial weights
     irene = ek.recipes.irene(backbone_model(), members=members, ens_weight=ens_weight, cost_weight=cost_weight,

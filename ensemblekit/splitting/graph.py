@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ensemblekit.core.batching import StateLayout
 from ensemblekit.splitting.errors import SplitError
 
 PATH = "ensemblekit_module_path"
@@ -418,6 +419,37 @@ def locate_cuts(indexes: Mapping[bool, GraphIndex], cut_paths: Sequence[str]) ->
         raise SplitError(f"train and eval mode pass different numbers of values between blocks "
                          f"({counts[True]} vs {counts[False]})")
     return GraphCuts(dict(indexes), positions, live)
+
+
+SCALAR_TYPES = frozenset({"int", "float", "bool", "complex", "str", "NoneType", "Size", "SymInt", "device", "dtype"})
+"""Types of values that are sizes or scalars: what is computed from them is not per-sample."""
+
+
+def batch_values(index: GraphIndex, profile: Profile) -> set[fx.Node]:
+    """The nodes whose values are computed from the input batch (per-sample), in the profiled graph.
+
+    The first input is; so is every value computed from one of them, except
+    sizes and scalars (``x.shape[1]``): a value computed from parameters,
+    constants and sizes only (a RoPE table, an attention bias, a position
+    index) is the same for every sample.
+    """
+    derived: set[fx.Node] = set()
+    for node in index.nodes:
+        if node.op == "placeholder":
+            if not derived:
+                derived.add(node)
+            continue
+        info = profile.info.get(node)
+        scalar = info is not None and info.type_name in SCALAR_TYPES
+        if not scalar and node.op != "get_attr" and any(a in derived for a in node.all_input_nodes):
+            derived.add(node)
+    return derived
+
+
+def per_sample_layouts(index: GraphIndex, profile: Profile, live: Sequence[Sequence[fx.Node]]) -> list[StateLayout]:
+    """Per cut, which values crossing it are per-sample (see :func:`batch_values`), as ``BlockSplit.per_sample``."""
+    derived = batch_values(index, profile)
+    return [True if len(values) == 1 else tuple(n in derived for n in values) for values in live]
 
 
 def build_blocks(traced: TracedModel, cuts: GraphCuts) -> tuple[list[GraphBlock], GraphBlock]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ensemblekit.core.batching import StateLayout
 from ensemblekit.core.blocks import BlockSplit, FeatureFormat, State, call_block
 from ensemblekit.core.flops import count_flops
 from ensemblekit.splitting.balance import balance
@@ -102,6 +103,25 @@ def _feature(state: State, block: int) -> tuple[int | None, FeatureFormat]:
     return None, _FORMATS[state.dim()]
 
 
+def _per_sample(blocks: list[nn.Module], x: torch.Tensor, states: list[State]) -> list[StateLayout]:
+    """Which values of each block's output are per-sample: those whose first dimension follows the batch.
+
+    Tuple states are checked by running the blocks again on one more sample:
+    a value is per-sample when it has ``B`` rows for ``B`` samples and
+    ``B + 1`` rows for ``B + 1`` (a side input has the same size for both).
+    """
+    if not any(isinstance(s, tuple) for s in states):
+        return [True] * len(states)
+    _, more = _run(blocks, torch.cat([x, x[:1]]))
+
+    def rows(value: Any, n: int) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
+
+    b = x.shape[0]
+    return [tuple(rows(v, b) and rows(w, b + 1) for v, w in zip(s, m)) if isinstance(s, tuple) else True
+            for s, m in zip(states, more)]
+
+
 def split_sequential(model: Any, num_blocks: int | None = None, *,
                      example_input: torch.Tensor | None = None) -> BlockSplit | None:
     """Split an ``nn.Sequential`` or a list of modules whose last element is the head.
@@ -161,6 +181,7 @@ def split_sequential(model: Any, num_blocks: int | None = None, *,
             states = [piece_states[b - 1] for b in ends]
         with torch.no_grad():
             logits = call_block(head, states[-1])
+        layouts = _per_sample(blocks, x, states)
     features = [_feature(s, b) for b, s in enumerate(states)]
     size = tuple(int(s) for s in x.shape[-2:]) if x.dim() == 4 else None
     return BlockSplit(
@@ -171,6 +192,7 @@ def split_sequential(model: Any, num_blocks: int | None = None, *,
         feature_format=[f[1] for f in features],
         names=names,
         in_chans=int(x.shape[1]) if x.dim() >= 2 else None,
+        per_sample=layouts,
         **({"example_size": size} if size else {}),
     )
 

@@ -27,6 +27,7 @@ from ensemblekit.splitting.graph import (
     TracedModel,
     build_blocks,
     locate_cuts,
+    per_sample_layouts,
     profile_graph,
     trace_modes,
 )
@@ -127,6 +128,8 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
         in_chans=int(x.shape[1]),
         input_size=size if fixed_input_size(model) is not None else None,
         example_size=size,
+        native_size=native_input_size(model),
+        per_sample=per_sample_layouts(indexes[False], profile, cuts.live[False]),
     )
 
 
@@ -153,6 +156,13 @@ def input_channels(model: nn.Module) -> list[int]:
     convs.extend(m for m in model.modules() if isinstance(m, nn.Conv2d))
     found = [m.in_channels for m in convs[:1] if isinstance(m, nn.Conv2d)]
     return list(dict.fromkeys([*found, int(cfg.get("input_size", (3,))[0]), 3]))
+
+
+def native_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``(H, W)`` the model was made for: its ``img_size`` (token models), else its config's ``input_size``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = fixed_input_size(model) or img_size_attr(model) or cfg.get("input_size")
+    return None if size is None else (int(size[-2]), int(size[-1]))
 
 
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:

@@ -2,12 +2,29 @@
 
 A checkpoint folder holds
 
-* ``config.json``: the format version, the :class:`~ensemblekit.training.config.ModelConfig`
-  that rebuilds the ensemble, the size and SHA-256 of every other file, and
-  (for training checkpoints) the JSON-able training state;
-* ``model.safetensors``: the ensemble's ``state_dict``;
+* ``config.json``: the format version, the *build record* that rebuilds the
+  ensemble (``"ensemble"``, see below), the
+  :class:`~ensemblekit.training.config.ModelConfig` it was built from when
+  there is one (``"model"``: what the CLI and the trainer build), the size
+  and SHA-256 of every other file, and (for training checkpoints) the
+  JSON-able training state;
+* ``model.safetensors``: the ensemble's ``state_dict``, halting state
+  included (a calibrated :class:`~ensemblekit.components.halting.Budgeted`
+  policy's thresholds, a learned selector's weights);
 * ``trainer.safetensors`` (training checkpoints only): optimizer tensors and
   RNG states.
+
+The build record says how the ensemble was built: the
+:func:`~ensemblekit.wrap` call (the backbone's timm spec, ``num_classes``,
+``num_blocks``, the example input's shape), the recipe and its options, or
+the ``ModelConfig``; then the preparations applied since (IMTA's ISC heads
+and gradient equilibrium, in order) and the components as they are now
+(topology, aggregator, loss, halting policy, executor), each as a registry
+spec ``{"name": ..., **options}`` (see :func:`~ensemblekit.build.component_spec`).
+:func:`load` replays it, then loads the weights. What JSON cannot describe (a
+hand-made ``nn.Sequential`` backbone, a custom exit head, a component object
+whose options cannot be read back) makes :func:`save` fail before anything
+is written, saying what to do.
 
 Loading reads JSON and safetensors only, so it never runs pickled code.
 A folder is written under a temporary name (every file fsynced) and renamed
@@ -16,9 +33,9 @@ new one, never a mix. Any damage (a missing, truncated or altered file) is
 caught by the sizes and checksums and reported with the file's name.
 
 Examples:
-    >>> ens = build_ensemble(ModelConfig("resnet10t", num_classes=10))  # doctest: +SKIP
-    >>> save(ens, "model.ek")                                           # doctest: +SKIP
-    >>> same = ek.load("model.ek")                                      # doctest: +SKIP
+    >>> ens = ek.wrap(timm.create_model("resnet10t", num_classes=10), "tree", depth=2)  # doctest: +SKIP
+    >>> ek.save(ens, "model.ek")                                                       # doctest: +SKIP
+    >>> same = ek.load("model.ek")                                                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +54,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ensemblekit.build import (
+    BuildSpecError,
+    built_components,
+    component_spec,
+    components,
+    from_json,
+    registry_of,
+    wrap,
+)
+from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.core.registry import RECIPES, accepts
 from ensemblekit.errors import EnsembleKitError
+from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilibrium, has_gradient_equilibrium
+from ensemblekit.methods.imta.isc import add_isc
 from ensemblekit.training.config import ModelConfig, section_from_dict
 
 FORMAT = "ensemblekit-checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: the manifest's "ensemble" build record rebuilds any ensemble; 1 (still read): a ModelConfig only."""
+PREPARATIONS: dict[str, Callable[..., Any]] = {"isc": add_isc, "gradient_equilibrium": apply_gradient_equilibrium}
+"""What a build record's preparations name, replayed in order after the build."""
 MANIFEST = "config.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
@@ -97,19 +131,23 @@ def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def write_checkpoint(
     directory: str | Path,
     model: nn.Module,
-    model_config: ModelConfig,
+    model_config: ModelConfig | None,
     *,
     trainer_tensors: dict[str, Tensor] | None = None,
     trainer_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (see the module docstring).
 
     Args:
         directory: the checkpoint folder to create.
         model: the ensemble whose ``state_dict`` is saved.
-        model_config: how to rebuild it.
+        model_config: the config it was built from, or ``None``.
+        record: its build record (:func:`ensemble_record`); by default made
+            here when the ensemble can be described (a training checkpoint
+            then loads with its later preparations, e.g. IMTA's phase II ISC heads).
         trainer_tensors: optimizer and RNG tensors of a training checkpoint.
         trainer_state: JSON-able training state (step, scheduler, ...).
         extra: more JSON-able entries for the manifest (data and train configs).
@@ -117,6 +155,12 @@ def write_checkpoint(
             once the new one is complete); otherwise an existing folder is an error.
     """
     directory = Path(directory)
+    if record is None:
+        try:
+            record = ensemble_record(model)
+        except BuildSpecError:
+            if model_config is None:
+                raise
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; choose another path or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -126,8 +170,11 @@ def write_checkpoint(
         files = {MODEL_FILE: _cpu_tensors(model.state_dict())}
         if trainer_tensors is not None:
             files[TRAINER_FILE] = _cpu_tensors(trainer_tensors)
-        manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": _config_dict(model_config),
-                                    "files": {}}
+        manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "files": {}}
+        if model_config is not None:
+            manifest["model"] = _config_dict(model_config)
+        if record is not None:
+            manifest["ensemble"] = record
         for name, tensors in files.items():
             save_file(tensors, str(tmp / name))
             with open(tmp / name, "rb") as f:
@@ -153,18 +200,49 @@ def write_checkpoint(
 
 
 def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
-    """Save an ensemble built by :func:`~ensemblekit.training.config.build_ensemble` (or a run) to ``path``.
+    """Save an ensemble that :func:`~ensemblekit.wrap`, a recipe or a config built to the folder ``path``.
+
+    :func:`load` gives it back with the same ``predict()`` results. Nothing
+    is written when it cannot be described (see the module docstring).
 
     Raises:
-        ValueError: the ensemble carries no ``build_config`` to rebuild it from.
+        BuildSpecError: the ensemble cannot be rebuilt from JSON; the message says why and what to do.
+        FileExistsError: ``path`` exists and ``overwrite`` is off.
     """
+    record = ensemble_record(model)
     config = getattr(model, "build_config", None)
-    if not isinstance(config, ModelConfig):
-        raise ValueError(
-            "this ensemble has no build_config, so it could not be rebuilt from a checkpoint; "
-            "build it with ensemblekit.training.config.build_ensemble(ModelConfig(...)) (what the CLI and trainer do)"
-        )
-    return write_checkpoint(path, model, config, overwrite=overwrite)
+    return write_checkpoint(path, model, config if isinstance(config, ModelConfig) else None, overwrite=overwrite,
+                            record=record)
+
+
+def ensemble_record(model: nn.Module) -> dict[str, Any]:
+    """The JSON build record that rebuilds ``model``: its build, the preparations since, its components.
+
+    Raises:
+        BuildSpecError: ``model`` was not built by ``wrap()``, a recipe or a
+            config, or holds something JSON cannot describe.
+    """
+    if not isinstance(model, Ensemble):
+        raise BuildSpecError(f"only an ensemblekit Ensemble can be saved, got {type(model).__name__}")
+    spec = getattr(model, "build_spec", None)
+    config = getattr(model, "build_config", None)
+    if not isinstance(spec, dict):
+        raise BuildSpecError("this Ensemble was made directly, not by ensemblekit.wrap() or a recipe, so nothing "
+                             "records how to rebuild it: build it with ek.wrap(...) (or save its state_dict and "
+                             "rebuild it with your own code)")
+    if isinstance(config, ModelConfig):
+        build: Any = "config"
+    elif spec["unsaveable"]:
+        raise BuildSpecError("this ensemble cannot be saved as JSON and safetensors: " + "; ".join(spec["unsaveable"]))
+    else:
+        build = {k: v for k, v in spec.items() if k in ("wrap", "recipe")}
+    built = built_components(model)
+    current = components(model)
+    kinds = current if "wrap" in build else [k for k, obj in current.items() if obj is not built.get(k)]
+    preparations = [p for p in spec["preparations"]
+                    if p["name"] != "gradient_equilibrium" or has_gradient_equilibrium(model)]
+    return {"build": build, "preparations": preparations,
+            "components": {kind: component_spec(current[kind], kind) for kind in kinds}}
 
 
 def _config_dict(config: ModelConfig) -> dict[str, Any]:
@@ -208,10 +286,11 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{manifest_path} is not valid JSON (truncated or corrupted): {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} is not an ensemblekit checkpoint manifest (no format={FORMAT!r})")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in (1, VERSION):
         raise CheckpointError(f"{manifest_path} has format version {manifest.get('version')}; "
-                              f"this ensemblekit reads version {VERSION}")
-    for key in ("model", "files"):
+                              f"this ensemblekit reads versions 1 to {VERSION}")
+    rebuilt_from = "model" if manifest["version"] == 1 or "model" in manifest else "ensemble"  # config or record
+    for key in ("files", rebuilt_from):
         if not isinstance(manifest.get(key), dict):
             raise CheckpointError(f"{manifest_path} lacks its {key!r} entry (truncated or corrupted)")
     for name, info in manifest["files"].items():
@@ -267,14 +346,69 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         FileNotFoundError: nothing at ``path``.
         CheckpointError: a damaged checkpoint (the message names the file).
     """
-    from ensemblekit.training.config import build_ensemble
-
     directory, manifest = read_manifest(path)
-    config = model_config(manifest, str(directory / MANIFEST))
+    config = model_config(manifest, str(directory / MANIFEST)) if "model" in manifest else None
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
-        model = build_ensemble(config)
+        model = rebuild(manifest.get("ensemble") or {"build": "config"}, config)
     load_weights(model, directory)
     return model.to(device).eval()
+
+
+def rebuild(record: dict[str, Any], config: ModelConfig | None = None) -> Ensemble:
+    """The ensemble a build record (:func:`ensemble_record`) describes, freshly initialised.
+
+    Copies are not drawn anew (``init="copy"``): the weights are loaded next.
+    """
+    from ensemblekit.backbones import build_backbone
+    from ensemblekit.training.config import build_ensemble
+
+    build, parts = record["build"], dict(record.get("components", {}))
+    if build == "config":
+        if config is None:
+            raise CheckpointError("this checkpoint's build record names a model config, but it holds none")
+        model = build_ensemble(config)
+    elif "wrap" in build:
+        args = build["wrap"]
+        shape = args["example_input"]
+        model = wrap(build_backbone(args["backbone"]), from_json(parts.pop("topology")),
+                     aggregator=from_json(parts.pop("aggregator")), loss=from_json(parts.pop("loss")),
+                     halting=from_json(parts.pop("halting")), execution=from_json(parts.pop("execution")),
+                     num_classes=args["num_classes"], num_blocks=args["num_blocks"], init="copy",
+                     example_input=None if shape is None else torch.zeros(shape))
+    else:
+        recipe = build["recipe"]
+        backbone = recipe["backbone"]
+        options = from_json(recipe["options"])
+        if accepts(RECIPES.get(recipe["name"]).factory, "init"):
+            options["init"] = "copy"
+        model = RECIPES.create(recipe["name"], backbone=backbone if isinstance(backbone, str)
+                               else build_backbone(backbone), **options)
+    for kind, spec in parts.items():
+        _set_component(model, kind, from_json(spec))
+    for preparation in record.get("preparations", []):
+        options = dict(from_json(preparation))
+        PREPARATIONS[options.pop("name")](model, **options)
+    return model
+
+
+def _set_component(model: Ensemble, kind: str, spec: Any) -> None:
+    """Replace one component of a rebuilt ensemble by the one ``spec`` describes."""
+    if kind == "execution":
+        model.execution = spec
+        return
+    made: Any = None if spec is None else registry_of(kind).create(spec, context={"num_members": model.num_members})
+    if kind == "aggregator":
+        model.aggregator = made
+    elif kind == "loss":
+        model.loss_strategy = made
+        if made is not None:
+            made.check(model)
+    elif kind == "halting":
+        model.halting = made
+        if made is not None:
+            made.bind(model)
+    else:
+        raise CheckpointError(f"a rebuilt ensemble's {kind} cannot be replaced")
 
 
 def _check_compatible(model: nn.Module, state: dict[str, Tensor], file: Path, manifest: dict[str, Any]) -> None:
@@ -286,7 +420,7 @@ def _check_compatible(model: nn.Module, state: dict[str, Tensor], file: Path, ma
         return
     problems = []
     built = getattr(model, "build_config", None)
-    if built is not None:
+    if built is not None and "model" in manifest:
         from dataclasses import asdict
 
         ours, theirs = asdict(built), manifest["model"]
@@ -294,8 +428,7 @@ def _check_compatible(model: nn.Module, state: dict[str, Tensor], file: Path, ma
         if diff:
             problems.append("configs differ (" + "; ".join(diff) + ")")
     else:
-        problems.append(f"the checkpoint was saved from {manifest['model'].get('topology')!r} "
-                        f"(recipe {manifest['model'].get('recipe')!r})")
+        problems.append(f"the checkpoint was saved from {_summary(manifest)}")
     if missing:
         problems.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {', '.join(missing[:3])})")
     if unexpected:
@@ -304,3 +437,22 @@ def _check_compatible(model: nn.Module, state: dict[str, Tensor], file: Path, ma
         problems.append(f"{k} has shape {list(state[k].shape)} in the checkpoint, {list(own[k].shape)} in the model")
     raise CheckpointError(f"checkpoint {file} does not fit this model (a different topology or backbone): "
                           + "; ".join(problems))
+
+
+def _summary(manifest: dict[str, Any]) -> str:
+    """What built the checkpoint's ensemble, in a few words."""
+    if "model" in manifest:
+        return f"topology {manifest['model'].get('topology')!r} (recipe {manifest['model'].get('recipe')!r})"
+    record = manifest["ensemble"]
+    if "recipe" in record["build"]:
+        return f"recipe {record['build']['recipe']['name']!r}"
+    return f"topology {record['components'].get('topology')!r}"
+
+
+def backbone_name(manifest: dict[str, Any]) -> str:
+    """The name of the checkpoint's backbone (a timm architecture), for titles."""
+    if "model" in manifest:
+        return str(manifest["model"]["backbone"])
+    build = manifest["ensemble"]["build"]
+    backbone = (build.get("wrap") or build.get("recipe") or {}).get("backbone")
+    return backbone if isinstance(backbone, str) else str((backbone or {}).get("name", "?"))

@@ -34,13 +34,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from ensemblekit.core.initialisation import INIT_MODES
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, RECIPES, TOPOLOGIES, Registry
 from ensemblekit.core.registry import SCHEDULES as STAGE_SCHEDULES
 from ensemblekit.errors import EnsembleKitError
 
 RECIPE_ARGUMENTS = ("backbone", "init", "halting", "example_input")
 """What :func:`build_ensemble` passes a recipe itself, next to ``model.recipe_options``."""
-INIT_MODES = ("reinit", "copy")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PROGRESS = ("tqdm", "rich", "none")
@@ -72,7 +72,8 @@ class ModelConfig:
         aggregator: aggregator name or mapping (without a recipe; default "mean").
         loss: loss name or mapping (without a recipe; default "independent").
         halting: halting policy name or mapping, or None.
-        init: "reinit" or "copy" (see :class:`~ensemblekit.Ensemble`).
+        init: "reinit", "pretrained", "pretrained+noise", "copy" or "auto"
+            (see :mod:`ensemblekit.core.initialisation`).
         num_blocks: blocks to cut the backbone into (without a recipe; default:
             what the topology needs).
     """

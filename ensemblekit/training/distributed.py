@@ -16,8 +16,8 @@ Decisions (see ``docs/distributed.md``):
 * Forward pass and loss run inside DDP's ``forward`` (:class:`TrainStep`), so
   DDP sees every parameter the loss reaches, loss parameters included.
 * ``find_unused_parameters`` is switched on only where a step leaves
-  trainable parameters without a gradient (a learned halting policy that the
-  loss does not train, a weighted aggregator under a per-member loss):
+  trainable parameters without a gradient (a learned halting selector at the
+  first step of IRENE's sequential schedule, a weighted aggregator under a per-member loss):
   :func:`has_unused_parameters` runs one probe step to find out. It is not
   ``static_graph``, which breaks when the set of used parameters changes
   between steps (anytime training of random prefixes).

@@ -441,6 +441,7 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
             params = freeze.parameters
             if not params:
                 raise ValueError(f"stage {stage.name!r} has no parameter to train")
+            _mark_halting_trained(model, params)
             optimizers, schedulers = _stage_optimizers(stage, params, config, steps_per_epoch)
             if restore is not None:  # resumed in the middle of this stage
                 _load_state(*restore, model, optimizers, schedulers, env, config.seed)
@@ -528,6 +529,13 @@ def _start_stage(stage: Stage, model: nn.Module, device: torch.device) -> None:
     if stage.loss is not None:
         model.loss_strategy = stage.loss
     model.to(device)  # modules a preparation added
+
+
+def _mark_halting_trained(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """A halting policy whose parameters a stage trains counts as trained from then on (its checkpoints say so)."""
+    policy = getattr(model, "halting", None)
+    if policy is not None and not {id(p) for p in policy.parameters()}.isdisjoint(id(p) for p in params):
+        policy.mark_trained()
 
 
 def _stage_optimizers(stage: Stage, params: list[nn.Parameter], config: TrainConfig,
@@ -665,7 +673,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     model.to(device).eval()
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     members, labels = collect_members(model.forward_members, loader, device)
-    return anytime_report(members, labels, model.aggregator, costs=model.cost_table())
+    costs = model.cost_table(input_size=tuple(dataset[0][0].shape))  # FLOPs per image of this dataset
+    return anytime_report(members, labels, model.aggregator, costs=costs)
 
 
 def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None):

@@ -163,3 +163,69 @@ def test_stopped_samples_leave_the_batch():
 def test_per_member_thresholds_of_the_wrong_length_are_refused_when_wrapping():
     with pytest.raises(ValueError, match="3 thresholds given for an ensemble of 2 members"):
         ek.wrap(toy_split(2), "independent", members=2, halting=ek.halting.Confidence([0.5, 0.6, 0.7]))
+
+
+def msdnet_thresholds(conf, pi, ties):
+    """MSDNet's threshold search written as its loops (``dynamic_eval_find_threshold``), with both tie rules.
+
+    For each exit in order: walk the samples by decreasing confidence, count the
+    ones not yet exited, and take the confidence of the ``floor(N pi_k)``-th as
+    the threshold; every sample at least as confident exits. When fewer samples
+    are left than that count, MSDNet keeps the threshold at 1e8 (none exits);
+    "early" takes the least confident one left (all exit).
+    """
+    n, m = conf.shape
+    exited = [False] * n
+    thresholds = [math.inf] * m
+    for k in range(m - 1):
+        quota, count, last = math.floor(n * float(pi[k])), 0, None
+        for i in sorted(range(n), key=lambda i: -float(conf[i, k])):
+            if not exited[i]:
+                count, last = count + 1, float(conf[i, k])
+                if count == quota:
+                    thresholds[k] = last
+                    break
+        if 0 < count < quota and ties == "early":
+            thresholds[k] = last
+        exited = [e or float(conf[i, k]) >= thresholds[k] for i, e in enumerate(exited)]
+    thresholds[m - 1] = -math.inf
+    return thresholds
+
+
+def test_tie_rules_match_direct_implementations_of_each():
+    g = torch.Generator().manual_seed(0)
+    conf = (torch.rand(50, 4, generator=g) * 3).round() / 3  # four distinct confidences: many ties
+    differ = 0
+    for p in range(1, 41):  # MSDNet's sweep: q = p / 20
+        pi = exit_distribution(p / 20, 4)
+        rules = {}
+        for ties in ("early", "msdnet"):
+            rules[ties] = fit_thresholds(conf, pi, ties=ties).tolist()
+            assert rules[ties] == pytest.approx(msdnet_thresholds(conf, pi, ties)), (p, ties)
+        differ += rules["early"] != rules["msdnet"]
+    assert differ > 0  # ties make the two rules differ on some budgets
+    distinct = torch.rand(50, 4, generator=g)  # without ties they agree on every budget
+    for p in range(1, 41):
+        pi = exit_distribution(p / 20, 4)
+        assert torch.equal(fit_thresholds(distinct, pi, "early"), fit_thresholds(distinct, pi, "msdnet"))
+    policy = Budgeted(q=1.0, ties="msdnet")
+    preds = logits_with_confidence(conf.clamp_min(0.1))
+    policy.calibrate_from_predictions(preds, torch.zeros(50, dtype=torch.long), [1.0, 2.0, 3.0, 4.0])
+    assert policy.thresholds.tolist() == pytest.approx(
+        msdnet_thresholds(confidence(preds), exit_distribution(1.0, 4), "msdnet"), abs=1e-6)
+    with pytest.raises(ValueError, match="ties must be one of 'early', 'msdnet'"):
+        Budgeted(q=1.0, ties="random")
+
+
+def test_calibrated_thresholds_load_into_a_fresh_policy():
+    torch.manual_seed(0)
+    ens = ek.wrap(toy_split(3), "chain", halting={"name": "budgeted", "q": 0.5}).eval()
+    val, x = held_out_and_test()
+    ens.halting.calibrate(ens, val)
+    fresh = ek.wrap(toy_split(3), "chain", halting={"name": "budgeted", "q": 0.5}).eval()
+    assert fresh.halting.thresholds.isnan().all() and not fresh.halting.calibrated
+    fresh.load_state_dict(ens.state_dict())  # raised "Unexpected key(s) in state_dict: halting.thresholds"
+    assert torch.equal(fresh.halting.thresholds, ens.halting.thresholds)
+    assert torch.equal(fresh.predict(x).members_used, ens.predict(x).members_used)
+    with pytest.raises(ValueError, match="calibrated for 3 exits, the ensemble has 2"):
+        ek.wrap(toy_split(2), "chain", halting=ens.halting)

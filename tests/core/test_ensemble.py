@@ -65,7 +65,7 @@ def test_no_parameter_is_shared_and_copies_differ(topo_blocks):
 @given(st.integers(0, 3), st.integers(2, 3))
 def test_tree_cost_counts_each_node_once(depth, k):
     ens = ek.wrap(toy_split(depth + 1), Tree(depth, k))
-    costs = ens.costs
+    costs = ens.costs()
     block = costs.node_flops[0]
     assert block > 0 and len(set(costs.node_flops)) == 1  # equal-cost blocks
     table = ens.cost_table()

@@ -21,7 +21,7 @@ from ensemblekit.core.stages import frozen_except
 from ensemblekit.methods.irene.schedule import LR_DECAY, sequential, stage_modules
 from ensemblekit.methods.irene.woc import WoC, utility
 from ensemblekit.training.config import TrainConfig
-from ensemblekit.training.trainer import train
+from ensemblekit.training.trainer import resolve_stages, train
 from tests.conftest import toy_split
 
 FIT = TrainConfig(epochs=1, batch_size=16, lr=0.1, progress="none", device="cpu")
@@ -88,6 +88,11 @@ def test_learned_policy_builds_on_bind_and_provides_extras():
         ek.wrap(toy_split(3), "cascade", members=2, halting=ens.halting)
 
 
+UNTRAINED = pytest.mark.filterwarnings("ignore::ensemblekit.core.interfaces.UntrainedHaltingWarning")
+"""For tests of the inference mechanics, which run an untrained selector on purpose."""
+
+
+@UNTRAINED
 def test_inference_is_deterministic_and_matches_the_eval_extras():
     ens = irene_ensemble().eval()
     x = torch.randn(16, 3, 8, 8)
@@ -105,6 +110,7 @@ def test_inference_is_deterministic_and_matches_the_eval_extras():
     assert torch.equal(h, ens.forward_output(x).extras["halting_probabilities"])
 
 
+@UNTRAINED
 def test_halted_samples_skip_the_later_members():
     ens = irene_ensemble().eval()
     x = torch.randn(16, 3, 8, 8)
@@ -122,6 +128,7 @@ def test_halted_samples_skip_the_later_members():
     assert sizes[0] == 16 and sizes[1] == int((used > 1).sum()) and sizes.get(2, 0) == int((used > 2).sum())
 
 
+@UNTRAINED
 @pytest.mark.parametrize("topology,options", [("tree", {"depth": 2}), ("multi_branch", {"members": 3})])
 def test_learned_halting_on_shared_topologies(topology, options):
     ens = irene_ensemble(topology, **options)
@@ -268,7 +275,7 @@ def test_joint_schedule_trains_everything():
 
 def test_sequential_schedule_trains_what_algorithm_1_says_at_each_step():
     """Step t changes only member t's new nodes, its head, its aux head and the selector; the rest (weights
-    and BatchNorm statistics) is bit-identical (Algorithm 1)."""
+    and BatchNorm statistics) is bit-identical (Algorithm 1). The policy is marked trained at step 1."""
     ens = irene_ensemble(seed=5)
     data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))
     names = {id(p): n for n, p in ens.named_parameters()}
@@ -284,8 +291,8 @@ def test_sequential_schedule_trains_what_algorithm_1_says_at_each_step():
         inside = {m for top in modules for m in top.modules()}
         trained = {names[id(p)] for m in modules for p in m.parameters()}
         before, after = snapshots[t - 1], snapshots[t]
-        changed = {k for k in before if not torch.equal(before[k], after[k])}
-        assert changed, t
+        changed = {k for k in before if not torch.equal(before[k], after[k])} - {"halting.trained"}
+        assert changed and bool(after["halting.trained"]), t
         assert all(owner[k] & inside for k in changed), (t, sorted(changed - trained))  # nothing else moved
         own = [n for n, p in ens.named_parameters() if n in trained and not n.startswith("halting.")]
         assert set(own) <= changed, t  # the member's nodes and head did train
@@ -311,6 +318,81 @@ def test_sequential_schedule_optimisers_and_step_decay():
     # 5 epochs: milestones round(1.5), 3, 4 -> the rate after epochs 1..5
     assert lrs == pytest.approx([0.1, 0.1 * LR_DECAY, 0.1 * LR_DECAY**2, 0.1 * LR_DECAY**3, 0.1 * LR_DECAY**3])
     assert [r["lr"] for r in history if r["stage"] == "step 3"][0] == 0.1  # a fresh schedule at every step
+
+
+# ------------------------------------------------------------ the cascade
+def call_order(ens, x):
+    """``(kind, member)`` of every node and head call of one forward pass, in call order, and its output."""
+    owner = {n: m.index for m in ens.graph.members for n in m.path}  # members share no node
+    calls = []
+    handles = [ens.nodes[n].register_forward_hook(lambda *_, m=m: calls.append(("node", m))) for n, m in owner.items()]
+    handles += [head.register_forward_hook(lambda *_, m=m: calls.append(("head", m)))
+                for m, head in enumerate(ens.heads)]
+    try:
+        out = ens.forward_output(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, out
+
+
+def evaluated_in_order(calls) -> bool:
+    """Whether member k's head runs before any node of a later member, for every k."""
+    return all(calls.index(("head", k)) < min(i for i, (kind, m) in enumerate(calls) if kind == "node" and m > k)
+               for k in range(max(m for _, m in calls)))
+
+
+def test_a_cascade_evaluates_member_by_member():
+    """Its forward has member k's logits before any node of member k + 1 runs; independent members run level
+    by level. Same weights, same outputs and gradients."""
+    torch.manual_seed(0)
+    cascade = ek.wrap(toy_split(3), "cascade", members=3, halting="learned")
+    independent = ek.wrap(toy_split(3), "independent", members=3, halting="learned")
+    independent.load_state_dict(cascade.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    calls, out = call_order(cascade, x)
+    assert evaluated_in_order(calls)
+    assert calls[:4] == [("node", 0)] * 3 + [("head", 0)]
+    other_calls, other = call_order(independent, x)
+    assert not evaluated_in_order(other_calls)
+    assert torch.allclose(out.members, other.members)
+    out.members.sum().backward()
+    other.members.sum().backward()
+    for a, b in zip(cascade.parameters(), independent.parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.allclose(a.grad, b.grad))
+
+
+def test_a_cascade_trains_stage_by_stage_by_default():
+    """The trainer's default schedule for a cascade is IRENE's "sequential", whatever the loss; a loss that names
+    its own schedule wins, and independent members train jointly."""
+    def stages(topology, loss="independent", config=FIT):
+        torch.manual_seed(0)
+        ens = ek.wrap(toy_split(3), topology, members=3, loss=loss, halting="learned")
+        return [(s.name, s.members) for s in resolve_stages(ens, config)]
+    steps = [("step 1", [0]), ("step 2", [0, 1]), ("step 3", [0, 1, 2])]
+    assert stages("cascade") == steps
+    assert stages("cascade", config=replace(FIT, stages="irene")) == steps
+    assert stages("independent") == [("joint", None)]
+    assert stages("cascade", loss={"name": "irene", "schedule": "joint"}) == [("joint", None)]
+
+
+def test_a_cascade_with_any_loss_trains_like_irene():
+    """Cascade + the independent loss + learned halting: member t trains at step t with the earlier ones frozen,
+    and the selector learns from its own terms at every step."""
+    torch.manual_seed(7)
+    ens = ek.wrap(toy_split(3), "cascade", members=3, aggregator="mean_probs", loss="independent", halting="learned")
+    data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 5, (32,)))
+    snapshots = [copy.deepcopy(ens.state_dict())]
+    history = train(ens, data, FIT, on_epoch=lambda record: snapshots.append(copy.deepcopy(ens.state_dict()))).history
+    assert [r["stage"] for r in history] == ["step 1", "step 2", "step 3"]
+    assert {"part.independent", "part.halting.ens", "part.halting.cost", "part.halting.rank"} <= history[-1].keys()
+    for t in (1, 2, 3):
+        before, after = snapshots[t - 1], snapshots[t]
+        moved = {k.split(".")[1] for k in before if k.startswith("heads.") and not torch.equal(before[k], after[k])}
+        assert moved == {str(t - 1)}, t  # only member t's head
+        selector_moved = not torch.equal(before["halting.cell.weight_ih"], after["halting.cell.weight_ih"])
+        assert selector_moved == (t > 1), t  # one member alone always halts: nothing to learn at step 1
+    assert ens.halting.is_trained
 
 
 # ------------------------------------------------------------ utility, WoC
@@ -372,6 +454,21 @@ def test_woc_search_picks_the_best_utility():
     no_gain = members.clone()
     no_gain[:, 1:] = no_gain[:, :1]
     assert WoC.fit(no_gain, labels, MeanProbs()).threshold == 0.0
+
+
+def test_woc_search_when_the_first_member_is_never_right():
+    # member 1 is wrong on every held-out sample; members 1-2 together are right on the confident half
+    members = torch.zeros(8, 2, 2)
+    labels = torch.tensor([0, 1] * 4)
+    members[:, 0, 0] = torch.where(labels == 0, -1.0, 1.0)  # always the other class, at low confidence
+    members[:4, 1] = torch.nn.functional.one_hot(labels[:4], 2).float() * 8.0
+    with pytest.raises(ValueError, match="accuracy > 0, got 0.0"):
+        utility(0.5, 1.5, 0.0, 0.5, members=2)
+    woc = WoC.fit(members, labels, MeanProbs())  # raised "got 0.5 vs 0.0" before
+    accuracy = [(WoC(t).predict(members, MeanProbs())[0].argmax(-1) == labels).float().mean().item()
+                for t in WoC.GRID]
+    assert woc.threshold == pytest.approx(WoC.GRID[accuracy.index(max(accuracy))])
+    assert max(accuracy) == 0.5 and woc.threshold > 0.5  # never the untrained-looking first member alone
 
 
 # ------------------------------------------------------------ reproduce

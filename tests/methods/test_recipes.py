@@ -65,7 +65,7 @@ def test_ensemblenet_is_no_bigger_than_its_backbone():
     ens = ek.recipes.ensemblenet(base, branches=2)
     assert isinstance(ens.topology, MultiBranch) and ens.num_members == 2
     assert n_params(ens) <= n_params(base)
-    assert ens.cost_table()[-1].flops <= count_flops(base.eval(), X[:1])
+    assert ens.cost_table(input_size=tuple(X.shape[1:]))[-1].flops <= count_flops(base.eval(), X[:1])
     assert isinstance(ens.loss_strategy, EnsembleNetCoDistillation) and ens.loss_strategy.mu == 3.0
 
 

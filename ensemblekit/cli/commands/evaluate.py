@@ -35,14 +35,15 @@ def run(args: argparse.Namespace) -> int:
         data = section_from_dict(DataConfig, stored, "data", str(directory))
         data = data if args.root is None else replace(data, root=args.root)
     else:  # a model-only checkpoint, or another dataset: images of the size the model was built for
-        data = DataConfig(name=args.data or "digits", root=args.root, image_size=model.build_config.image_size)
+        config = getattr(model, "build_config", None)
+        size = config.image_size if config is not None else (model.input_size or model.example_size)[0]
+        data = DataConfig(name=args.data or "digits", root=args.root, image_size=size)
     dataset, info = load_split(data, args.split, limit=args.max_items)
-    model_config = model.build_config
     if info.num_classes != model.num_classes:
         raise ValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
                          f"predicts {model.num_classes}")
     report = evaluate(model, dataset, args.batch_size, args.device)
-    title = (f"{model_config.backbone} on {data.name} ({args.split}): {report.num_samples} samples, "
+    title = (f"{checkpoint.backbone_name(manifest)} on {data.name} ({args.split}): {report.num_samples} samples, "
              f"{report.num_members} members")
     print(f"checkpoint: {directory}")
     if args.out is None:

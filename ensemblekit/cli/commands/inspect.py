@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree as RichTree
 
+from ensemblekit.core.cost import CostError
+from ensemblekit.core.flops import FLOPS_NOTE
 from ensemblekit.evaluation.formatting import format_si
 
 NAME = "inspect"
@@ -22,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a timm model name, e.g. resnet18")
     parser.add_argument("--topology", default="tree", help="tree, independent, multi_branch, chain, cascade, ...")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--img-size", type=int, default=None, help="input side for FLOP counts")
+    parser.add_argument("--input-size", "--img-size", type=int, nargs="+", default=None, metavar="SIZE",
+                        help="S or H W: the image size FLOPs are counted at, also used to split the model "
+                             "(default: the backbone's own input size, timm's pretrained_cfg)")
     parser.add_argument("--exits", type=int, nargs="+", default=None, help="chain: blocks followed by an exit")
     for name, kind in TOPOLOGY_OPTIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
@@ -37,37 +41,46 @@ def run(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in TOPOLOGY_OPTIONS if getattr(args, k) is not None}
     if args.exits is not None:
         options["exits"] = args.exits
+    size = args.input_size
+    if size is not None and (len(size) not in (1, 2) or min(size) < 1):
+        raise CostError(f"--input-size takes S or H W (positive), got {' '.join(map(str, size))}")
+    size = None if size is None else (size[0], size[-1])
     model = create_backbone(args.model, num_classes=args.num_classes)
     example = None
-    if args.img_size:
-        example = torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], args.img_size, args.img_size)
+    if size is not None:
+        example = torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], *size)
     ens = ek.wrap(model, args.topology, example_input=example, **options)
-    show(ens, args.model, Console())
+    show(ens, args.model, Console(), input_size=size)
     return 0
 
 
-def show(ens, model_name: str, console: Console) -> None:
-    """Print the split, the node tree, the members and the cost of every prefix."""
-    costs = ens.costs
-    h, w = ens.input_size or ens.example_size
+def show(ens, model_name: str, console: Console, input_size: tuple[int, int] | None = None) -> None:
+    """Print the split, the node tree, the members and the cost of every prefix, per image of ``input_size``.
+
+    ``input_size`` defaults to the backbone's own (see :meth:`~ensemblekit.Ensemble.cost_table`).
+    """
+    costs = ens.costs(input_size)
+    h, w = costs.input_size
     console.print(f"[bold]{model_name}[/] as {ens.topology!r}: {len(ens.graph.levels)} blocks, "
-                  f"{ens.graph.num_nodes} nodes, {ens.num_members} members (FLOPs per {h}x{w} image)")
+                  f"{ens.graph.num_nodes} nodes, {ens.num_members} members (FLOPs per {h}x{w} image; {FLOPS_NOTE})")
 
     blocks = Table("block", "name", "copies", "FLOPs per copy", "params per copy", title="Block split")
     for b, level in enumerate(ens.graph.levels):
         first = level[0]
         name = ens.block_names[b] if b < len(ens.block_names) else f"block{b}"
-        blocks.add_row(str(b), name, str(len(level)), format_si(costs.node_flops[first]), format_si(costs.node_params[first]))
+        blocks.add_row(str(b), name, str(len(level)), format_si(costs.node_flops[first]),
+                       format_si(costs.node_params[first]))
     console.print(blocks)
 
     if ens.graph.num_nodes <= 64:
         console.print(_node_tree(ens))
 
-    prefixes = Table("members", "FLOPs", "params", "new nodes", "FLOPs vs 1 member", title="Cost of the first k members")
-    table = ens.cost_table()
+    prefixes = Table("members", "FLOPs", "MACs", "params", "new nodes", "FLOPs vs 1 member",
+                     title="Cost of the first k members")
+    table = costs.prefix_table()
     for row in table:
         new = len(ens.graph.new_nodes(row.members - 1))
-        prefixes.add_row(str(row.members), format_si(row.flops), format_si(row.params), str(new),
+        prefixes.add_row(str(row.members), format_si(row.flops), format_si(row.macs), format_si(row.params), str(new),
                          f"{row.flops / table[0].flops:.2f}x")
     console.print(prefixes)
 

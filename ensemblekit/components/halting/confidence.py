@@ -42,6 +42,10 @@ class Confidence(HaltingPolicy):
         """Options for :mod:`ensemblekit.testing`'s conformance checks."""
         return {"threshold": 0.25}
 
+    def build_options(self) -> dict[str, Any]:
+        """The constructor options that rebuild this policy (what a checkpoint records)."""
+        return {"threshold": self.thresholds.tolist() if self.per_member else float(self.thresholds[0])}
+
     def bind(self, ensemble) -> None:
         """Refuse per-member thresholds whose count is not the ensemble's member count."""
         if self.per_member and len(self.thresholds) != ensemble.num_members:

@@ -13,6 +13,12 @@ The last member always halts (``h_T = 1``), so ``p`` sums to 1. Training
 samples ``h_t`` with a binary Gumbel-softmax and binarises it with a
 straight-through estimator (Eq. 6 and below); inference thresholds ``h_t``
 and is deterministic.
+
+The policy trains with any task loss: :meth:`Learned.loss` holds IRENE's
+selector terms (Eq. 9-12), which :meth:`Ensemble.loss
+<ensemblekit.Ensemble.loss>` adds to the task loss (IRENE's own loss holds
+them already). Until it is trained (the trainer marks it, see
+:meth:`Learned.mark_trained`), ``predict()`` warns that it halts at random.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ensemblekit.components.losses.learned_halting import halting_terms
 from ensemblekit.core.blocks import State, call_block
 from ensemblekit.core.heads import fresh_copy
-from ensemblekit.core.interfaces import EnsembleOutput, HaltingPolicy, HaltingStep
+from ensemblekit.core.interfaces import EnsembleOutput, HaltingPolicy, HaltingStep, LossResult
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.functional import halting_distribution, kl_divergence, survival
 
-__all__ = ["CELLS", "Learned", "gumbel_halting", "halting_distribution", "survival"]
+__all__ = ["CELLS", "Learned", "LearnedHaltingError", "gumbel_halting", "halting_distribution", "survival"]
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
 
@@ -46,6 +54,10 @@ def gumbel_halting(logits: Tensor, temperature: float = 1.0, hard: bool = True) 
     if not hard:
         return soft
     return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+
+
+class LearnedHaltingError(EnsembleKitError, ValueError):
+    """The learned policy cannot compute its loss from what it was given."""
 
 
 def _detach(state: State) -> State:
@@ -74,6 +86,11 @@ class Learned(HaltingPolicy):
     state is batch-first (``[B, hidden]``), so :meth:`Ensemble.predict` drops
     halted samples from it too.
 
+    Whatever the task loss, :meth:`loss` trains the selector with IRENE's
+    terms, weighted by the ``*_weight`` options (with IRENE's own loss, the
+    loss's weights apply instead). The buffer ``trained`` records whether
+    it was trained (it goes into ``state_dict()`` and checkpoints).
+
     Args:
         hidden: width of the recurrent state ``d_t`` (the paper gives none; ours).
         cell: "lstm" (IRENE's choice) or "gru".
@@ -82,14 +99,21 @@ class Learned(HaltingPolicy):
         hard: binarise sampled ``h_t`` with the straight-through estimator in
             training (IRENE); ``False`` keeps the relaxed sample.
         aux_head: add the auxiliary head and its uncertainty feature.
+        ens_weight: weight of ``L_ens`` (Eq. 10, omega_1).
+        cost_weight: weight of ``L_cost`` (Eq. 11, omega_2), the expected prefix FLOPs.
+        rank_weight: weight of ``L_rank`` (Eq. 12, omega_3).
+        aux_weight: weight of the auxiliary heads' cross-entropy.
+        discrepancy_weight: weight of ``-L1`` between the two heads' outputs.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset(
         {"halting_probabilities", "halting_logits", "aux_logits", "prefix_costs"})
     step_inputs: ClassVar[frozenset[str]] = frozenset({"head_input"})
+    trained: Tensor
 
     def __init__(self, hidden: int = 16, cell: str = "lstm", threshold: float = 0.5, temperature: float = 1.0,
-                 hard: bool = True, aux_head: bool = True):
+                 hard: bool = True, aux_head: bool = True, ens_weight: float = 0.1, cost_weight: float = 0.01,
+                 rank_weight: float = 0.1, aux_weight: float = 1.0, discrepancy_weight: float = 0.1):
         super().__init__()
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
@@ -110,8 +134,17 @@ class Learned(HaltingPolicy):
         self.cell: nn.Module | None = None
         self.out: nn.Linear | None = None
         self.aux_heads = nn.ModuleList()
+        self.weights = {"ens": ens_weight, "cost": cost_weight, "rank": rank_weight, "aux": aux_weight,
+                        "discrepancy": discrepancy_weight}
+        self.register_buffer("trained", torch.tensor(False))
 
     # ------------------------------------------------------------------ build
+    def build_options(self) -> dict[str, Any]:
+        """The constructor options that rebuild this policy (what a checkpoint records; its weights are tensors)."""
+        return {"hidden": self.hidden, "cell": self.cell_type, "threshold": self.threshold,
+                "temperature": self.temperature, "hard": self.hard, "aux_head": self.aux_head,
+                **{f"{name}_weight": value for name, value in self.weights.items()}}
+
     def bind(self, ensemble) -> None:
         """Build the selector (and auxiliary heads) for ``ensemble``; a no-op once built for it."""
         if self.cell is not None:
@@ -156,7 +189,7 @@ class Learned(HaltingPolicy):
         if aux_logits is not None:
             log_q = aux_logits.detach().float().log_softmax(dim=-1)
             features.append(kl_divergence(log_p, log_q).unsqueeze(-1))
-        x = torch.cat(features, dim=-1)
+        x = torch.cat(features, dim=-1).to(self.out.weight.dtype)  # softmax in float32, the selector in its own dtype
         if self.cell_type == "lstm":
             hc = None if state is None else (state["h"], state["c"])
             h, c = self.cell(x, hc)
@@ -208,3 +241,29 @@ class Learned(HaltingPolicy):
         if self.aux_head:
             extras["aux_logits"] = torch.stack(aux_all, dim=1)
         return extras
+
+    # --------------------------------------------------------------- training
+    def loss(self, output: EnsembleOutput, target: Tensor) -> LossResult:
+        """IRENE's selector terms over every prefix ``t = 1..T'`` of ``output``, weighted (Eq. 9-12).
+
+        ``L_ens`` and ``L_cost`` (expected prefix FLOPs in units of the first
+        member's) train the selector, ``L_rank`` the selector and the members,
+        the auxiliary heads' cross-entropy and discrepancy those heads; see
+        :func:`~ensemblekit.components.losses.learned_halting.halting_terms`.
+        """
+        if "halting_probabilities" not in output.extras:
+            raise LearnedHaltingError(
+                "the learned halting policy trains with the loss and needs the output of ens.forward_output(x) "
+                "(its halting probabilities), not a tensor of member logits")
+        parts = halting_terms(output, target, list(range(1, output.num_members + 1)), "flops")
+        total = torch.stack([self.weights[name] * value for name, value in parts.items()]).sum()
+        return LossResult(total, {name: value.detach() for name, value in parts.items()})
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether :meth:`mark_trained` was called (on this policy or on the one whose state it loaded)."""
+        return bool(self.trained)
+
+    def mark_trained(self) -> None:
+        """Record that the selector was trained; the trainer calls it, your own loop calls it after training."""
+        self.trained.fill_(True)

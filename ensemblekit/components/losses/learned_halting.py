@@ -1,4 +1,9 @@
-"""IRENE's objective (Li et al., AAAI 2023, Eq. 8-13) for a learned halting policy."""
+"""IRENE's objective (Li et al., AAAI 2023, Eq. 8-13) for a learned halting policy.
+
+:class:`IreneLoss` is the whole objective; :func:`halting_terms` its part that
+trains the selector, which :meth:`Learned.loss
+<ensemblekit.components.halting.Learned.loss>` adds to any other task loss.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,65 @@ from torch import Tensor
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
 from ensemblekit.functional import expected_cost, halting_distribution, survival, survival_weighted_cross_entropy
 
-__all__ = ["COSTS", "SCHEDULES", "IreneLoss"]
+__all__ = ["COSTS", "SCHEDULES", "IreneLoss", "halting_terms", "member_cross_entropy"]
 
 SCHEDULES = ("sequential", "joint")
 COSTS = ("members", "flops")
+
+
+def halting_terms(output: EnsembleOutput, target: Tensor, steps: list[int], cost: str,
+                  ce: Tensor | None = None) -> dict[str, Tensor]:
+    """IRENE's selector terms ``L_ens``, ``L_cost``, ``L_rank`` (Eq. 9-12) and the auxiliary heads' two.
+
+    Unweighted, each averaged over the batch, summed over the 1-based
+    ``steps`` (``L_cost`` once, over every member of ``output``); see
+    :class:`IreneLoss` for each term. ``ce`` is the members' cross-entropy
+    ``[B, T]`` when the caller has it already.
+    """
+    logits, extras = output.members, output.extras
+    count = logits.shape[1]
+    h = extras["halting_probabilities"]
+    s = survival(h)
+    if ce is None:
+        ce = member_cross_entropy(logits, target)
+    ens = survival_weighted_cross_entropy(logits.detach().float().softmax(-1), s, target)
+    t = torch.tensor(steps, device=logits.device) - 1
+    parts = {
+        "ens": ens[:, t].sum(1).mean(),
+        "cost": _expected_cost(h, extras, count, cost).mean(),
+        "rank": _rank(ce, s, ens, steps).mean(),
+    }
+    if "aux_logits" in extras:
+        aux = extras["aux_logits"][:, t]
+        parts["aux"] = F.cross_entropy(aux.flatten(0, 1), target.repeat_interleave(len(steps))) * len(steps)
+        distance = (aux.softmax(-1) - logits[:, t].detach().softmax(-1)).abs().sum(-1)
+        parts["discrepancy"] = -distance.sum(1).mean()
+    return parts
+
+
+def member_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """``CE(y, y_t)`` per sample and member: ``[B, T, C] -> [B, T]``."""
+    return F.cross_entropy(logits.flatten(0, 1), target.repeat_interleave(logits.shape[1]),
+                           reduction="none").view(logits.shape[:2])
+
+
+def _expected_cost(h: Tensor, extras: dict, count: int, cost: str) -> Tensor:
+    """``sum_i c_i p_i`` per sample (Eq. 11), ``h`` of the last member set to 1."""
+    h = torch.cat([h[:, :-1], torch.ones_like(h[:, -1:])], dim=1)
+    if cost == "members":
+        c = torch.arange(1, count + 1, dtype=h.dtype, device=h.device)
+    else:
+        c = extras["prefix_costs"]
+    return expected_cost(halting_distribution(h), c)
+
+
+def _rank(ce: Tensor, s: Tensor, ens: Tensor, steps: list[int]) -> Tensor:
+    """``sum_t max(0, S(t) (CE_t - CE^ens_{t-1}.detach()))`` over ``steps`` (Eq. 12), per sample."""
+    total = torch.zeros_like(ce[:, 0])
+    for t in steps:
+        if t > 1:
+            total = total + (s[:, t - 1] * (ce[:, t - 1] - ens[:, t - 2].detach())).clamp_min(0)
+    return total
 
 
 class IreneLoss(LossStrategy):
@@ -46,6 +106,10 @@ class IreneLoss(LossStrategy):
     alone (App. A.1.2): their cross-entropy, and the L1 distance between the
     two heads' softmax outputs, maximised (its weight multiplies ``-L1``).
 
+    The loss holds the selector's terms itself (``trains_halting``), so
+    :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` adds no halting terms
+    on top of it; :func:`halting_terms` computes them for both.
+
     The paper tunes ``w_ens``, ``w_cost``, ``w_rank`` by search in
     [1e-4, 0.1], [1e-5, 0.1], [1e-4, 0.1] (Table 3) without reporting the
     values; the defaults are ours, inside those ranges. The authors' released
@@ -63,6 +127,7 @@ class IreneLoss(LossStrategy):
     """
 
     requires = frozenset({"halting_probabilities"})
+    trains_halting = True
 
     def __init__(self, ens_weight: float = 0.1, cost_weight: float = 0.01, rank_weight: float = 0.1,
                  base_weight: float = 1.0, aux_weight: float = 1.0, discrepancy_weight: float = 0.1,
@@ -102,45 +167,11 @@ class IreneLoss(LossStrategy):
 
     def terms(self, output: EnsembleOutput, target: Tensor) -> dict[str, Tensor]:
         """The unweighted terms of the schedule's objective, each averaged over the batch."""
-        logits, extras = output.members, output.extras
-        count = logits.shape[1]
-        h = extras["halting_probabilities"]
-        s = survival(h)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.repeat_interleave(count),
-                             reduction="none").view(logits.shape[:2])
-        ens = survival_weighted_cross_entropy(logits.detach().float().softmax(-1), s, target)
+        count = output.num_members
+        ce = member_cross_entropy(output.members, target)
         steps = [count] if self.schedule == "sequential" else list(range(1, count + 1))
-        t = torch.tensor(steps, device=logits.device) - 1
-        parts = {
-            "base": ce[:, t].sum(1).mean(),
-            "ens": ens[:, t].sum(1).mean(),
-            "cost": self._expected_cost(h, extras, count).mean(),
-            "rank": self._rank(ce, s, ens, steps).mean(),
-        }
-        if "aux_logits" in extras:
-            aux = extras["aux_logits"][:, t]
-            parts["aux"] = F.cross_entropy(aux.flatten(0, 1), target.repeat_interleave(len(steps))) * len(steps)
-            distance = (aux.softmax(-1) - logits[:, t].detach().softmax(-1)).abs().sum(-1)
-            parts["discrepancy"] = -distance.sum(1).mean()
-        return parts
-
-    def _expected_cost(self, h: Tensor, extras: dict, count: int) -> Tensor:
-        """``sum_i c_i p_i`` per sample (Eq. 11), ``h`` of the last member set to 1."""
-        h = torch.cat([h[:, :-1], torch.ones_like(h[:, -1:])], dim=1)
-        if self.cost == "members":
-            c = torch.arange(1, count + 1, dtype=h.dtype, device=h.device)
-        else:
-            c = extras["prefix_costs"]
-        return expected_cost(halting_distribution(h), c)
-
-    @staticmethod
-    def _rank(ce: Tensor, s: Tensor, ens: Tensor, steps: list[int]) -> Tensor:
-        """``sum_t max(0, S(t) (CE_t - CE^ens_{t-1}.detach()))`` over ``steps`` (Eq. 12), per sample."""
-        total = torch.zeros_like(ce[:, 0])
-        for t in steps:
-            if t > 1:
-                total = total + (s[:, t - 1] * (ce[:, t - 1] - ens[:, t - 2].detach())).clamp_min(0)
-        return total
+        t = torch.tensor(steps, device=ce.device) - 1
+        return {"base": ce[:, t].sum(1).mean(), **halting_terms(output, target, steps, self.cost, ce)}
 
 
 def _check_frozen(output: EnsembleOutput) -> None:

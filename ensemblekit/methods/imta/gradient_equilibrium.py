@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ensemblekit.build import record_preparation
+
 
 class GradientRescale(torch.autograd.Function):
     """``R(x; s)``: identity forward, ``s * grad`` backward (IMTA Eq. 4)."""
@@ -105,7 +107,9 @@ def apply_gradient_equilibrium(ensemble: nn.Module) -> list[RemovableHandle]:
     The ops are forward pre-hooks on ``ensemble.heads[i]`` and on the node
     after exit ``i``'s node, so parameters, ``state_dict`` keys and outputs are
     unchanged; only gradients are rescaled. Remove them with the returned
-    handles (``handle.remove()``).
+    handles (``handle.remove()``). It is recorded in the ensemble's
+    ``build_spec``, so that :func:`ensemblekit.load` installs it again (while
+    the hooks are in place).
 
     Args:
         ensemble: an :class:`~ensemblekit.Ensemble` built on a chain.
@@ -124,6 +128,7 @@ def apply_gradient_equilibrium(ensemble: nn.Module) -> list[RemovableHandle]:
         nxt = children.get(exits[i])
         if nxt is not None and i + 1 < len(exits):
             handles.append(ensemble.nodes[nxt].register_forward_pre_hook(RescaleInputGradient(later_scale)))
+    record_preparation(ensemble, "gradient_equilibrium")
     return handles
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ensemblekit.build import record_preparation
 from ensemblekit.core.blocks import call_block
 
 ISC_MODES = ("concat", "add")
@@ -96,7 +97,8 @@ def add_isc(ensemble: nn.Module, mode: str = "concat", width: int | None = None,
 
     Member ``k`` then also reads member ``k-1``'s logits, in
     :meth:`~ensemblekit.Ensemble.forward_output` as in anytime inference and
-    :meth:`~ensemblekit.Ensemble.predict`.
+    :meth:`~ensemblekit.Ensemble.predict`. It is recorded in the ensemble's
+    ``build_spec``, so that :func:`ensemblekit.load` adds the heads again.
 
     Args:
         ensemble: an :class:`~ensemblekit.Ensemble` (a chain, for IMTA).
@@ -108,4 +110,5 @@ def add_isc(ensemble: nn.Module, mode: str = "concat", width: int | None = None,
         if isinstance(ensemble.heads[k], ISCExit):
             raise ValueError(f"member {k} already has an ISC head")
         ensemble.heads[k] = ISCExit(ensemble.heads[k], ensemble.num_classes, mode, width, detach)
-    ensemble.__dict__.pop("costs", None)  # head FLOPs changed: measure again
+    ensemble._costs.clear()  # head FLOPs changed: measure again
+    record_preparation(ensemble, "isc", mode=mode, width=width, detach=detach)

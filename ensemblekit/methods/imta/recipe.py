@@ -28,9 +28,10 @@ from ensemblekit.components.aggregators import LastExit
 from ensemblekit.methods.imta.isc import add_isc
 from ensemblekit.components.losses.multi_exit import MultiExitLoss
 from ensemblekit.components.topologies import Chain
-from ensemblekit.build import wrap
+from ensemblekit.build import recorded_recipe, wrap
 
 
+@recorded_recipe
 def multi_exit(
     backbone: Any,
     exits: Sequence[int] | None = None,

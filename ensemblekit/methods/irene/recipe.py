@@ -6,16 +6,17 @@ from typing import Any
 
 from torch import nn
 
-from ensemblekit.core.blocks import BlockSplit
-from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.build import recorded_recipe, wrap
 from ensemblekit.components.halting.learned import Learned
 from ensemblekit.components.losses.learned_halting import IreneLoss
-from ensemblekit.build import wrap
+from ensemblekit.core.blocks import BlockSplit
+from ensemblekit.core.ensemble import Ensemble
 
 MEMBER_OPTION = {"cascade": "members", "independent": "members", "multi_branch": "branches"}
 """The option that sets the number of members, per topology (a tree has ``branching^depth``)."""
 
 
+@recorded_recipe
 def irene(
     backbone: nn.Module | BlockSplit | str,
     members: int | None = 3,
@@ -89,7 +90,9 @@ def irene(
     if cost is None:
         cost = "members" if topology in ("cascade", "independent") else "flops"
     if halting is None:
-        halting = Learned(hidden=hidden, cell=cell, threshold=threshold, temperature=temperature, aux_head=aux_head)
+        halting = Learned(hidden=hidden, cell=cell, threshold=threshold, temperature=temperature, aux_head=aux_head,
+                          ens_weight=ens_weight, cost_weight=cost_weight, rank_weight=rank_weight,
+                          aux_weight=aux_weight, discrepancy_weight=discrepancy_weight)
     loss = IreneLoss(ens_weight=ens_weight, cost_weight=cost_weight, rank_weight=rank_weight, aux_weight=aux_weight,
                      discrepancy_weight=discrepancy_weight, cost=cost, schedule=schedule)
     return wrap(backbone, topology, aggregator="mean_probs", loss=loss, halting=halting, **options)

@@ -12,9 +12,10 @@ divided by 5 at 30%, 60% and 80% of the step's epochs (App. A.1.2: 200
 epochs, steps at 60, 120 and 160).
 
 Registered schedules: ``"sequential"`` (:func:`sequential`, what an
-``IreneLoss`` with ``schedule="sequential"`` trains with by default) and
-``"irene"`` (:func:`irene_schedule`: Algorithm 1 or, for any other loss,
-all members at once with the same optimisers).
+``IreneLoss`` with ``schedule="sequential"`` and a cascade with any loss
+train with by default) and ``"irene"`` (:func:`irene_schedule`: Algorithm 1
+or, where the default schedule is not "sequential", all members at once
+with the same optimisers).
 
 Examples:
     >>> import torch, ensemblekit as ek
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from ensemblekit.components.halting.learned import Learned
-from ensemblekit.core.stages import LRScheduleFactory, OptimizerFactory, ScheduleSettings, Stage
+from ensemblekit.core.stages import LRScheduleFactory, OptimizerFactory, ScheduleSettings, Stage, default_schedule
 
 __all__ = ["LR_DECAY", "LR_MILESTONES", "irene_schedule", "optimizers", "sequential", "stage_modules", "step_decay"]
 
@@ -95,8 +96,12 @@ def _measure_costs(ensemble: Any) -> None:
 def sequential(ensemble: Any, settings: ScheduleSettings, *, selector_lr: float = 1e-3) -> list[Stage]:
     """Algorithm 1: ``T`` stages, stage ``t`` trains :func:`stage_modules` on members ``1..t``.
 
+    With another loss than IRENE's, each step trains member ``t`` with that
+    loss, and a learned selector with its own terms (:meth:`Learned.loss
+    <ensemblekit.components.halting.Learned.loss>`).
+
     Args:
-        ensemble: an ensemble with a loss (IRENE's: ``ek.recipes.irene``).
+        ensemble: an ensemble with a loss (IRENE's: ``ek.recipes.irene``; any, for a cascade).
         settings: ``epochs`` per step, and the models' SGD ``lr``,
             ``momentum`` and ``weight_decay``.
         selector_lr: Adam learning rate of the selector.
@@ -115,13 +120,14 @@ def irene_schedule(ensemble: Any, settings: ScheduleSettings, *, sequential_step
     Args:
         ensemble: an ensemble with a loss.
         settings: as :func:`sequential`; ``epochs`` in all when joint.
-        sequential_steps: Algorithm 1's steps; ``None``: when the loss's
-            ``schedule`` is "sequential" (an ``IreneLoss``), else one joint
+        sequential_steps: Algorithm 1's steps; ``None``: when the default
+            schedule is "sequential" (an ``IreneLoss`` or a cascade, see
+            :func:`~ensemblekit.core.stages.default_schedule`), else one joint
             stage (an average ensemble trained as IRENE's baselines are).
         selector_lr: Adam learning rate of the selector.
     """
     if sequential_steps is None:
-        sequential_steps = getattr(ensemble.loss_strategy, "schedule", "joint") == "sequential"
+        sequential_steps = default_schedule(ensemble) == "sequential"
     if sequential_steps:
         return sequential(ensemble, settings, selector_lr=selector_lr)
     make = optimizers(ensemble, settings.lr, settings.momentum, settings.weight_decay, selector_lr)

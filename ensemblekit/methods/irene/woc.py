@@ -17,10 +17,15 @@ import torch
 from torch import Tensor
 
 from ensemblekit.core.interfaces import Aggregator
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.functional import confidence, exit_indices
 
 TAU_C = 0.01
 """IRENE's cost exponent of Eq. 14 (App. C: "We set tau_c = 0.01")."""
+
+
+class UtilityError(EnsembleKitError, ValueError):
+    """Accuracies for which IRENE's utility (Eq. 14) is undefined."""
 
 
 def utility(accuracy: float, cost: float, single_accuracy: float, ensemble_accuracy: float,
@@ -43,10 +48,13 @@ def utility(accuracy: float, cost: float, single_accuracy: float, ensemble_accur
         ensemble_accuracy: ``V_T`` of the average ensemble of ``members``.
         members: ``T``.
     """
-    if not ensemble_accuracy > single_accuracy > 0:
-        raise ValueError(
+    if not single_accuracy > 0:
+        raise UtilityError(f"utility needs a single model with accuracy > 0, got {single_accuracy}: "
+                           "tau_v = tau_c ln T / ln(V_T / V_1) is undefined otherwise")
+    if not ensemble_accuracy > single_accuracy:
+        raise UtilityError(
             f"utility needs an average ensemble more accurate than the single model "
-            f"(got {ensemble_accuracy} vs {single_accuracy}): tau_v is undefined otherwise")
+            f"(got V_T = {ensemble_accuracy} vs V_1 = {single_accuracy}): tau_v is undefined otherwise")
     tau_v = TAU_C * math.log(members) / math.log(ensemble_accuracy / single_accuracy)
     log_u = tau_v * math.log(accuracy) - TAU_C * math.log(cost) if accuracy > 0 else -math.inf
     log_u_single = tau_v * math.log(single_accuracy)
@@ -89,7 +97,11 @@ class WoC:
         :func:`utility` wins (the lowest on ties, i.e. the cheapest), the
         metric the methods are compared by. If the held-out average ensemble
         is no more accurate than its first member, extra members cannot pay
-        for themselves and the threshold is 0 (stop after one member).
+        for themselves and the threshold is 0 (stop after one member). If
+        the first member is never right on the held-out split, the utility
+        is undefined (``tau_v`` needs ``ln(V_T / V_1)``) and nothing is
+        traded against cost: the threshold of highest held-out accuracy
+        wins (the lowest on ties).
         """
         prefixes = aggregator.prefixes(members)
         correct = (prefixes.argmax(-1) == labels[:, None]).float()
@@ -100,5 +112,8 @@ class WoC:
         exits = exit_indices(confidence(prefixes), grid[:, None, None])  # [G, N]: one row per threshold
         accuracy = correct.gather(1, exits.T).mean(0)
         cost = (exits + 1).float().mean(1)
-        scores = [utility(a, c, single, full, members.shape[1]) for a, c in zip(accuracy.tolist(), cost.tolist())]
+        if single > 0:
+            scores = [utility(a, c, single, full, members.shape[1]) for a, c in zip(accuracy.tolist(), cost.tolist())]
+        else:
+            scores = accuracy.tolist()
         return cls(float(grid[max(range(len(scores)), key=lambda i: (scores[i], -i))]))
