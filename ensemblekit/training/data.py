@@ -341,6 +341,15 @@ def _download_fashion_mnist(target: Path) -> str | None:
     return None
 
 
+def fashion_mnist_available() -> bool:
+    """Whether :func:`find_fashion_mnist` finds the files without a download (the variable, the Debian package
+    or an earlier download); what ``demo`` and ``reproduce`` check to choose Fashion-MNIST over digits."""
+    places = [FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist-download"]
+    if os.environ.get(FASHION_MNIST_ENV):
+        places = [Path(os.environ[FASHION_MNIST_ENV]).expanduser()]
+    return any(not _fashion_mnist_files(folder)[1] for folder in places)
+
+
 def find_fashion_mnist(root: str | Path | None = None) -> tuple[Path, str]:
     """The folder to give :class:`torchvision.datasets.FashionMNIST` as ``root``, and where the files came from.
 
