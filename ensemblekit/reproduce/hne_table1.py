@@ -127,7 +127,8 @@ RESULTS = ("hne_table1.json", "hne_table1.md")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=tuple(DEFAULTS), default="digits")
+    parser.add_argument("--data", choices=tuple(DEFAULTS), default=None,
+                        help="default: fashion-mnist where its files are on this machine, else digits")
     parser.add_argument("--root", default=None,
                         help="data folder: the CIFAR python version, or the four Fashion-MNIST files (default for "
                              "fashion-mnist: $ENSEMBLEKIT_FASHION_MNIST, then the Debian package "
@@ -144,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="distillation weight of L_I+L_HD (paper: 0.5)")
     parser.add_argument("--T", type=float, default=2.0, help="distillation temperature (paper: 2)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...): mean ± std")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...): mean ± std "
+                        "(default: 3)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--execution", default="loop",
                         help="how the nodes of a level run: loop, loop_nhwc, vmap, grouped, grouped_nhwc, auto")
@@ -334,11 +336,14 @@ def _device_name(device: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ensemblekit.evaluation.reports import Report
+    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
     from ensemblekit.training import checkpoint as ckpt
     from ensemblekit.training.trainer import run as run_one
-    from ensemblekit.training.trainer import slug, write_plot
+    from ensemblekit.training.trainer import write_plot
 
     start = time.perf_counter()
+    if args.data is None:
+        args.data = default_dataset()
     out = args.out or Path("ensemblekit-runs") / f"hne-table1-{args.data}"
     if args.seeds < 1:
         print(f"ensemblekit reproduce {NAME}: error: --seeds must be at least 1", file=sys.stderr)
@@ -360,23 +365,22 @@ def run(args: argparse.Namespace) -> int:
           f"batch {chosen['batch_size']}, SGD lr {chosen['lr']} cosine, execution {args.execution}, "
           f"seeds {seeds}, device {_device_name(args.device)}", flush=True)
 
+    store = RunStore(out)
     accuracy: dict[int, dict[str, dict[int, float]]] = {}
     reports: dict[str, Report] = {}
     info: dict[str, Any] = {}
     for seed in seeds:
         for label, config in configs(args, seed, epochs).items():
-            folder = out / f"seed-{seed}" / slug(label)
-            record = folder / "run.json"
-            if record.is_file():
-                saved = json.loads(record.read_text())
-                if saved["config"] != json.loads(json.dumps(_comparable(config))):
-                    print(f"ensemblekit reproduce {NAME}: error: {folder} holds a finished run with other settings; "
-                          "choose another --out (or delete it)", file=sys.stderr)
-                    return 2
-                report = Report.from_dict(saved["report"])
-                print(f"== {label}, seed {seed}: finished earlier, reused ({record})", flush=True)
+            try:
+                saved = store.get(seed, label, _comparable(config))
+            except SettingsMismatch as err:
+                print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
+                return 2
+            if saved is not None:
+                print(f"== {label}, seed {seed}: finished earlier, reused ({store.folder(seed, label)})", flush=True)
             else:
                 print(f"== {label}, seed {seed}", flush=True)
+                folder = store.folder(seed, label)
                 resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
                 t = time.perf_counter()
                 try:
@@ -384,24 +388,44 @@ def run(args: argparse.Namespace) -> int:
                 except (FileExistsError, ckpt.CheckpointError) as err:
                     print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
                     return 2
-                report = result.report
-                saved = {"config": _comparable(config), "report": report.to_dict(),
-                         "seconds": time.perf_counter() - t, "resumed": resume, "history": result.train.history}
-                ckpt.atomic_write(record, json.dumps(saved, indent=2) + "\n")
+                saved = {"report": result.report.to_dict(), "seconds": time.perf_counter() - t, "resumed": resume,
+                         "history": result.train.history}
+                store.put(seed, label, _comparable(config), saved)
+            report = Report.from_dict(saved["report"])
             info.setdefault("seconds", {}).setdefault(label, []).append(saved.get("seconds"))
             if seed == seeds[0]:
                 info.setdefault("history", {})[label] = saved.get("history")
-            accuracy.setdefault(seed, {})[label] = {k + 1: 100 * a for k, a in enumerate(report.prefix_accuracy)}
-            if seed == seeds[0]:
                 reports[label] = report
+            accuracy.setdefault(seed, {})[label] = {k + 1: 100 * a for k, a in enumerate(report.prefix_accuracy)}
             _write_results(out, args, chosen, first, epochs, seeds, accuracy, info, timing, start)
     mean, std = summarise(accuracy)
     print(table(mean, args.data, std if len(seeds) > 1 else None, seeds=len(seeds)))
+    print("\nthe paper's claims, judged on this table (margins in accuracy points, paired by seed):")
+    print("\n".join(claim.line() for claim in claims(accuracy)))
     write_plot(reports, out / "accuracy_vs_flops.png", f"HNE Table 1 ablation on {args.data} (seed {seeds[0]})")
     _write_results(out, args, chosen, first, epochs, seeds, accuracy, info, timing, start)
     print(f"\noutputs in {out.resolve()}: {', '.join(RESULTS)}, accuracy_vs_flops.png, one folder per seed and loss")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def claims(accuracy: dict[int, dict[str, dict[int, float]]]) -> list[Any]:
+    """Table 1's claims on the runs finished so far, paired by seed: L_I+L_HD >= L_I with 1 and with 2
+    members (distillation helps the small ensembles most), and L_S the worst objective with 1 member."""
+    from ensemblekit.reproduce.runs import Claim, Comparison
+
+    def values(label: str, k: int) -> list[float]:
+        return [by_label[label][k] for by_label in accuracy.values()
+                if all(lab in by_label for lab in LOSSES)]
+
+    if not any(all(lab in by_label for lab in LOSSES) for by_label in accuracy.values()):
+        return []
+    first = [Comparison(f"L_I+L_HD@{k}", f"L_I@{k}", values("L_I+L_HD", k), values("L_I", k)) for k in (1, 2)]
+    worst = [Comparison(f"{other}@1", "L_S@1", values(other, 1), values("L_S", 1))
+             for other in LOSSES if other != "L_S"]
+    return [Claim("hierarchical distillation improves the first members: L_I+L_HD >= L_I at 1 and 2 members",
+                  "HNE Table 1", tuple(first)),
+            Claim("L_S is the worst objective for the first member", "HNE Table 1", tuple(worst))]
 
 
 def summarise(accuracy: dict[int, dict[str, dict[int, float]]]) -> tuple[dict, dict]:
@@ -447,9 +471,15 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict, first: Any
                      for s, by_label in accuracy.items()},
         "paper": {model: {label: dict(zip(map(str, PAPER_COLUMNS), row)) for label, row in rows.items()}
                   for model, rows in PAPER.get(args.data, {}).items()},
+        "claims": [claim.to_dict() for claim in claims(accuracy)],
     }
     atomic_write(out / "hne_table1.json", json.dumps(record, indent=2) + "\n")
-    atomic_write(out / "hne_table1.md", markdown(mean, std, args.data, record))
+    judged = claims(accuracy)
+    text = markdown(mean, std, args.data, record)
+    if judged:
+        text += ("\nThe paper's claims, judged on this table (margins in accuracy points, paired by seed):\n\n```\n"
+                 + "\n".join(claim.line() for claim in judged) + "\n```\n")
+    atomic_write(out / "hne_table1.md", text)
 
 
 def markdown(mean: dict[str, dict[int, float]], std: dict[str, dict[int, float]], data: str,

@@ -139,7 +139,9 @@ def test_evaluate_a_damaged_checkpoint(tmp_path, capsys):
 
 def test_reproduce_hne_table1_tiny(tmp_path, capsys):
     out = tmp_path / "t1"
-    assert main(["reproduce", "hne-table1", "--tiny", "--out", str(out), "--progress", "none"]) == 0
+    command = ["reproduce", "hne-table1", "--data", "digits", "--tiny", "--seeds", "2", "--out", str(out),
+               "--progress", "none"]
+    assert main(command) == 0
     text = capsys.readouterr().out
     assert "HNE Table 1 ablation" in text and "no paper numbers for digits" in text
     for label in ("L_I ", "L_S ", "L_I+L_S ", "L_I+L_HD "):
@@ -147,6 +149,19 @@ def test_reproduce_hne_table1_tiny(tmp_path, capsys):
     record = json.loads((out / "hne_table1.json").read_text())
     assert set(record["ours"]) == {"L_I", "L_S", "L_I+L_S", "L_I+L_HD"} and record["paper"] == {}
     assert (out / "accuracy_vs_flops.png").exists()
+    # the claims, judged over the two seeds, paired
+    assert [c["claim"].split(":")[0] for c in record["claims"]] == [
+        "hierarchical distillation improves the first members", "L_S is the worst objective for the first member"]
+    first = record["claims"][0]["comparisons"][0]
+    differences = [record["per_seed"][s]["L_I+L_HD"]["1"] - record["per_seed"][s]["L_I"]["1"] for s in ("0", "1")]
+    assert first["margin"] == pytest.approx(sum(differences) / 2)
+    assert "L_I+L_HD@1 >= L_I@1: margin" in text and "margin" in (out / "hne_table1.md").read_text()
+    # resumed: every run is reused, nothing trains
+    assert main(command) == 0
+    assert capsys.readouterr().out.count("finished earlier, reused") == 8
+    # other settings in the same folder are refused
+    assert main(command + ["--lr", "0.2"]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_reproduce_table_shows_the_papers_numbers():
