@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny hand-built block splits that need no timm model."""
+"""Shared fixtures: tiny hand-built block splits that need no timm model; no Fashion-MNIST from the machine."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ from hypothesis import settings
 from torch import nn
 
 from ensemblekit.core.blocks import BlockSplit
+from ensemblekit.training import data as data_module
 
 settings.register_profile("ci", deadline=None, max_examples=25)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -39,3 +45,37 @@ def toy_split(num_blocks: int, num_classes: int = 5, channels: int = 3) -> Block
 @pytest.fixture
 def make_split():
     return toy_split
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_fashion_mnist_from_the_machine(tmp_path_factory):
+    """Tests never read the machine's Fashion-MNIST (the Debian package, the variable, a download, the user's
+    cache): those that need it write small IDX files themselves (:func:`write_fashion_mnist`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(data_module.FASHION_MNIST_ENV, raising=False)
+        mp.setenv(data_module.CACHE_ENV, str(tmp_path_factory.mktemp("ensemblekit-cache")))
+        mp.setenv(data_module.OFFLINE_ENV, "1")
+        mp.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", tmp_path_factory.mktemp("no-fashion-mnist") / "absent")
+        yield
+
+
+def write_fashion_mnist(folder: Path, n_train: int = 100, n_test: int = 20, seed: int = 0) -> Path:
+    """The four gzipped IDX files of Fashion-MNIST with random 28x28 images; labels cycle over the 10 classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        for kind, payload in (("images-idx3", struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()),
+                              ("labels-idx1", struct.pack(">II", 0x801, n) + labels.tobytes())):
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(payload)
+    return folder
+
+
+@pytest.fixture
+def fashion_mnist_env(monkeypatch, tmp_path):
+    """A small Fashion-MNIST written by the test, found through ``$ENSEMBLEKIT_FASHION_MNIST``."""
+    folder = write_fashion_mnist(tmp_path / "fashion-mnist")
+    monkeypatch.setenv(data_module.FASHION_MNIST_ENV, str(folder))
+    return folder

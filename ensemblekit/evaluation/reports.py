@@ -36,6 +36,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from ensemblekit.core.flops import FLOPS_NOTE
 from ensemblekit.core.interfaces import Aggregator
 from ensemblekit.core.loaders import iter_batches
+from ensemblekit.evaluation.bootstrap import bootstrap_intervals
 from ensemblekit.evaluation.formatting import format_si
 
 __all__ = [
@@ -107,6 +108,12 @@ class Report:
         prefix_nll: mean negative log-likelihood of each prefix ensemble.
         prefix_flops: FLOPs per sample of each prefix (a multiply-add is 2), when costs were given.
         prefix_params: parameters used by each prefix, when costs were given.
+        prefix_accuracy_low, prefix_accuracy_high: 95% bootstrap interval of
+            each prefix's accuracy over the test samples
+            (:func:`~ensemblekit.evaluation.bootstrap.bootstrap_intervals`).
+        prefix_gain_low, prefix_gain_high: 95% interval of each prefix's gain
+            over the first member, paired on the same images: a gain is real
+            when ``prefix_gain_low`` is above 0.
     """
 
     num_samples: int
@@ -118,6 +125,10 @@ class Report:
     prefix_nll: list[float]
     prefix_flops: list[float] | None = None
     prefix_params: list[float] | None = None
+    prefix_accuracy_low: list[float] | None = None
+    prefix_accuracy_high: list[float] | None = None
+    prefix_gain_low: list[float] | None = None
+    prefix_gain_high: list[float] | None = None
 
     @property
     def num_members(self) -> int:
@@ -194,7 +205,12 @@ class Report:
             table.add_column("FLOPs", justify="right")
         if self.prefix_params is not None:
             table.add_column("params", justify="right")
-        for name in ("acc %", "member k acc %", "diversity", "ECE %", "NLL"):
+        intervals = self.prefix_accuracy_low is not None and self.prefix_gain_low is not None
+        table.add_column("acc %", justify="right")
+        if intervals:
+            table.add_column("95% CI", justify="right")
+            table.add_column("gain vs k=1 (95% CI)", justify="right")
+        for name in ("member k acc %", "diversity", "ECE %", "NLL"):
             table.add_column(name, justify="right")
         for k in range(self.num_members):
             cost = []
@@ -203,10 +219,17 @@ class Report:
             if self.prefix_params is not None:
                 cost.append(format_si(self.prefix_params[k]))
             div = self.prefix_diversity[k]
+            spread = []
+            if intervals:
+                assert self.prefix_accuracy_high is not None and self.prefix_gain_high is not None
+                spread = [f"{100 * self.prefix_accuracy_low[k]:.2f}-{100 * self.prefix_accuracy_high[k]:.2f}",
+                          f"{100 * (self.prefix_accuracy[k] - self.prefix_accuracy[0]):+.2f} "
+                          f"({100 * self.prefix_gain_low[k]:+.2f}, {100 * self.prefix_gain_high[k]:+.2f})"]
             table.add_row(
                 str(k + 1),
                 *cost,
                 f"{100 * self.prefix_accuracy[k]:.2f}",
+                *spread,
                 f"{100 * self.member_accuracy[k]:.2f}",
                 "-" if math.isnan(div) else f"{div:.4f}",
                 f"{100 * self.prefix_ece[k]:.2f}",
@@ -229,8 +252,9 @@ def anytime_report(
     labels: Tensor,
     aggregator: Aggregator,
     costs: Sequence[tuple[float, float] | Any] | None = None,
+    bootstrap: int = 1000,
 ) -> Report:
-    """Measure every prefix of members: accuracy, diversity, calibration, NLL.
+    """Measure every prefix of members: accuracy with bootstrap intervals, diversity, calibration, NLL.
 
     Args:
         members: member logits ``[N, M, C]`` in anytime order.
@@ -241,6 +265,10 @@ def anytime_report(
         costs: optional cost of each prefix size ``1..M``: ``(flops, params)``
             pairs, or objects with ``flops`` and ``params`` attributes (such as
             ``EnsembleCosts.prefix_table()``).
+        bootstrap: resamples of the test samples for the 95% intervals of
+            each prefix's accuracy and of its gain over the first member
+            (:func:`~ensemblekit.evaluation.bootstrap.bootstrap_intervals`);
+            0 for none.
 
     Returns:
         A :class:`Report`.
@@ -277,6 +305,7 @@ def anytime_report(
         for k in range(m)
     ]
     diversity = [math.nan] + [members[:, :k].std(dim=1).mean().item() for k in range(2, m + 1)]
+    intervals = bootstrap_intervals(preds.argmax(dim=-1) == target, resamples=bootstrap) if bootstrap else None
     return Report(
         num_samples=n,
         num_classes=c,
@@ -287,11 +316,16 @@ def anytime_report(
         prefix_nll=nll.tolist(),
         prefix_flops=None if costs is None else [float(f) for f, _ in costs],
         prefix_params=None if costs is None else [float(p) for _, p in costs],
+        prefix_accuracy_low=None if intervals is None else intervals.accuracy_low,
+        prefix_accuracy_high=None if intervals is None else intervals.accuracy_high,
+        prefix_gain_low=None if intervals is None else intervals.gain_low,
+        prefix_gain_high=None if intervals is None else intervals.gain_high,
     )
 
 
 def plot_accuracy_vs_flops(reports: Mapping[str, Report], path: str | Path, title: str | None = None) -> Path:
-    """Plot accuracy against the FLOPs of each prefix, one curve per model (PNG).
+    """Plot accuracy against the FLOPs of each prefix, one curve per model (PNG), with a shaded 95%
+    bootstrap band where the reports have intervals.
 
     Every report needs ``prefix_flops``; if none has them the x axis is the
     number of members instead. The x axis is logarithmic when the FLOPs span
@@ -321,7 +355,12 @@ def plot_accuracy_vs_flops(reports: Mapping[str, Report], path: str | Path, titl
     for (name, report), marker in zip(reports.items(), markers):
         xs = report.prefix_flops if with_flops else list(range(1, report.num_members + 1))
         xs_all += xs
-        ax.plot(xs, [100 * a for a in report.prefix_accuracy], marker=marker, markersize=4, linewidth=1.5, label=name)
+        (line,) = ax.plot(xs, [100 * a for a in report.prefix_accuracy], marker=marker, markersize=4, linewidth=1.5,
+                          label=name)
+        if report.prefix_accuracy_low is not None and report.prefix_accuracy_high is not None:
+            ax.fill_between(xs, [100 * a for a in report.prefix_accuracy_low],
+                            [100 * a for a in report.prefix_accuracy_high], color=line.get_color(), alpha=0.15,
+                            linewidth=0)
     if with_flops:
         positive = [x for x in xs_all if x > 0]
         span = max(positive) / min(positive) if positive and len(positive) == len(xs_all) else 1.0

@@ -54,16 +54,40 @@ def write(tmp_path, name, text):
     return path
 
 
-def test_demo_smoke(tmp_path, capsys):
+def test_demo_smoke_on_digits_where_fashion_mnist_is_absent(tmp_path, capsys):
     assert main(["demo", "--smoke", "--out", str(tmp_path / "demo"), "--progress", "none"]) == 0
     out = capsys.readouterr().out
-    assert "independent (L_I)" in out and "hierarchical distillation (L_HD)" in out
-    assert out.count("| k |") == 2  # both anytime tables
+    assert "data: digits, " in out and "from the copy bundled with scikit-learn" in out
+    assert "HNE tree, L_I:" in out and "HNE tree, L_I+L_HD:" in out and "deep ensemble of 2, L_I:" in out
+    assert out.count("| k |") == 4  # the three anytime tables and the comparison
+    assert "| model | k | FLOPs | acc % | gain vs k=1 |" in out and "95% interval" in out
     assert f"outputs in {(tmp_path / 'demo').resolve()}" in out
     assert (tmp_path / "demo/accuracy_vs_flops.png").stat().st_size > 0
-    for run in ("independent-l_i", "hierarchical-distillation-l_hd"):
+    for run, members in (("hne-tree-l_i", 4), ("hne-tree-l_i+l_hd", 4), ("deep-ensemble-of-2-l_i", 2)):
         report = json.loads((tmp_path / "demo" / run / "report.json").read_text())
-        assert report["num_members"] == 4 and len(report["prefix_flops"]) == 4
+        assert report["num_members"] == members and len(report["prefix_flops"]) == members
+
+
+def test_demo_trains_on_fashion_mnist_where_present(tmp_path, capsys, fashion_mnist_env):
+    assert main(["demo", "--smoke", "--out", str(tmp_path / "demo"), "--progress", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"data: fashion-mnist, 90 training and 20 test images (28x28), from $ENSEMBLEKIT_FASHION_MNIST " \
+           f"{fashion_mnist_env}" in out
+    report = json.loads((tmp_path / "demo" / "hne-tree-l_i" / "report.json").read_text())
+    assert report["num_samples"] == 20 and report["prefix_gain_low"][0] == 0
+
+
+def test_demo_verdict_says_when_the_gain_is_within_the_spread():
+    from ensemblekit.cli.commands.demo import verdict
+    from ensemblekit.evaluation.reports import Report
+
+    nan = float("nan")
+    within = Report(100, 2, [0.80, 0.81], [0.8, 0.8], [nan, 0.1], [0.1, 0.1], [0.5, 0.4],
+                    prefix_gain_low=[0.0, -0.01], prefix_gain_high=[0.0, 0.03])
+    assert "NOT larger than the spread" in verdict(within)
+    worse = Report(100, 2, [0.80, 0.75], [0.8, 0.7], [nan, 0.1], [0.1, 0.1], [0.5, 0.4],
+                   prefix_gain_low=[0.0, -0.08], prefix_gain_high=[0.0, -0.02])
+    assert "a loss larger than the spread" in verdict(worse)
 
 
 def test_train_then_evaluate(tmp_path, capsys):
