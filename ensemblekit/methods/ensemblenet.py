@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ensemblekit.build import recorded_recipe, wrap
+from ensemblekit.components.topologies import MultiBranch
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.ensemble import Ensemble
-from ensemblekit.core.heads import feature_dim, fresh_copy, replace_classifier
-from ensemblekit.components.topologies import MultiBranch
-from ensemblekit.build import recorded_recipe, wrap
+from ensemblekit.core.heads import feature_dim, replace_classifier
 
 __all__ = ["WIDTH", "AdaptedBlock", "ChannelAdapter", "ensemblenet"]
 
@@ -63,7 +63,7 @@ def ensemblenet(
     halting: Any = None,
     num_classes: int | None = None,
     num_blocks: int | None = None,
-    init: str = "reinit",
+    init: str | dict[str, Any] = "reinit",
     execution: Any = "loop",
     example_input: torch.Tensor | None = None,
 ) -> Ensemble:
@@ -72,8 +72,10 @@ def ensemblenet(
     The blocks before ``fork`` form the shared trunk; from ``fork`` on, each of
     the ``branches`` members has its own copy of the blocks of the same
     architecture narrowed to ``width`` (made by
-    :func:`~ensemblekit.backbones.narrow_model` and split into the same
-    blocks), with the narrow model's head. Where the trunk's output width
+    :func:`~ensemblekit.backbones.narrow_model` from the width the backbone
+    was created with, where :func:`~ensemblekit.backbones.create_backbone`
+    recorded it, and split into the same blocks), with the narrow model's
+    head. Where the trunk's output width
     differs from what the narrow branch expects, a 1x1 convolution (or linear)
     :class:`ChannelAdapter` starts each branch. With two branches at width
     1/1.5 forked at the upper half, the whole ensemble has about as many
@@ -92,7 +94,9 @@ def ensemblenet(
         halting: optional halting policy.
         num_classes: classes (default: the backbone's).
         num_blocks: blocks to cut the backbone into (default: its natural stages).
-        init: "reinit" (each branch freshly drawn) or "copy" (identical branches).
+        init: how the trunk starts (see :mod:`ensemblekit.core.initialisation`). The narrowed branches
+            have no given weights: each is an independent draw of the narrow model by the backbone's
+            own initialisation, whatever ``init`` says, except ``"copy"`` (identical branches).
         execution: how the nodes of a level run (see :func:`ensemblekit.wrap`).
         example_input: an input the backbone accepts (for splitting and sizing the adapter).
 
@@ -107,6 +111,7 @@ def ensemblenet(
         (2, True)
     """
     from ensemblekit.backbones import create_backbone, narrow_model
+    from ensemblekit.backbones.spec import backbone_spec
     from ensemblekit.splitting import SplitError, split
 
     if isinstance(backbone, str):
@@ -114,23 +119,36 @@ def ensemblenet(
     if not 0 < width <= 1:
         raise ValueError(f"width must be in (0, 1], got {width}")
     wide = split(backbone, num_blocks, example_input=example_input)
-    narrow = split(narrow_model(backbone, width), len(wide), example_input=example_input)
+    narrow_kwargs = _recorded_kwargs(backbone_spec(backbone))
+    if num_classes is not None:
+        narrow_kwargs["num_classes"] = num_classes
+
+    def draw_narrow() -> BlockSplit:
+        """A new draw of the narrowed backbone by its own (timm's) initialisation, cut into the backbone's blocks."""
+        return split(narrow_model(backbone, width, **narrow_kwargs), len(wide), example_input=example_input)
+
+    narrow = draw_narrow()
     if narrow.names != wide.names:
         raise SplitError(f"the narrowed backbone splits into blocks {narrow.names}, the backbone into {wide.names}; "
                          "pass num_blocks so that both split alike")
     if num_classes is not None and num_classes != wide.num_classes:
         wide.head = replace_classifier(copy.deepcopy(wide.head), wide.num_classes, num_classes)
-        narrow.head = replace_classifier(copy.deepcopy(narrow.head), narrow.num_classes, num_classes)
-        wide.num_classes = narrow.num_classes = num_classes
+        wide.num_classes = num_classes
     topology = MultiBranch(branches, fork, num_blocks=len(wide))
     first = topology.fork_block(len(wide))
     wider = [wide.names[b] for b in range(first, len(wide)) if _params(narrow.blocks[b]) > _params(wide.blocks[b])]
     if wider:
         raise ValueError(
             f"the narrowed blocks {', '.join(wider)} are larger than the backbone's own: narrow_model scales the "
-            "architecture's default width, so a backbone created with a custom width cannot be narrowed; "
-            "create it with its default width")
+            "width that ensemblekit.backbones.create_backbone recorded, else the architecture's default width, so "
+            "a backbone made by timm.create_model with a custom width cannot be narrowed; create it with "
+            "create_backbone (or with its default width)")
     adapter = _adapter_size(wide, narrow, first, example_input)
+    adapters = [None if adapter is None else ChannelAdapter(*adapter) for _ in range(branches)]
+    if (init.get("name") if isinstance(init, dict) else init) == "copy":  # identical branches
+        draws, adapters = [copy.deepcopy(narrow) for _ in adapters], [copy.deepcopy(adapters[0]) for _ in adapters]
+    else:  # independent draws of the narrow model: the branches have no given weights to start from
+        draws = [narrow, *(draw_narrow() for _ in range(branches - 1))]
 
     graph = topology.build(len(wide))
     node_modules: dict[int, nn.Module] = {}
@@ -138,13 +156,19 @@ def ensemblenet(
         if node.block < first:
             continue
         branch = sum(1 for other in graph.nodes[: node.index] if other.block == node.block)
-        block = fresh_copy(narrow.blocks[node.block], reinit=init == "reinit" and branch > 0)
-        if node.block == first and adapter is not None:
-            block = AdaptedBlock(ChannelAdapter(*adapter), block)
+        block = draws[branch].blocks[node.block]
+        branch_adapter = adapters[branch]
+        if node.block == first and branch_adapter is not None:
+            block = AdaptedBlock(branch_adapter, block)
         node_modules[node.index] = block
-    head_modules = {m: fresh_copy(narrow.head, reinit=init == "reinit" and m > 0) for m in range(branches)}
+    head_modules = {m: draws[m].head for m in range(branches)}
     return wrap(wide, topology, aggregator=aggregator, loss=loss, halting=halting, init=init, execution=execution,
                 node_modules=node_modules, head_modules=head_modules)
+
+
+def _recorded_kwargs(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The keywords the backbone was created with (its width among them), less ``num_classes``; {} if unknown."""
+    return {k: v for k, v in (spec or {}).get("kwargs", {}).items() if k != "num_classes"}
 
 
 def _params(module: nn.Module) -> int:

@@ -1,207 +1,499 @@
-"""``ensemblekit reproduce imta-table2``: IMTA's GE / ISC / OFA ablation (Li et al., ICCV 2019, Table 2).
+"""IMTA Table 2: the GE / ISC / OFA ablation of a five-exit network (Li et al., ICCV 2019).
 
 A timm backbone cut into five blocks with an exit after each (the paper: a
-five-exit MSDNet on CIFAR-100) is trained in the paper's two phases for each
-row of Table 2:
+five-exit MSDNet on CIFAR-100) is trained in the paper's two phases
+(Sec. 4, "Training Details") for each row of Table 2:
 
-* phase I: the whole network, ``sum_k CE_k`` (Eq. 1), with Gradient
-  Equilibrium (Eq. 4-5) in the GE rows;
-* phase II: backbone and its BatchNorm statistics frozen, only the exit heads
-  (and ISC modules) trained, with Inline Subnetwork Collaboration in the ISC
-  rows and One-for-all KD (Eq. 7-8) in the OFA rows; rows without ISC and OFA
-  get the same phase II with plain cross-entropy, so rows differ only in the
-  techniques.
+* phase I: the whole network with ``sum_k CE_k`` (Eq. 1), with Gradient
+  Equilibrium (Eq. 4-5) in the GE rows. The two phase-I trainings of a seed
+  (with and without GE) are runs of their own, ``phase1`` and ``phase1+GE``,
+  whose trained network is kept in their folder (``model/``, ``ek.save``).
+* phase II: from that network (``ek.load``), backbone and its BatchNorm
+  statistics frozen, only the exit heads (and ISC modules) trained, with
+  Inline Subnetwork Collaboration (Sec. 3.2) in the ISC rows and One-for-all
+  KD (Eq. 7-8) in the OFA rows. The baseline and GE rows get the same phase II
+  with plain cross-entropy, so that rows differ only in the techniques.
 
-Both phases are the stages of the ``"two_phase"`` training schedule
-(:mod:`ensemblekit.methods.imta.schedule`), run by
-:func:`ensemblekit.training.trainer.train`; rows with the same phase I (with
-or without GE) share one phase-I training, and each row runs its own phase II
-stage from a copy of it.
-Reported: top-1 accuracy (%) of every exit on the test split, next to the
-paper's Table 2. Optimiser as the paper's (SGD, Nesterov momentum 0.9,
-weight decay 1e-4, lr 0.1, batch 64) with a cosine schedule instead of the
-paper's steps at 50% and 75% of each phase (the shared trainer has no
-multi-step schedule). ``--budget-plot`` also calibrates the budgeted policy
-of the full IMTA row on the validation split and plots the budgeted curve
-next to the anytime curve (:mod:`ensemblekit.evaluation.budget`).
+Both phases are the stages of the ``"two_phase"`` schedule
+(:mod:`ensemblekit.methods.imta.schedule`) with the paper's optimiser: SGD,
+Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 50% and
+75% of each phase. Reported: top-1 (%) of every exit on the test split,
+mean ± std over seeds, next to the paper's Table 2; the paper's claim that
+the full method is at least as accurate as the baseline at every exit is
+judged on the seeds (:class:`~ensemblekit.reproduce.runs.Claim`).
+
+Settings (shown on screen and stored in ``imta_table2.json``):
+
+* default: sized for a 2-core CPU. Fashion-MNIST: resnet10t at a quarter of
+  its width (stem 8, channels 16/32/64/128), 28x28 inputs without
+  augmentation, phase I 5 epochs and phase II 2 epochs on the whole 54k
+  training split, batch 64: a phase-I run about 72 s, a phase-II run about
+  11 s, one seed 198 s, the 21 runs of 3 seeds about 10 minutes
+  (:data:`DEFAULTS`).
+* ``--full``: the paper's schedule for a GPU (phase I 300 epochs, phase II
+  180, batch 64) with a full-width resnet18 on the whole training split; the
+  validation split stays held out, as the paper's 5,000 images for the
+  budgeted thresholds (``--budget``).
+* ``--tiny``: a seconds-long check (128 training and 128 test images, 1 + 1 epochs).
+
+``--seeds N`` repeats every run with seeds ``seed .. seed + N - 1``. The
+table is resumable: each finished run is kept in
+``<out>/seed-<s>/<run>/run.json`` (:class:`~ensemblekit.reproduce.runs.RunStore`)
+and reused, an unfinished one continues from its last checkpoint, and a
+table started with other settings in the same ``--out`` is refused (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import shutil
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import Dataset, Subset
-
-from ensemblekit.core.flops import flops_to_macs
+__all__ = ["DEFAULTS", "FULL", "HELP", "LR_MILESTONES", "NAME", "PAPER", "PHASE1", "ROWS", "TINY", "add_arguments",
+           "claims", "describe", "markdown", "paper_lr_schedule", "run", "settings", "summarise", "table"]
 
 NAME = "imta-table2"
-HELP = "IMTA (ICCV 2019) Table 2: GE / ISC / OFA ablation of a 5-exit network, accuracy at every exit."
+HELP = ("IMTA (ICCV 2019) Table 2: GE / ISC / OFA ablation of a 5-exit network, accuracy at every exit over seeds, "
+        "next to the paper's CIFAR-100 numbers.")
 
-ROWS: tuple[tuple[bool, bool, bool], ...] = (
-    (False, False, False),
-    (True, False, False),
-    (False, True, False),
-    (False, False, True),
-    (True, True, True),
-)
-"""Table 2's rows as (GE, ISC, OFA)."""
+ROWS: dict[str, tuple[bool, bool, bool]] = {
+    "baseline": (False, False, False),
+    "GE": (True, False, False),
+    "ISC": (False, True, False),
+    "OFA": (False, False, True),
+    "GE+ISC+OFA": (True, True, True),
+}
+"""Table 2's rows, label -> (GE, ISC, OFA)."""
 
-PAPER: dict[tuple[bool, bool, bool], tuple[float, ...]] = {
-    (False, False, False): (60.09, 63.73, 67.89, 70.48, 71.81),
-    (True, False, False): (60.35, 64.38, 68.72, 70.65, 71.94),
-    (False, True, False): (60.19, 64.72, 68.07, 70.94, 73.28),
-    (False, False, True): (60.39, 64.20, 68.10, 70.65, 71.85),
-    (True, True, True): (60.78, 65.54, 69.98, 72.27, 73.45),
+PHASE1 = {False: "phase1", True: "phase1+GE"}
+"""The phase-I run each row starts from, by whether it uses GE."""
+
+PAPER: dict[str, tuple[float, ...]] = {
+    "baseline": (60.09, 63.73, 67.89, 70.48, 71.81),
+    "GE": (60.35, 64.38, 68.72, 70.65, 71.94),
+    "ISC": (60.19, 64.72, 68.07, 70.94, 73.28),
+    "OFA": (60.39, 64.20, 68.10, 70.65, 71.85),
+    "GE+ISC+OFA": (60.78, 65.54, 69.98, 72.27, 73.45),
 }
 """IMTA Table 2: top-1 (%) at exits E-1..E-5 of a five-exit MSDNet on CIFAR-100."""
+PAPER_DATASET = "CIFAR-100, five-exit MSDNet"
 
-DEFAULT_EPOCHS = {"digits": (30, 10), "cifar100": (300, 180)}
-"""(phase I, phase II) epochs: the paper's 300 and 180 on CIFAR; fewer on the small digits set."""
+LR_MILESTONES = (0.5, 0.75)
+"""The paper divides the learning rate by 10 after 150 and 225 of 300 epochs (phase I), 90 and 135 of 180 (phase II)."""
+
+QUARTER = {"stem_width": 8, "channels": [16, 32, 64, 128]}
+Setting = tuple[str, dict[str, Any], int, int, int, int, float, int | None]
+"""Backbone, its options, image size, phase I epochs, phase II epochs, batch size, learning rate, training images
+(None: all)."""
+DEFAULTS: dict[str, Setting] = {
+    "digits": ("resnet10t", {"stem_width": 16, "channels": [16, 32, 64, 128]}, 16, 30, 10, 64, 0.05, None),
+    "fashion-mnist": ("resnet10t", QUARTER, 28, 5, 2, 64, 0.1, None),
+    "cifar10": ("resnet10t", QUARTER, 32, 5, 2, 64, 0.1, None),
+    "cifar100": ("resnet10t", QUARTER, 32, 5, 2, 64, 0.1, None),
+}
+"""Sized for a 2-core CPU (digits: its 1,293 training images), SGD Nesterov, weight decay 1e-4, the paper's steps.
+Measured on Fashion-MNIST, 2 cores, nothing else running: phase I 15 ms per step of 64 images, 12.6-16 s per epoch
+of the 54k training split (843 steps), a phase-I run (5 epochs and the 10k test images) 71-73 s; phase II 7.6 ms
+per step, 4.5-5.5 s per epoch, a phase-II run (2 epochs) 10-12 s; one seed (2 phase-I and 5 phase-II runs) 198 s,
+so the table's 3 seeds take about 10 minutes. CIFAR uses the same model and schedule (not timed)."""
+
+PAPER_EPOCHS = (300, 180)
+FULL: dict[str, Setting] = {
+    name: ("resnet18", {}, size, *PAPER_EPOCHS, 64, 0.1, None)
+    for name, size in (("fashion-mnist", 28), ("cifar10", 32), ("cifar100", 32))
+}
+"""``--full``: the paper's schedule (phase I 300 epochs, phase II 180, batch 64, lr 0.1) for a GPU, a full-width
+resnet18 in five blocks instead of MSDNet, on the whole training split."""
+
+TINY: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 1, 32, 0.05, 128)
+"""``--tiny``: a seconds-long check on 128 training and 128 test images."""
+
+AUGMENT = {"fashion-mnist": False}
+"""Datasets trained without random crops and flips by default (the others: with)."""
+
+TITLES = {"digits": "digits", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+RESULTS = ("imta_table2.json", "imta_table2.md")
+MODEL = "model"
+"""Each run's trained network, in its folder (``ek.save``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=("digits", "cifar100"), default="digits")
-    parser.add_argument("--root", default=None, help="CIFAR-100 folder (holding cifar-100-python/)")
-    parser.add_argument("--backbone", default="resnet18", help="timm model name (the paper: MSDNet)")
+    parser.add_argument("--data", choices=tuple(DEFAULTS), default=None,
+                        help="default: fashion-mnist where its files are on this machine, else digits")
+    parser.add_argument("--root", default=None,
+                        help="data folder: the CIFAR python version, or the four Fashion-MNIST files")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the paper's schedule for a GPU: resnet18, phase I {PAPER_EPOCHS[0]} and phase II "
+                             f"{PAPER_EPOCHS[1]} epochs, batch 64, the whole training split")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long check: 128 images, 1 + 1 epochs")
+    parser.add_argument("--backbone", default=None, help="timm model name (default: per dataset; the paper: MSDNet)")
     parser.add_argument("--num-blocks", type=int, default=5, help="blocks, one exit after each (the paper: 5)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"phase I epochs (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--epochs", type=int, default=None, help="phase I epochs")
     parser.add_argument("--phase2-epochs", type=int, default=None, help="phase II epochs")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.1, help="OFA weight of the distillation term (Eq. 7)")
     parser.add_argument("--temperature", type=float, default=1.0, help="OFA temperature T")
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--limit-eval", type=int, default=None, help="use only the first N val and test images")
-    parser.add_argument("--image-size", type=int, default=None, help="resize the images (default: the dataset's 32)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-items", type=int, default=None,
+                        help="train on the first N images of the training split (default: per dataset)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="random crops and flips on the training images (default: on, except for fashion-mnist)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="number of seeds (seed, seed+1, ...): mean ± std (default: 3)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--budget-plot", default=None,
-                        help="also run the budgeted evaluation of the GE+ISC+OFA row and write this PNG")
+    parser.add_argument("--budget", action="store_true",
+                        help="also calibrate the budgeted policy of the first seed's GE+ISC+OFA network on the "
+                             "validation split and write budget.png")
     parser.add_argument("--timing-repeats", type=int, default=3, help="budget timings: fastest of this many runs")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--progress", choices=("tqdm", "rich", "none"), default="tqdm")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ensemblekit-runs/"
+                        f"{NAME}-<data>): {', '.join(RESULTS)} and one folder per seed and run")
+
+
+# ------------------------------------------------------------------ settings
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything a run's result depends on (not the device): model, data subset and both phases' schedules."""
+    if args.full and args.data not in FULL:
+        raise ValueError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
+    backbone, options, size, epochs, phase2, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
+    eval_items = None
+    if args.tiny:
+        backbone, options, size, epochs, phase2, batch, lr, items = TINY
+        eval_items = items
+    chosen = {"data": args.data, "backbone": backbone, "backbone_options": dict(options), "image_size": size,
+              "num_blocks": args.num_blocks, "epochs": epochs, "phase2_epochs": phase2, "batch_size": batch,
+              "lr": lr, "lr_milestones": list(LR_MILESTONES), "momentum": 0.9, "nesterov": True,
+              "weight_decay": args.weight_decay, "alpha": args.alpha, "temperature": args.temperature,
+              "train_split": "train", "train_items": items, "eval_items": eval_items,
+              "augment": AUGMENT.get(args.data, True) if args.augment is None else args.augment}
+    if args.backbone is not None:
+        chosen.update(backbone=args.backbone, backbone_options={})
+    for key in ("epochs", "phase2_epochs", "batch_size", "lr", "train_items"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    return chosen
+
+
+def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+    """The settings in one line: data, model, subset, both phases' epochs and the optimiser."""
+    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
+    return (f"{chosen['data']}{' --full' if full else ''}{' --tiny' if tiny else ''}: {chosen['backbone']}"
+            f"({chosen['backbone_options']}) in {chosen['num_blocks']} blocks at "
+            f"{chosen['image_size']}x{chosen['image_size']}; phase I {chosen['epochs']} epoch(s), phase II "
+            f"{chosen['phase2_epochs']} epoch(s) on {items} images of the {chosen['train_split']} split "
+            f"{'with' if chosen['augment'] else 'without'} augmentation; batch {chosen['batch_size']}, SGD Nesterov "
+            f"lr {chosen['lr']} /10 at {', '.join(f'{m:.0%}' for m in chosen['lr_milestones'])} of each phase, "
+            f"weight decay {chosen['weight_decay']}; OFA alpha {chosen['alpha']}, T {chosen['temperature']}")
+
+
+def paper_lr_schedule(epochs: int, milestones: list[float]) -> Any:
+    """The learning rate divided by 10 at ``milestones`` (fractions) of a phase of ``epochs``, stepped per batch."""
+    import torch
+
+    def make(optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+        total = epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(m * total) for m in milestones], 0.1)
+
+    return make
+
+
+# ------------------------------------------------------------------ running
+def _error(message: Any) -> int:
+    print(f"ensemblekit reproduce {NAME}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    from ensemblekit.training.trainer import select_device
+
+    d = select_device(device)
+    return f"cuda ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else d.type
+
+
+class _Table:
+    """The data, settings and run store of one table, and how to train and evaluate each of its runs."""
+
+    def __init__(self, args: argparse.Namespace, chosen: dict[str, Any], out: Path):
+        from torch.utils.data import Subset
+
+        from ensemblekit.reproduce.runs import RunStore
+        from ensemblekit.training.data import load_dataset, make_loader
+        from ensemblekit.training.trainer import select_device
+
+        self.args, self.chosen, self.store = args, chosen, RunStore(out)
+        self.device = select_device(args.device)
+
+        def split(name: str, limit: int | None, augment: bool = False) -> Any:
+            dataset, info = load_dataset(args.data, name, root=args.root, augment=augment,
+                                         image_size=chosen["image_size"])
+            return (dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))), info
+
+        self.train_set, self.info = split("train", chosen["train_items"], chosen["augment"])
+        self.val_set = split("val", chosen["eval_items"])[0]
+        self.test_set = split("test", chosen["eval_items"])[0]
+        self.test_loader = make_loader(self.test_set, 256, shuffle=False)
+
+    def run_settings(self, seed: int) -> dict[str, Any]:
+        """What a finished run of ``seed`` must have been made with to be reused (:class:`RunStore`)."""
+        return {**self.chosen, "seed": seed}
+
+    def config(self, seed: int, isc: bool = False, ofa: bool = False) -> Any:
+        """Both phases' training settings; ``stages`` is the two-phase schedule with the row's phase II."""
+        from ensemblekit.training.config import TrainConfig
+
+        c = self.chosen
+        schedule = {"name": "two_phase", "phase2_epochs": c["phase2_epochs"], "isc": "concat" if isc else None,
+                    "ofa": ofa, "alpha": c["alpha"], "temperature": c["temperature"]}
+        return TrainConfig(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"],
+                           nesterov=c["nesterov"], weight_decay=c["weight_decay"], seed=seed,
+                           device=self.args.device, progress=self.args.progress, keep_checkpoints=1,
+                           stages=schedule)
+
+    def stages(self, net: Any, config: Any) -> list[Any]:
+        """The two phases, each with the paper's step schedule over its own epochs."""
+        from ensemblekit.training.trainer import resolve_stages
+
+        return [replace(stage, lr_schedule=paper_lr_schedule(stage.epochs, self.chosen["lr_milestones"]))
+                for stage in resolve_stages(net, config)]
+
+    def phase1_network(self, ge: bool) -> Any:
+        """A fresh multi-exit network, one exit after each block, with or without GE (Eq. 4-5)."""
+        from ensemblekit.training.config import ModelConfig, build_ensemble
+
+        c = self.chosen
+        return build_ensemble(ModelConfig(c["backbone"], num_classes=self.info.num_classes,
+                                          in_chans=self.info.in_chans, image_size=self.info.image_size,
+                                          backbone_options=c["backbone_options"], recipe="multi_exit",
+                                          recipe_options={"num_blocks": c["num_blocks"],
+                                                          "gradient_equilibrium": ge}))
+
+    def train_and_evaluate(self, seed: int, label: str) -> dict[str, Any]:
+        """Train the run ``label`` (a phase I or a row of the table) of ``seed``; its result for ``run.json``."""
+        import ensemblekit as ek
+        from ensemblekit.evaluation.reports import collect_members
+        from ensemblekit.training.trainer import seed_everything, train
+
+        folder = self.store.folder(seed, label)
+        resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+        start = time.perf_counter()
+        seed_everything(seed)
+        if label in ROWS:
+            ge, isc, ofa = ROWS[label]
+            net = ek.load(self.store.folder(seed, PHASE1[ge]) / MODEL, device=self.device)
+            config = self.config(seed, isc, ofa)
+            phase = self.stages(net, config)[1:]
+        else:
+            net = self.phase1_network(label == PHASE1[True])
+            config = self.config(seed)
+            phase = self.stages(net, config)[:1]
+        result = train(net, self.train_set, config, out_dir=folder, resume=resume, stages=phase,
+                       extra={"run": self.run_settings(seed)})
+        net.eval()
+        members, labels = collect_members(net.forward_members, self.test_loader, self.device)
+        input_size = (self.info.in_chans, self.info.image_size, self.info.image_size)
+        ek.save(net, folder / MODEL, overwrite=True)
+        return {"top1": ((members.argmax(-1) == labels[:, None]).double().mean(0) * 100).tolist(),
+                "exit_flops": [float(r.flops) for r in net.cost_table(input_size=input_size)],
+                "seconds": time.perf_counter() - start, "resumed": resume, "history": result.history}
+
+    def budget(self, seed: int, out: Path) -> dict[str, Any]:
+        """The budgeted curve of ``seed``'s GE+ISC+OFA network (validation split for the thresholds)."""
+        import ensemblekit as ek
+        from ensemblekit.evaluation.budget import budget_sweep, plot_budget
+        from ensemblekit.training.data import make_loader
+
+        net = ek.load(self.store.folder(seed, "GE+ISC+OFA") / MODEL, device=self.device)
+        report = budget_sweep(net, make_loader(self.val_set, 256, shuffle=False), self.test_loader,
+                              repeats=self.args.timing_repeats)
+        plot_budget(report, out / "budget.png",
+                    title=f"{self.chosen['backbone']} GE+ISC+OFA on {self.args.data} (test, seed {seed})")
+        return {"seed": seed, **report.to_dict(), "table": report.table()}
 
 
 def run(args: argparse.Namespace) -> int:
-    results = reproduce(**{k: getattr(args, k) for k in (
-        "data", "root", "backbone", "num_blocks", "epochs", "phase2_epochs", "batch_size", "lr", "weight_decay",
-        "alpha", "temperature", "limit_train", "limit_eval", "image_size", "seed", "device", "budget_plot",
-        "timing_repeats")})
-    print(table(results))
-    if "budget" in results:
-        print(results["budget_table"])
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({k: v for k, v in results.items() if k != "budget_table"}, indent=2) + "\n")
+    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
+    from ensemblekit.training import checkpoint as ckpt
+
+    start = time.perf_counter()
+    if args.data is None:
+        args.data = default_dataset()
+    out = args.out or Path("ensemblekit-runs") / f"{NAME}-{args.data}"
+    if args.seeds < 1:
+        return _error("--seeds must be at least 1")
+    try:
+        chosen = settings(args)
+    except ValueError as err:
+        return _error(err)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    labels = [*PHASE1.values(), *ROWS]
+    store = RunStore(out)
+    try:  # refuse a table of other settings before training anything
+        for seed in seeds:
+            for label in labels:
+                store.get(seed, label, {**chosen, "seed": seed})
+    except SettingsMismatch as err:
+        return _error(err)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {_device_name(args.device)}",
+          flush=True)
+    try:
+        table_runs = _Table(args, chosen, out)
+    except FileNotFoundError as err:  # the data is not where it is looked for; the message says what to do
+        return _error(err)
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        for label in labels:
+            settings_of_run = table_runs.run_settings(seed)
+            saved = store.get(seed, label, settings_of_run)
+            if saved is not None:
+                print(f"== {label}, seed {seed}: finished earlier, reused ({store.folder(seed, label)})", flush=True)
+            else:
+                print(f"== {label}, seed {seed}", flush=True)
+                try:
+                    saved = table_runs.train_and_evaluate(seed, label)
+                except (FileExistsError, FileNotFoundError, ckpt.CheckpointError) as err:
+                    return _error(err)
+                store.put(seed, label, settings_of_run, saved)
+                shutil.rmtree(store.folder(seed, label) / "checkpoints", ignore_errors=True)
+                print(f"   {label}, seed {seed}: {saved['seconds']:.1f} s, top-1 per exit "
+                      + ", ".join(f"{a:.2f}" for a in saved["top1"]), flush=True)
+            results.setdefault(seed, {})[label] = saved
+            _write_results(out, args, chosen, seeds, results, None, start)
+    budget = table_runs.budget(seeds[0], out) if args.budget else None
+    record = _write_results(out, args, chosen, seeds, results, budget, start)
+    print()
+    print(table(record))
+    if budget is not None:
+        print(budget["table"])
+    print("\nthe paper's claim, judged on this table (margins in accuracy points, paired by seed):")
+    print("\n".join(claim.line() for claim in claims(results)))
+    print(f"\noutputs in {out.resolve()}: {', '.join(RESULTS)}{', budget.png' if budget else ''}, one folder per "
+          "seed and run (run.json, model/)")
+    print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 
-def _limit(dataset: Dataset, limit: int | None) -> Dataset:
-    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
+# ------------------------------------------------------------------ results
+def claims(results: dict[int, dict[str, dict[str, Any]]]) -> list[Any]:
+    """Table 2's claim on the seeds with both rows finished, paired by seed: GE+ISC+OFA >= baseline at every exit."""
+    from ensemblekit.reproduce.runs import Claim, Comparison
+
+    pairs = [(by_label["GE+ISC+OFA"]["top1"], by_label["baseline"]["top1"]) for by_label in results.values()
+             if "GE+ISC+OFA" in by_label and "baseline" in by_label]
+    if not pairs:
+        return []
+    comparisons = tuple(Comparison(f"GE+ISC+OFA@E-{k + 1}", f"baseline@E-{k + 1}", [full[k] for full, _ in pairs],
+                                   [base[k] for _, base in pairs]) for k in range(len(pairs[0][0])))
+    return [Claim("GE+ISC+OFA >= baseline at every exit", "IMTA Table 2", comparisons)]
 
 
-def reproduce(data: str = "digits", root: str | None = None, backbone: str = "resnet18", num_blocks: int = 5,
-              epochs: int | None = None, phase2_epochs: int | None = None, batch_size: int = 64, lr: float = 0.1,
-              weight_decay: float = 1e-4, alpha: float = 0.1, temperature: float = 1.0,
-              limit_train: int | None = None, limit_eval: int | None = None, image_size: int | None = None,
-              seed: int = 0, device: str = "auto", budget_plot: str | None = None,
-              timing_repeats: int = 3) -> dict[str, Any]:
-    """Train and evaluate the five rows of Table 2; returns settings, rows and the paper's numbers."""
-    from ensemblekit.backbones import create_backbone
-    from ensemblekit.evaluation.reports import collect_members
-    from ensemblekit.methods.imta.recipe import multi_exit
-    from ensemblekit.training.config import TrainConfig
-    from ensemblekit.training.data import load_dataset, make_loader
-    from ensemblekit.training.trainer import resolve_stages, seed_everything, select_device, train
+def summarise(results: dict[int, dict[str, dict[str, Any]]]) -> tuple[dict, dict]:
+    """Mean and standard deviation (n - 1; 0 for one seed) over seeds of each run's top-1 per exit.
 
-    default_1, default_2 = DEFAULT_EPOCHS[data]
-    epochs = default_1 if epochs is None else epochs
-    phase2_epochs = default_2 if phase2_epochs is None else phase2_epochs
-    dev = select_device(device)
-    train_set, info = load_dataset(data, "train", root=root, image_size=image_size)
-    train_set = _limit(train_set, limit_train)
-    val_set = _limit(load_dataset(data, "val", root=root, image_size=image_size)[0], limit_eval)
-    test_set = _limit(load_dataset(data, "test", root=root, image_size=image_size)[0], limit_eval)
-    example = torch.zeros(1, info.in_chans, info.image_size, info.image_size)
+    Examples:
+        >>> mean, std = summarise({0: {"GE": {"top1": [50.0, 60.0]}}, 1: {"GE": {"top1": [52.0, 60.0]}}})
+        >>> mean["GE"], std["GE"][1]
+        ([51.0, 60.0], 0.0)
+    """
+    from ensemblekit.reproduce.runs import mean_std
 
-    def config(isc: bool = False, ofa: bool = False) -> TrainConfig:
-        """The settings of both phases; ``stages`` is the two-phase schedule with the row's phase II."""
-        schedule = {"name": "two_phase", "phase2_epochs": phase2_epochs, "isc": "concat" if isc else None,
-                    "ofa": ofa, "alpha": alpha, "temperature": temperature}
-        return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=0.9,
-                           nesterov=True, weight_decay=weight_decay, schedule="cosine", seed=seed, device=str(dev),
-                           progress="none", stages=schedule)
+    mean: dict[str, list[float]] = {}
+    std: dict[str, list[float]] = {}
+    for label in [*PHASE1.values(), *ROWS]:
+        runs = [by_label[label]["top1"] for by_label in results.values() if label in by_label]
+        if runs:
+            spreads = [mean_std(values) for values in zip(*runs)]
+            mean[label], std[label] = [m for m, _ in spreads], [s for _, s in spreads]
+    return mean, std
 
-    phase1: dict[bool, Any] = {}
-    for ge in sorted({row[0] for row in ROWS}):
-        seed_everything(seed)  # every row starts from the same weights
-        model = create_backbone(backbone, num_classes=info.num_classes)
-        net = multi_exit(model, num_blocks=num_blocks, gradient_equilibrium=ge, example_input=example)
-        train(net, train_set, config(), stages=resolve_stages(net, config())[:1])  # phase I
-        phase1[ge] = net
 
-    test_loader = make_loader(test_set, 256, shuffle=False)
-    rows, nets = [], {}
-    for ge, isc, ofa in ROWS:
-        net = copy.deepcopy(phase1[ge])
-        seed_everything(seed + 1)
-        row_config = config(isc, ofa)
-        train(net, train_set, row_config, stages=resolve_stages(net, row_config)[1:])  # phase II: ISC, OFA, frozen
-        net.eval()
-        members, labels = collect_members(net.forward_members, test_loader, dev)
-        accuracy = (members.argmax(-1) == labels[:, None]).double().mean(0) * 100
-        rows.append({"ge": ge, "isc": isc, "ofa": ofa, "top1": accuracy.tolist(),
-                     "paper": list(PAPER[(ge, isc, ofa)])})
-        nets[(ge, isc, ofa)] = net
-    full = nets[ROWS[-1]]
-    results: dict[str, Any] = {
-        "settings": {"data": data, "backbone": backbone, "num_blocks": num_blocks, "exits": full.num_members,
-                     "epochs": epochs, "phase2_epochs": phase2_epochs, "batch_size": batch_size, "lr": lr,
-                     "weight_decay": weight_decay, "alpha": alpha, "temperature": temperature, "seed": seed,
-                     "image_size": info.image_size, "train_images": len(train_set), "val_images": len(val_set),
-                     "test_images": len(test_set),
-                     "device": str(dev)},
-        "exit_flops": [float(r.flops) for r in full.cost_table(input_size=tuple(example.shape[1:]))],
-        "rows": rows,
+def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], seeds: list[int],
+                   results: dict[int, dict[str, dict[str, Any]]], budget: dict[str, Any] | None,
+                   start: float) -> dict[str, Any]:
+    import torch
+
+    from ensemblekit.training.checkpoint import atomic_write
+
+    mean, std = summarise(results)
+    done = sum(len(by_label) for by_label in results.values())
+    total = len(seeds) * (len(PHASE1) + len(ROWS))
+    full_row = next((by_label["GE+ISC+OFA"] for by_label in results.values() if "GE+ISC+OFA" in by_label), None)
+    judged = claims(results)
+    record = {
+        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
+        "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
+        "device": _device_name(args.device), "torch": torch.__version__,
+        "runs_finished": done, "runs_total": total, "complete": done == total,
+        "wall_seconds": time.perf_counter() - start,
+        "run_seconds": {label: [by_label[label]["seconds"] for by_label in results.values() if label in by_label]
+                        for label in [*PHASE1.values(), *ROWS]},
+        "exit_flops": None if full_row is None else full_row["exit_flops"],
+        "ours": mean, "std": std,
+        "per_seed": {str(seed): {label: run["top1"] for label, run in by_label.items()}
+                     for seed, by_label in results.items()},
+        "paper_dataset": PAPER_DATASET, "paper": PAPER,
+        "claims": [claim.to_dict() for claim in judged],
     }
-    if budget_plot:
-        from ensemblekit.evaluation.budget import budget_sweep, plot_budget
+    if budget is not None:
+        record["budget"] = {k: v for k, v in budget.items() if k != "table"}
+    atomic_write(out / RESULTS[0], json.dumps(record, indent=2) + "\n")
+    text = markdown(record)
+    if judged:
+        text += ("\nThe paper's claim, judged on this table (margins in accuracy points, paired by seed):\n\n```\n"
+                 + "\n".join(claim.line() for claim in judged) + "\n```\n")
+    atomic_write(out / RESULTS[1], text)
+    return record
 
-        report = budget_sweep(full, make_loader(val_set, 256, shuffle=False), test_loader, repeats=timing_repeats)
-        plot_budget(report, budget_plot, title=f"{backbone} GE+ISC+OFA on {data} (test)")
-        results["budget"] = report.to_dict()
-        results["budget_table"] = report.table()
-    return results
+
+def _cell(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
 
 
-def table(results: dict[str, Any]) -> str:
-    """The results in the layout of IMTA's Table 2, the paper's numbers (CIFAR-100, MSDNet) beside ours."""
-    s = results["settings"]
-    n = s["exits"]
-    macs = ", ".join(f"{flops_to_macs(f) / 1e6:.2f}" for f in results["exit_flops"])
+def table(record: dict[str, Any]) -> str:
+    """Table 2's layout (a row per GE / ISC / OFA combination, a column per exit), the paper's numbers beside ours,
+    the cost of each exit in MACs (the papers' "FLOPs") above it."""
+    from ensemblekit.core.flops import flops_to_macs
+
+    s = record["settings"]
+    seeds = len(record["seeds"])
+    exits = len(next(iter(record["ours"].values()), [])) or s["num_blocks"]
     size = s["image_size"]
-    lines = [
-        f"IMTA Table 2 on {s['data']} (test: {s['test_images']} images): {s['backbone']}, {n} exits "
-        f"(MMACs per {size}x{size} image to each exit, the papers' \"FLOPs\": {macs}; "
-        f"ensemblekit's FLOPs are twice these), phase I {s['epochs']} epoch(s), "
-        f"phase II {s['phase2_epochs']} epoch(s), OFA alpha={s['alpha']} T={s['temperature']}",
-        "",
-    ]
-    header = ["GE", "ISC", "OFA"] + [f"E-{k + 1}" for k in range(n)] + [f"paper E-{k + 1}" for k in range(5)]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join([":-:"] * 3 + ["---:"] * (len(header) - 3)) + "|")
-    for row in results["rows"]:
-        marks = ["✓" if row[key] else "-" for key in ("ge", "isc", "ofa")]
-        cells = marks + [f"{a:.2f}" for a in row["top1"]] + [f"{a:.2f}" for a in row["paper"]]
-        lines.append("| " + " | ".join(cells) + " |")
+    macs = ("" if record["exit_flops"] is None else
+            ", ".join(f"{flops_to_macs(f) / 1e6:.2f}" for f in record["exit_flops"]))
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    lines = [f"IMTA Table 2 on {TITLES[record['data']]}: test top-1 (%) at each exit, {spread} "
+             f"({record['runs_finished']}/{record['runs_total']} runs finished)",
+             f"MMACs per {size}x{size} image to each exit (the papers' \"FLOPs\"; ensemblekit's FLOPs are twice "
+             f"these): {macs or '-'}", "",
+             "| GE | ISC | OFA | " + " | ".join(f"E-{k + 1}" for k in range(exits)) + " | "
+             + " | ".join(f"paper E-{k + 1}" for k in range(len(PAPER["baseline"]))) + " |",
+             "|:-:|:-:|:-:|" + "---:|" * (exits + len(PAPER["baseline"]))]
+    for label, flags in ROWS.items():
+        marks = ["✓" if flag else "-" for flag in flags]
+        ours = ([_cell(m, sd, seeds) for m, sd in zip(record["ours"][label], record["std"][label])]
+                if label in record["ours"] else ["-"] * exits)
+        lines.append("| " + " | ".join(marks + ours + [f"{a:.2f}" for a in PAPER[label]]) + " |")
     lines.append("")
-    lines.append("paper: Table 2 of Li et al. (ICCV 2019), a five-exit MSDNet on CIFAR-100"
-                 + ("" if s["data"] == "cifar100" else f"; this run is on {s['data']}, not comparable in value")
-                 + ".")
+    for label in PHASE1.values():
+        if label in record["ours"]:
+            lines.append(f"after {label} only (what phase II starts from): "
+                         + ", ".join(_cell(m, sd, seeds) for m, sd in zip(record["ours"][label], record["std"][label])))
+    lines.append(f"paper: Table 2 of Li et al. (ICCV 2019), {PAPER_DATASET}"
+                 + ("" if record["data"] == "cifar100" else f"; this table is on {record['data']}, comparable in "
+                    "trend, not in value") + ".")
     return "\n".join(lines)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The table as Markdown with its settings, device and wall time."""
+    return (f"{table(record)}\n\nSettings: {record['settings_text']}. Device {record['device']}, torch "
+            f"{record['torch']}, wall time {record['wall_seconds']:.0f} s.\n")

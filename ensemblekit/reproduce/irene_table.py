@@ -1,37 +1,71 @@
-"""``ensemblekit reproduce irene``: IRENE's Tables 1-2 (Li et al., AAAI 2023) on our data.
+"""IRENE Tables 1-2: single model, average ensemble, WoC and IRENE, top-1 / cost / utility (Li et al., AAAI 2023).
 
-Four methods with ``T`` members of one backbone, evaluated on the test split:
+Four methods with ``T`` members of one backbone, evaluated on the test split,
+from two runs per seed:
 
-* single model: the first member of the average ensemble (trained alone);
-* average ensemble: ``T`` independently trained members, probabilities averaged;
-* WoC: the average ensemble's members as a confidence cascade, threshold
-  searched on the validation split (:class:`ensemblekit.methods.irene.woc.WoC`);
-* IRENE: ``T`` members and the selector trained sequentially (Algorithm 1,
-  the trainer's ``"irene"`` schedule, :mod:`ensemblekit.methods.irene.schedule`),
-  deterministic halting (:func:`ensemblekit.methods.irene.recipe`).
+* ``average``: ``T`` independently trained members (the paper's "average
+  ensemble", probabilities averaged, Eq. 7 with all members). It gives three
+  rows: the single model (its first member), the average ensemble, and WoC
+  (its members as a confidence cascade, threshold searched on the validation
+  split, App. A.2, :class:`ensemblekit.methods.irene.woc.WoC`);
+* ``IRENE``: ``T`` members and the LSTM selector trained by Algorithm 1 (the
+  trainer's ``"irene"`` schedule, :mod:`ensemblekit.methods.irene.schedule`)
+  on the paper's objective (Eq. 13), halting where ``h_t >= 0.5`` (Eq. 6).
 
-Reported: top-1 (%), cost (average members used) and utility (Eq. 14,
-:func:`ensemblekit.methods.irene.woc.utility`, relative to this run's single model and
-average ensemble), next to the paper's numbers for ResNet-32 and ResNet-18.
-Every member gets the same epochs, optimiser and schedule in both ensembles:
-both train with :func:`ensemblekit.training.trainer.train` and IRENE's
-optimisers (App. A.1), the average ensemble's members all at once.
+Both runs train every member for the same epochs with IRENE's optimisers
+(App. A.1: SGD with Nesterov momentum 0.9 and weight decay 5e-4, lr divided
+by 5 at 30%, 60% and 80% of the epochs; Adam for the selector). Reported:
+top-1 (%), cost (average members used) and utility (Eq. 14,
+:func:`ensemblekit.methods.irene.woc.utility`, relative to the same seed's
+single model and average ensemble), mean ± std over seeds, next to the
+paper's numbers; the paper's claim that IRENE costs less than the average
+ensemble at about its accuracy is judged on the seeds
+(:class:`~ensemblekit.reproduce.runs.Claim`).
+
+Settings (shown on screen and stored in ``irene_table.json``):
+
+* default: sized for a 2-core CPU. Fashion-MNIST: resnet10t at a quarter of
+  its width (stem 8, channels 16/32/64/128), 28x28 inputs without
+  augmentation, 3 epochs per member on the whole 54k training split, batch
+  128: the average-ensemble run about 89 s, the IRENE run about 125 s, one
+  seed 211-251 s, the 6 runs of 3 seeds 11-13 minutes (:data:`DEFAULTS`).
+* ``--full``: the paper's schedule for a GPU (App. A.1.2: 200 epochs per
+  member, batch 128, lr 0.1) with a full-width resnet18 on the whole training
+  split; the validation split stays held out for WoC's threshold.
+* ``--tiny``: a seconds-long check (128 training and 128 evaluation images, 1 epoch).
+
+``--seeds N`` repeats both runs with seeds ``seed .. seed + N - 1``. The
+table is resumable: each finished run is kept in
+``<out>/seed-<s>/<run>/run.json`` (:class:`~ensemblekit.reproduce.runs.RunStore`)
+with its trained ensemble (``model/``, ``ek.save``) and reused, an
+unfinished one continues from its last checkpoint, and a table started with
+other settings in the same ``--out`` is refused (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from collections.abc import Callable
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import Dataset, Subset
+from ensemblekit.reproduce.runs import Comparison
+
+__all__ = ["ACCURACY_TOLERANCE", "DEFAULTS", "FULL", "HELP", "METHODS", "NAME", "PAPER", "RUNS", "TINY",
+           "add_arguments", "claims", "describe", "markdown", "per_seed_rows", "run", "settings", "summarise",
+           "table"]
 
 NAME = "irene"
-HELP = "IRENE (AAAI 2023) Tables 1-2: single model, average ensemble, WoC and IRENE, top-1 / cost / utility."
+HELP = ("IRENE (AAAI 2023) Tables 1-2: single model, average ensemble, WoC and IRENE, top-1 / cost / utility over "
+        "seeds, next to the paper's CIFAR numbers.")
+
+METHODS = ("Single model", "Average ensemble", "WoC", "IRENE")
+RUNS = {"average": METHODS[:3], "IRENE": METHODS[3:]}
+"""The two runs of a seed and the rows of the table each gives."""
 
 PAPER: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {
     "cifar10": {  # Table 1: top-1 (%), cost (members), utility
@@ -49,192 +83,452 @@ PAPER: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {
 }
 """IRENE's Tables 1-2 (T = 3), the rows of the methods reproduced here."""
 
-DEFAULTS = {
-    "digits": ("resnet10t", {"stem_width": 16, "channels": [16, 32, 64, 128]}, 16, 10, 64, 0.05),
-    "cifar10": ("resnet18", {}, 32, 200, 128, 0.1),
-    "cifar100": ("resnet18", {}, 32, 200, 128, 0.1),
+ACCURACY_TOLERANCE = 0.5
+"""The claim's "comparable performance": IRENE's top-1 at most this many points below the average ensemble's
+(the paper's largest gap is 0.18 points, CIFAR-100 ResNet-18)."""
+
+QUARTER = {"stem_width": 8, "channels": [16, 32, 64, 128]}
+Setting = tuple[str, dict[str, Any], int, int, int, float, int | None]
+"""Backbone, its options, image size, epochs per member, batch size, learning rate, training images (None: all)."""
+DEFAULTS: dict[str, Setting] = {
+    "digits": ("resnet10t", {"stem_width": 16, "channels": [16, 32, 64, 128]}, 16, 10, 64, 0.05, None),
+    "fashion-mnist": ("resnet10t", QUARTER, 28, 3, 128, 0.1, None),
+    "cifar10": ("resnet10t", QUARTER, 32, 3, 128, 0.1, None),
+    "cifar100": ("resnet10t", QUARTER, 32, 3, 128, 0.1, None),
 }
-"""Per dataset: backbone, its options, image size, epochs per member, batch size, learning rate. CIFAR
-follows the paper (App. A.1.2: 200 epochs, batch 128, lr 0.1); digits is sized to run on a CPU."""
-TINY = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 32, 0.05)
-"""``--tiny``: a seconds-long check on at most 128 training and 128 evaluation images."""
-TINY_IMAGES = 128
+"""Sized for a 2-core CPU (digits: its 1,293 training images). Measured on Fashion-MNIST, 2 cores: the average
+ensemble 69 ms per step of 128 images (3 members), 26-31 s per epoch of the 54k training split (421 steps), its run
+(3 epochs, validation and test) 89 s; IRENE's steps 1 / 2 / 3 of Algorithm 1 28 / 35 / 42 ms per step, 11.5 / 13 /
+16 s per epoch, its run about 125 s with nothing else running (160 s measured with another process on the cores
+in step 3); one seed 211-251 s, so the table's 3 seeds take 11-13 minutes. CIFAR uses the same model and schedule
+(not timed)."""
+
+PAPER_EPOCHS = 200
+FULL: dict[str, Setting] = {
+    name: ("resnet18", {}, size, PAPER_EPOCHS, 128, 0.1, None)
+    for name, size in (("fashion-mnist", 28), ("cifar10", 32), ("cifar100", 32))
+}
+"""``--full``: the paper's schedule (App. A.1.2: 200 epochs, batch 128, lr 0.1) for a GPU with its ResNet-18
+(timm's, at full width), on the whole training split."""
+
+TINY: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 32, 0.05, 128)
+"""``--tiny``: a seconds-long check on 128 training and 128 evaluation images."""
+
+AUGMENT = {"fashion-mnist": False}
+"""Datasets trained without random crops and flips by default (the others: with)."""
+
+TITLES = {"digits": "digits", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+RESULTS = ("irene_table.json", "irene_table.md")
+MODEL = "model"
+"""Each run's trained ensemble, in its folder (``ek.save``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=("digits", "cifar10", "cifar100"), default="digits")
-    parser.add_argument("--root", default=None, help="CIFAR folder (cifar-10-batches-py/ or cifar-100-python/)")
+    parser.add_argument("--data", choices=tuple(DEFAULTS), default=None,
+                        help="default: fashion-mnist where its files are on this machine, else digits")
+    parser.add_argument("--root", default=None,
+                        help="data folder: the CIFAR python version, or the four Fashion-MNIST files")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the paper's schedule for a GPU: resnet18, {PAPER_EPOCHS} epochs per member, batch 128, "
+                             "lr 0.1, the whole training split")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long check: 128 images, 1 epoch")
     parser.add_argument("--backbone", default=None,
                         help="timm model name (default: per dataset; the paper: ResNet-32, ResNet-18)")
     parser.add_argument("--members", type=int, default=3, help="T, base models per ensemble (the paper: 3)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per member (default: per dataset)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per member")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="SGD learning rate of the members")
     parser.add_argument("--selector-lr", type=float, default=1e-3, help="Adam learning rate of the selector")
-    parser.add_argument("--ens-weight", type=float, default=0.1, help="omega_1 (L_ens)")
-    parser.add_argument("--cost-weight", type=float, default=0.01, help="omega_2 (L_cost)")
-    parser.add_argument("--rank-weight", type=float, default=0.1, help="omega_3 (L_rank)")
-    parser.add_argument("--schedule", choices=("sequential", "joint"), default="sequential")
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--limit-eval", type=int, default=None, help="use only the first N val and test images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ens-weight", type=float, default=0.1, help="omega_1 (L_ens, Eq. 10)")
+    parser.add_argument("--cost-weight", type=float, default=0.01, help="omega_2 (L_cost, Eq. 11)")
+    parser.add_argument("--rank-weight", type=float, default=0.1, help="omega_3 (L_rank, Eq. 12)")
+    parser.add_argument("--schedule", choices=("sequential", "joint"), default="sequential",
+                        help="IRENE's training: Algorithm 1 (sequential) or all members at once")
+    parser.add_argument("--train-items", type=int, default=None,
+                        help="train on the first N images of the training split (default: per dataset)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="random crops and flips on the training images (default: on, except for fashion-mnist)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="number of seeds (seed, seed+1, ...): mean ± std (default: 3)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"a seconds-long check: {TINY_IMAGES} images, 1 epoch, a narrower backbone")
+    parser.add_argument("--progress", choices=("tqdm", "rich", "none"), default="tqdm")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: ensemblekit-runs/{NAME}-"
+                        f"<data>): {', '.join(RESULTS)} and one folder per seed and run")
+
+
+# ------------------------------------------------------------------ settings
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything a run's result depends on (not the device): model, data subset, schedule and IRENE's weights."""
+    if args.full and args.data not in FULL:
+        raise ValueError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
+    if args.members < 2:
+        raise ValueError(f"--members must be at least 2, got {args.members}")
+    backbone, options, size, epochs, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
+    eval_items = None
+    if args.tiny:
+        backbone, options, size, epochs, batch, lr, items = TINY
+        eval_items = items
+    chosen = {"data": args.data, "backbone": backbone, "backbone_options": dict(options), "image_size": size,
+              "members": args.members, "epochs": epochs, "batch_size": batch, "lr": lr, "momentum": 0.9,
+              "weight_decay": 5e-4, "selector_lr": args.selector_lr, "ens_weight": args.ens_weight,
+              "cost_weight": args.cost_weight, "rank_weight": args.rank_weight, "schedule": args.schedule,
+              "train_split": "train", "train_items": items, "eval_items": eval_items,
+              "augment": AUGMENT.get(args.data, True) if args.augment is None else args.augment}
+    if args.backbone is not None:
+        chosen.update(backbone=args.backbone, backbone_options={})
+    for key in ("epochs", "batch_size", "lr", "train_items"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    return chosen
+
+
+def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+    """The settings in one line: data, model, subset, epochs, optimiser and IRENE's loss weights."""
+    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
+    return (f"{chosen['data']}{' --full' if full else ''}{' --tiny' if tiny else ''}: T={chosen['members']} x "
+            f"{chosen['backbone']}({chosen['backbone_options']}) at {chosen['image_size']}x{chosen['image_size']}; "
+            f"{chosen['epochs']} epoch(s) per member on {items} images of the {chosen['train_split']} split "
+            f"{'with' if chosen['augment'] else 'without'} augmentation; batch {chosen['batch_size']}, SGD Nesterov "
+            f"lr {chosen['lr']} /5 at 30%, 60%, 80%, weight decay {chosen['weight_decay']}; selector Adam lr "
+            f"{chosen['selector_lr']}; IRENE {chosen['schedule']}, omega_1 {chosen['ens_weight']}, omega_2 "
+            f"{chosen['cost_weight']}, omega_3 {chosen['rank_weight']}")
+
+
+# ------------------------------------------------------------------ running
+def _error(message: Any) -> int:
+    print(f"ensemblekit reproduce {NAME}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    from ensemblekit.training.trainer import select_device
+
+    d = select_device(device)
+    return f"cuda ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else d.type
+
+
+class _Table:
+    """The data, settings and run store of one table, and how to train and evaluate each of its runs."""
+
+    def __init__(self, args: argparse.Namespace, chosen: dict[str, Any], out: Path):
+        from torch.utils.data import Subset
+
+        from ensemblekit.reproduce.runs import RunStore
+        from ensemblekit.training.data import load_dataset, make_loader
+        from ensemblekit.training.trainer import select_device
+
+        self.args, self.chosen, self.store = args, chosen, RunStore(out)
+        self.device = select_device(args.device)
+
+        def split(name: str, limit: int | None, augment: bool = False) -> Any:
+            dataset, info = load_dataset(args.data, name, root=args.root, augment=augment,
+                                         image_size=chosen["image_size"])
+            return (dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))), info
+
+        self.train_set, self.info = split("train", chosen["train_items"], chosen["augment"])
+        self.val_loader = make_loader(split("val", chosen["eval_items"])[0], 256, shuffle=False)
+        self.test_loader = make_loader(split("test", chosen["eval_items"])[0], 256, shuffle=False)
+
+    def run_settings(self, seed: int) -> dict[str, Any]:
+        """What a finished run of ``seed`` must have been made with to be reused (:class:`RunStore`)."""
+        return {**self.chosen, "seed": seed}
+
+    def model_config(self, label: str) -> Any:
+        """The average ensemble (independent members, mean of probabilities) or IRENE (its recipe)."""
+        from ensemblekit.training.config import ModelConfig
+
+        c = self.chosen
+        common = {"num_classes": self.info.num_classes, "in_chans": self.info.in_chans,
+                  "image_size": self.info.image_size, "backbone_options": c["backbone_options"]}
+        if label == "average":
+            return ModelConfig(c["backbone"], topology={"name": "independent", "members": c["members"]},
+                               aggregator="mean_probs", loss="independent", **common)
+        return ModelConfig(c["backbone"], recipe="irene", **common,
+                           recipe_options={"members": c["members"], "ens_weight": c["ens_weight"],
+                                           "cost_weight": c["cost_weight"], "rank_weight": c["rank_weight"],
+                                           "schedule": c["schedule"]})
+
+    def train_and_evaluate(self, seed: int, label: str) -> dict[str, Any]:
+        """Train the run ``label`` of ``seed`` and evaluate the rows it gives; its result for ``run.json``."""
+        import ensemblekit as ek
+        from ensemblekit.training.config import TrainConfig, build_ensemble
+        from ensemblekit.training.trainer import seed_everything, train
+
+        c = self.chosen
+        folder = self.store.folder(seed, label)
+        resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+        start = time.perf_counter()
+        seed_everything(seed)  # IRENE's first member starts from the single model's initial weights
+        ensemble = build_ensemble(self.model_config(label))
+        config = TrainConfig(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"],
+                             weight_decay=c["weight_decay"], seed=seed, device=self.args.device,
+                             progress=self.args.progress, keep_checkpoints=1,
+                             stages={"name": "irene", "selector_lr": c["selector_lr"]})
+        result = train(ensemble, self.train_set, config, out_dir=folder, resume=resume,
+                       extra={"run": self.run_settings(seed)})
+        ensemble.eval()
+        rows = self.evaluate_average(ensemble) if label == "average" else self.evaluate_irene(ensemble)
+        ek.save(ensemble, folder / MODEL, overwrite=True)
+        return {**rows, "seconds": time.perf_counter() - start, "resumed": resume, "history": result.history}
+
+    def evaluate_average(self, ensemble: Any) -> dict[str, Any]:
+        """Single model, average ensemble and WoC (threshold searched on the validation split) on the test split."""
+        from ensemblekit.evaluation.reports import collect_members
+        from ensemblekit.methods.irene.woc import WoC
+
+        val_members, val_labels = collect_members(ensemble.forward_members, self.val_loader, self.device)
+        members, labels = collect_members(ensemble.forward_members, self.test_loader, self.device)
+        aggregator = ensemble.aggregator.cpu()
+        prefixes = aggregator.prefixes(members)
+        woc = WoC.fit(val_members, val_labels, aggregator)
+        woc_prediction, woc_used = woc.predict(members, aggregator)
+
+        def top1(prediction: Any) -> float:
+            return 100 * (prediction.argmax(-1) == labels).float().mean().item()
+
+        return {"rows": {"Single model": {"top1": top1(prefixes[:, 0]), "cost": 1.0},
+                         "Average ensemble": {"top1": top1(prefixes[:, -1]), "cost": float(members.shape[1])},
+                         "WoC": {"top1": top1(woc_prediction), "cost": woc_used.float().mean().item()}},
+                "woc_threshold": woc.threshold, "woc_stops": _stops(woc_used, members.shape[1])}
+
+    def evaluate_irene(self, ensemble: Any) -> dict[str, Any]:
+        """IRENE's top-1 and members used on the test split with its selector's halting (Eq. 6)."""
+        import torch
+
+        correct, used = [], []
+        with torch.no_grad():
+            for x, y in self.test_loader:
+                result = ensemble.predict(x.to(self.device))
+                correct.append(result.prediction.argmax(-1).cpu() == y)
+                used.append(result.members_used.cpu())
+        members_used = torch.cat(used)
+        return {"rows": {"IRENE": {"top1": 100 * torch.cat(correct).float().mean().item(),
+                                   "cost": members_used.float().mean().item()}},
+                "irene_stops": _stops(members_used, ensemble.num_members)}
+
+
+def _stops(members_used: Any, members: int) -> list[float]:
+    """Fraction of the test images stopping after member 1, 2, ..., ``members``."""
+    return [(members_used == k).float().mean().item() for k in range(1, members + 1)]
 
 
 def run(args: argparse.Namespace) -> int:
-    backbone, options, size, epochs, batch, lr = TINY if args.tiny else DEFAULTS[args.data]
-    limit_train, limit_eval = args.limit_train, args.limit_eval
-    if args.tiny:
-        limit_train, limit_eval = min(limit_train or TINY_IMAGES, TINY_IMAGES), min(limit_eval or TINY_IMAGES,
-                                                                                     TINY_IMAGES)
-    if args.backbone is not None:
-        backbone, options = args.backbone, {}
-    results = reproduce(
-        data=args.data, root=args.root, backbone=backbone, backbone_options=options, image_size=size,
-        members=args.members, epochs=args.epochs or epochs, batch_size=args.batch_size or batch, lr=args.lr or lr,
-        selector_lr=args.selector_lr, ens_weight=args.ens_weight, cost_weight=args.cost_weight,
-        rank_weight=args.rank_weight, schedule=args.schedule, limit_train=limit_train, limit_eval=limit_eval,
-        seed=args.seed, device=args.device, log=_log)
-    print(table(results))
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
+    from ensemblekit.training import checkpoint as ckpt
+
+    start = time.perf_counter()
+    if args.data is None:
+        args.data = default_dataset()
+    out = args.out or Path("ensemblekit-runs") / f"{NAME}-{args.data}"
+    if args.seeds < 1:
+        return _error("--seeds must be at least 1")
+    try:
+        chosen = settings(args)
+    except ValueError as err:
+        return _error(err)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    store = RunStore(out)
+    try:  # refuse a table of other settings before training anything
+        for seed in seeds:
+            for label in RUNS:
+                store.get(seed, label, {**chosen, "seed": seed})
+    except SettingsMismatch as err:
+        return _error(err)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {_device_name(args.device)}",
+          flush=True)
+    try:
+        table_runs = _Table(args, chosen, out)
+    except FileNotFoundError as err:  # the data is not where it is looked for; the message says what to do
+        return _error(err)
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        for label in RUNS:
+            settings_of_run = table_runs.run_settings(seed)
+            saved = store.get(seed, label, settings_of_run)
+            if saved is not None:
+                print(f"== {label}, seed {seed}: finished earlier, reused ({store.folder(seed, label)})", flush=True)
+            else:
+                print(f"== {label}, seed {seed}", flush=True)
+                try:
+                    saved = table_runs.train_and_evaluate(seed, label)
+                except (FileExistsError, ckpt.CheckpointError) as err:
+                    return _error(err)
+                store.put(seed, label, settings_of_run, saved)
+                shutil.rmtree(store.folder(seed, label) / "checkpoints", ignore_errors=True)
+                print(f"   {label}, seed {seed}: {saved['seconds']:.1f} s; " + "; ".join(
+                    f"{method} top-1 {row['top1']:.2f}, cost {row['cost']:.2f}"
+                    for method, row in saved["rows"].items()), flush=True)
+            results.setdefault(seed, {})[label] = saved
+            _write_results(out, args, chosen, seeds, results, start)
+    record = _write_results(out, args, chosen, seeds, results, start)
+    print()
+    print(table(record))
+    print("\nthe paper's claim, judged on this table (paired by seed):")
+    print("\n".join(claim.line() for claim in claims(results)))
+    print(f"\noutputs in {out.resolve()}: {', '.join(RESULTS)}, one folder per seed and run (run.json, model/)")
+    print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 
-def _log(record: dict[str, Any]) -> None:
-    skip = ("model", "stage", "epoch", "stage_epoch", "seconds")
-    parts = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in skip)
-    print(f"{record['model']} {record['stage']} epoch {record['stage_epoch']}: {parts}", file=sys.stderr)
+# ------------------------------------------------------------------ results
+def per_seed_rows(results: dict[int, dict[str, dict[str, Any]]]) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per seed with both runs finished: each method's top-1, cost and utility (Eq. 14, None where undefined:
+    an average ensemble no more accurate than its single model)."""
+    from ensemblekit.methods.irene.woc import utility
+
+    rows: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed, by_run in results.items():
+        if not all(label in by_run for label in RUNS):
+            continue
+        measured = {method: row for run in by_run.values() for method, row in run["rows"].items()}
+        single, full = measured["Single model"]["top1"], measured["Average ensemble"]["top1"]
+        members = round(measured["Average ensemble"]["cost"])
+        rows[seed] = {method: {**measured[method], "utility": utility(measured[method]["top1"],
+                                                                      measured[method]["cost"], single, full, members)
+                               if full > single else None} for method in METHODS}
+    return rows
 
 
-def _limit(dataset: Dataset, limit: int | None) -> Dataset:
-    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
+@dataclass(frozen=True)
+class _MembersComparison(Comparison):
+    """A comparison of costs, in members (``runs.Claim`` words every comparison in its one unit)."""
+
+    def describe(self, unit: str = "members") -> str:
+        return super().describe("members")
 
 
-def reproduce(data: str = "digits", root: str | None = None, backbone: str = "resnet18",
-              backbone_options: dict[str, Any] | None = None, image_size: int = 32, members: int = 3,
-              epochs: int = 200, batch_size: int = 128, lr: float = 0.1, selector_lr: float = 1e-3,
-              ens_weight: float = 0.1, cost_weight: float = 0.01, rank_weight: float = 0.1,
-              schedule: str = "sequential", limit_train: int | None = None, limit_eval: int | None = None,
-              seed: int = 0, device: str = "auto",
-              log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train and evaluate the four methods; returns settings, rows and the WoC threshold.
+def claims(results: dict[int, dict[str, dict[str, Any]]]) -> list[Any]:
+    """The paper's claim on the seeds with both runs finished, paired by seed: IRENE costs strictly less than the
+    average ensemble, with top-1 at most :data:`ACCURACY_TOLERANCE` points below it."""
+    from ensemblekit.reproduce.runs import Claim
 
-    ``log`` receives every epoch's history entry (:func:`ensemblekit.training.trainer.train`) with a
-    ``model`` key.
+    rows = list(per_seed_rows(results).values())
+    if not rows:
+        return []
+
+    def values(method: str, measure: str) -> list[float]:
+        return [by_method[method][measure] for by_method in rows]
+
+    return [Claim(f"IRENE's cost < the average ensemble's cost, at accuracy within {ACCURACY_TOLERANCE} points",
+                  "IRENE Tables 1-2",
+                  (_MembersComparison("Average ensemble cost", "IRENE cost", values("Average ensemble", "cost"),
+                                      values("IRENE", "cost"), strict=True),
+                   Comparison("IRENE top-1", "Average ensemble top-1", values("IRENE", "top1"),
+                              values("Average ensemble", "top1"), offset=-ACCURACY_TOLERANCE)))]
+
+
+def _claim_record(claim: Any) -> dict[str, Any]:
+    """``claim.to_dict()`` with the unit of each comparison (members for costs)."""
+    record: dict[str, Any] = claim.to_dict()
+    for entry, comparison in zip(record["comparisons"], claim.comparisons):
+        if isinstance(comparison, _MembersComparison):
+            entry["unit"] = "members"
+    return record
+
+
+def summarise(rows: dict[int, dict[str, dict[str, Any]]]) -> tuple[dict, dict]:
+    """Mean and standard deviation (n - 1; 0 for one seed) over seeds of each method's top-1, cost and utility
+    (utility over the seeds where it is defined; None where it is nowhere).
+
+    Examples:
+        >>> mean, std = summarise({0: {"WoC": {"top1": 90.0, "cost": 2.0, "utility": None}},
+        ...                        1: {"WoC": {"top1": 92.0, "cost": 2.0, "utility": 1.5}}})
+        >>> mean["WoC"], std["WoC"]["cost"]
+        ({'top1': 91.0, 'cost': 2.0, 'utility': 1.5}, 0.0)
     """
-    import ensemblekit as ek
-    from ensemblekit.backbones import create_backbone
-    from ensemblekit.evaluation.reports import collect_members
-    from ensemblekit.methods.irene.woc import WoC, utility
-    from ensemblekit.training.config import TrainConfig
-    from ensemblekit.training.data import load_dataset, make_loader
-    from ensemblekit.training.trainer import seed_everything, select_device, train
+    from ensemblekit.reproduce.runs import mean_std
 
-    dev = select_device(device)
-    train_set, info = load_dataset(data, "train", root=root, image_size=image_size)
-    val_set = _limit(load_dataset(data, "val", root=root, image_size=image_size)[0], limit_eval)
-    test_set = _limit(load_dataset(data, "test", root=root, image_size=image_size)[0], limit_eval)
-    train_set = _limit(train_set, limit_train)
-    # IRENE's optimisers and step decay (App. A.1) for both ensembles: Algorithm 1 for IRENE's loss
-    # (or all members at once with schedule="joint"), all members at once for the average ensemble
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=5e-4, seed=seed,
-                         device=str(dev), progress="none", stages={"name": "irene", "selector_lr": selector_lr})
+    mean: dict[str, dict[str, float | None]] = {}
+    std: dict[str, dict[str, float | None]] = {}
+    for method in METHODS:
+        found = [by_method[method] for by_method in rows.values() if method in by_method]
+        if not found:
+            continue
+        mean[method], std[method] = {}, {}
+        for measure in ("top1", "cost", "utility"):
+            values = [row[measure] for row in found if row[measure] is not None]
+            mean[method][measure], std[method][measure] = mean_std(values) if values else (None, None)
+    return mean, std
 
-    def backbone_model() -> torch.nn.Module:
-        return create_backbone(backbone, num_classes=info.num_classes, **(backbone_options or {}))
 
-    def logger(model: str) -> Callable[[dict[str, Any]], None] | None:
-        return None if log is None else (lambda record: log({"model": model, **record}))
+def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], seeds: list[int],
+                   results: dict[int, dict[str, dict[str, Any]]], start: float) -> dict[str, Any]:
+    import torch
 
-    seed_everything(seed)
-    average = ek.wrap(backbone_model(), "independent", members=members, aggregator="mean_probs", loss="independent")
-    train(average, train_set, config, on_epoch=logger("average"))
-    seed_everything(seed)  # IRENE's first member starts from the single model's initial weights
-    irene = ek.recipes.irene(backbone_model(), members=members, ens_weight=ens_weight, cost_weight=cost_weight,
-                             rank_weight=rank_weight, schedule=schedule)
-    train(irene, train_set, config, on_epoch=logger("irene"))
+    from ensemblekit.training.checkpoint import atomic_write
 
-    def eval_loader(dataset: Dataset):
-        return make_loader(dataset, 256, shuffle=False)
-
-    val_members, val_labels = collect_members(average.forward_members, eval_loader(val_set), dev)
-    test_members, labels = collect_members(average.forward_members, eval_loader(test_set), dev)
-    aggregator = average.aggregator.cpu()
-    prefixes = aggregator.prefixes(test_members)
-    woc = WoC.fit(val_members, val_labels, aggregator)
-    woc_prediction, woc_used = woc.predict(test_members, aggregator)
-    irene_correct, irene_used = _predict(irene, eval_loader(test_set), dev)
-
-    def accuracy(prediction: torch.Tensor) -> float:
-        return 100 * (prediction.argmax(-1) == labels).float().mean().item()
-
-    measured = {
-        "Single model": (accuracy(test_members[:, 0]), 1.0),
-        "Average ensemble": (accuracy(prefixes[:, -1]), float(members)),
-        "WoC": (accuracy(woc_prediction), woc_used.float().mean().item()),
-        "IRENE": (100 * irene_correct.float().mean().item(), irene_used.float().mean().item()),
+    rows = per_seed_rows(results)
+    mean, std = summarise(rows)
+    done = sum(len(by_run) for by_run in results.values())
+    judged = claims(results)
+    record = {
+        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
+        "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
+        "device": _device_name(args.device), "torch": torch.__version__,
+        "runs_finished": done, "runs_total": len(seeds) * len(RUNS), "complete": done == len(seeds) * len(RUNS),
+        "wall_seconds": time.perf_counter() - start,
+        "run_seconds": {label: [by_run[label]["seconds"] for by_run in results.values() if label in by_run]
+                        for label in RUNS},
+        "ours": mean, "std": std, "per_seed": {str(seed): by_method for seed, by_method in rows.items()},
+        "woc_thresholds": [by_run["average"]["woc_threshold"] for by_run in results.values() if "average" in by_run],
+        "stops": {str(seed): {"WoC": by_run["average"]["woc_stops"] if "average" in by_run else None,
+                              "IRENE": by_run["IRENE"]["irene_stops"] if "IRENE" in by_run else None}
+                  for seed, by_run in results.items()},
+        "paper": PAPER.get(args.data),
+        "claims": [_claim_record(claim) for claim in judged],
     }
-    single, full = measured["Single model"][0], measured["Average ensemble"][0]
-    rows = []
-    for method, (top1, cost) in measured.items():
-        value = utility(top1, cost, single, full, members) if full > single else None
-        rows.append({"method": method, "top1": top1, "cost": cost, "utility": value})
-    return {
-        "settings": {"data": data, "backbone": backbone, "backbone_options": backbone_options or {},
-                     "image_size": image_size, "members": members, "epochs_per_member": epochs,
-                     "batch_size": batch_size, "lr": lr, "selector_lr": selector_lr, "ens_weight": ens_weight,
-                     "cost_weight": cost_weight, "rank_weight": rank_weight, "schedule": schedule, "seed": seed,
-                     "train_images": len(train_set), "val_images": len(val_set), "test_images": len(labels),
-                     "device": str(dev)},
-        "woc_threshold": woc.threshold,
-        "rows": rows,
-        "paper": PAPER.get(data),
-    }
+    atomic_write(out / RESULTS[0], json.dumps(record, indent=2) + "\n")
+    text = markdown(record)
+    if judged:
+        text += ("\nThe paper's claim, judged on this table (paired by seed):\n\n```\n"
+                 + "\n".join(claim.line() for claim in judged) + "\n```\n")
+    atomic_write(out / RESULTS[1], text)
+    return record
 
 
-@torch.no_grad()
-def _predict(ensemble, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Correctness and members used per test image with the ensemble's halting policy."""
-    ensemble.to(device).eval()
-    correct, used = [], []
-    for x, y in loader:
-        result = ensemble.predict(x.to(device))
-        correct.append(result.prediction.argmax(-1).cpu() == y)
-        used.append(result.members_used.cpu())
-    return torch.cat(correct), torch.cat(used)
+def table(record: dict[str, Any]) -> str:
+    """Tables 1-2's layout: a row per method with top-1, cost and utility (mean ± std), the paper's beside them."""
+    seeds = len(record["seeds"])
+    paper = record["paper"] or {}
 
+    def cell(method: str, measure: str) -> str:
+        value, spread = record["ours"].get(method, {}).get(measure), record["std"].get(method, {}).get(measure)
+        if value is None:
+            return "-"
+        return f"{value:.2f} ± {spread:.2f}" if seeds > 1 else f"{value:.2f}"
 
-def table(results: dict[str, Any]) -> str:
-    """The results in the layout of IRENE's Tables 1-2, the paper's numbers beside ours."""
-    s = results["settings"]
-    paper = results["paper"] or {}
-    lines = [
-        f"IRENE on {s['data']} (test: {s['test_images']} images): {s['backbone']}, T={s['members']}, "
-        f"{s['epochs_per_member']} epoch(s) per member, {s['schedule']} schedule, "
-        f"WoC threshold {results['woc_threshold']:.2f} (from {s['val_images']} val images)",
-        "",
-    ]
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    lines = [f"IRENE Tables 1-2 on {TITLES[record['data']]}: test top-1 (%), cost (members used) and utility "
+             f"(Eq. 14), {spread} ({record['runs_finished']}/{record['runs_total']} runs finished)", ""]
     header = ["Methods", "Top-1 (%) ↑", "Cost ↓", "Utility ↑"]
     for backbone in paper:
         header += [f"paper {backbone} Top-1", "Cost", "Utility"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for row in results["rows"]:
-        cells = [row["method"], f"{row['top1']:.2f}", f"{row['cost']:.2f}",
-                 "-" if row["utility"] is None else f"{row['utility']:.2f}"]
+    for method in METHODS:
+        cells = [method, cell(method, "top1"), cell(method, "cost"), cell(method, "utility")]
         for numbers in paper.values():
-            cells += [f"{numbers[row['method']][0]:.2f}", f"{numbers[row['method']][1]:.2f}",
-                      f"{numbers[row['method']][2]:.2f}"]
+            cells += [f"{value:.2f}" for value in numbers[method]]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if record["woc_thresholds"]:
+        lines.append("WoC thresholds (validation split): " + ", ".join(f"{t:.2f}" for t in record["woc_thresholds"]))
+    for seed, stops in record["stops"].items():
+        lines.append(f"seed {seed}, fraction of test images stopping after member 1..T: " + "; ".join(
+            f"{method} " + ", ".join(f"{f:.2f}" for f in fractions) for method, fractions in stops.items()
+            if fractions is not None))
     if not paper:
-        lines.append("")
-        lines.append(f"The paper has no {s['data']} experiment (its Tables 1-2 are CIFAR-10 and CIFAR-100).")
-    if any(row["utility"] is None for row in results["rows"]):
-        lines.append("Utility undefined: the average ensemble is not more accurate than the single model.")
+        lines.append(f"The paper has no {record['data']} experiment (its Tables 1-2 are CIFAR-10 and CIFAR-100).")
+    if any(row["utility"] is None for by_method in record["per_seed"].values() for row in by_method.values()):
+        lines.append("Utility undefined for a seed whose average ensemble is not more accurate than its single model.")
     return "\n".join(lines)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The table as Markdown with its settings, device and wall time."""
+    return (f"{table(record)}\n\nSettings: {record['settings_text']}. Device {record['device']}, torch "
+            f"{record['torch']}, wall time {record['wall_seconds']:.0f} s.\n")

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ensemblekit.errors import EnsembleKitError
+
 __all__ = ["Claim", "Comparison", "RunStore", "SettingsMismatch", "default_dataset", "mean_std"]
 
 
-class SettingsMismatch(Exception):
+class SettingsMismatch(EnsembleKitError):
     """A finished run in the output folder was made with other settings than the ones asked for now."""
 
 

@@ -246,17 +246,6 @@ def test_inspect_counts_at_the_given_size_and_shows_macs(capsys, monkeypatch):
     assert "--input-size takes S or H W" in capsys.readouterr().err
 
 
-def test_imta_table_prints_macs_at_the_data_size():
-    from ensemblekit.reproduce.imta_table2 import table
-
-    settings = {"data": "digits", "test_images": 10, "backbone": "resnet10t", "exits": 2, "epochs": 1,
-                "phase2_epochs": 1, "alpha": 0.5, "temperature": 2.0, "image_size": 16}
-    results = {"settings": settings, "exit_flops": [2e6, 5e6],
-               "rows": [{"ge": True, "isc": False, "ofa": False, "top1": [50.0, 60.0], "paper": [0.0] * 5}]}
-    header = table(results).splitlines()[0]
-    assert "MMACs per 16x16 image" in header and "1.00, 2.50" in header
-
-
 # ------------------------------------------------------------------ dtypes
 def _cpu_supports(dtype: torch.dtype) -> bool:
     """Whether this PyTorch runs a conv, BatchNorm and pooling in ``dtype`` on the CPU."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import replace
 
@@ -469,33 +468,3 @@ def test_woc_search_when_the_first_member_is_never_right():
                 for t in WoC.GRID]
     assert woc.threshold == pytest.approx(WoC.GRID[accuracy.index(max(accuracy))])
     assert max(accuracy) == 0.5 and woc.threshold > 0.5  # never the untrained-looking first member alone
-
-
-# ------------------------------------------------------------ reproduce
-def test_reproduce_irene_tiny(capsys, tmp_path):
-    from ensemblekit.cli.main import main
-
-    out = tmp_path / "irene.json"
-    assert main(["reproduce", "irene", "--tiny", "--limit-train", "64", "--limit-eval", "48", "--device", "cpu",
-                 "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    for method in ("Single model", "Average ensemble", "WoC", "IRENE"):
-        assert f"| {method} |" in text
-    assert "Top-1 (%)" in text and "Utility" in text
-    results = json.loads(out.read_text())
-    assert [r["method"] for r in results["rows"]] == ["Single model", "Average ensemble", "WoC", "IRENE"]
-    assert results["settings"]["train_images"] == 64 and results["settings"]["test_images"] == 48
-    assert 1.0 <= results["rows"][3]["cost"] <= 3.0
-
-
-def test_reproduce_table_shows_the_papers_numbers():
-    from ensemblekit.reproduce.irene_table import PAPER, table
-
-    rows = [{"method": m, "top1": 90.0 + i, "cost": 1.0 + i, "utility": 1.0}
-            for i, m in enumerate(["Single model", "Average ensemble", "WoC", "IRENE"])]
-    results = {"settings": {"data": "cifar10", "test_images": 10, "backbone": "resnet18", "members": 3,
-                            "epochs_per_member": 1, "schedule": "sequential", "val_images": 5},
-               "woc_threshold": 0.5, "rows": rows, "paper": PAPER["cifar10"]}
-    text = table(results)
-    assert "paper ResNet-18 Top-1" in text
-    assert "| IRENE | 93.00 | 4.00 | 1.00 | 94.46 | 2.21 | 1.37 | 95.81 | 1.32 | 3.10 |" in text
