@@ -35,11 +35,11 @@ import torch
 import ensemblekit
 import ensemblekit as ek
 from ensemblekit.components.aggregators import MeanLogits, MeanProbs
-from ensemblekit.training.data import load_dataset, make_loader
 from ensemblekit.core.interfaces import Aggregator, AggregatorState
 from ensemblekit.evaluation.reports import anytime_report, collect_members
 from ensemblekit.plugins.manager import register_plugin
 from ensemblekit.testing import check_component
+from ensemblekit.training.data import load_dataset, make_loader
 
 
 class GeometricMean(Aggregator):

@@ -28,9 +28,9 @@ import timm
 import torch
 
 import ensemblekit as ek
+from ensemblekit.evaluation.reports import anytime_report, collect_members
 from ensemblekit.training import distributed
 from ensemblekit.training.data import load_dataset, make_loader
-from ensemblekit.evaluation.reports import anytime_report, collect_members
 from ensemblekit.training.trainer import select_device
 
 

@@ -24,13 +24,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 import ensemblekit
 import ensemblekit as ek
-from ensemblekit.training import checkpoint as ckpt
-from ensemblekit.training.checkpoint import CheckpointError
 from ensemblekit.cli.main import main
-from ensemblekit.training.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_ensemble, load_config
-from ensemblekit.training.data import load_dataset
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, UnknownComponentError
 from ensemblekit.splitting import SplitError
+from ensemblekit.training import checkpoint as ckpt
+from ensemblekit.training.checkpoint import CheckpointError
+from ensemblekit.training.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_ensemble, load_config
+from ensemblekit.training.data import load_dataset
 from ensemblekit.training.trainer import NonFiniteLossError, seed_everything, train
 from tests.conftest import toy_split
 

@@ -19,8 +19,9 @@ import contextlib
 import inspect
 import itertools
 import linecache
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn

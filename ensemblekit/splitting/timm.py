@@ -9,8 +9,9 @@ the last stage (final norm, pooling, classifier) is the head. See
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from ensemblekit.evaluation.budget import budget_sweep, plot_budget
 from ensemblekit.components.halting.budgeted import exit_indices
 from ensemblekit.components.halting.confidence import confidence
+from ensemblekit.evaluation.budget import budget_sweep, plot_budget
 from ensemblekit.methods.imta.recipe import multi_exit
 from ensemblekit.reproduce import imta_table2
 from tests.conftest import toy_split

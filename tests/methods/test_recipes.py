@@ -8,10 +8,10 @@ import torch
 
 import ensemblekit as ek
 from ensemblekit.components.aggregators import MeanLogits
-from ensemblekit.core.flops import count_flops
 from ensemblekit.components.losses import EnsembleNetCoDistillation, EnsembleNetEnsembling, HierarchicalDistillation
-from ensemblekit.methods.ensemblenet import AdaptedBlock
 from ensemblekit.components.topologies import MultiBranch, Tree
+from ensemblekit.core.flops import count_flops
+from ensemblekit.methods.ensemblenet import AdaptedBlock
 
 X = torch.randn(2, 3, 32, 32)
 
