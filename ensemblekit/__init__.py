@@ -11,7 +11,8 @@ from ensemblekit import methods as recipes
 from ensemblekit.build import wrap
 from ensemblekit.components import aggregators, halting, losses, topologies
 from ensemblekit.core.blocks import BlockSplit
-from ensemblekit.core.ensemble import Ensemble, HaltedPrediction, NodeCache
+from ensemblekit.core.cache import NodeCache
+from ensemblekit.core.ensemble import Ensemble, HaltedPrediction
 from ensemblekit.core.graph import SharingTopology
 from ensemblekit.core.interfaces import (
     Aggregator,

@@ -54,6 +54,27 @@ from ensemblekit.core.registry import HALTING_POLICIES, REGISTRIES, get_registry
 from ensemblekit.errors import EnsembleKitError
 from ensemblekit.plugins.manager import reset_plugins
 
+__all__ = [
+    "BATCH",
+    "CLASSES",
+    "MEMBERS",
+    "ConformanceError",
+    "build",
+    "check_aggregator",
+    "check_component",
+    "check_executor",
+    "check_halting_policy",
+    "check_loss",
+    "check_recipe",
+    "check_schedule",
+    "check_splitter",
+    "check_topology",
+    "example_options",
+    "isolated_plugins",
+    "registered_components",
+    "toy_split",
+]
+
 BATCH, CLASSES, MEMBERS = 6, 5, 4
 """Sizes the checks use: distinct, so a tensor laid out wrongly is caught."""
 

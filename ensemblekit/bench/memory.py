@@ -33,6 +33,8 @@ from torch import nn
 
 from ensemblekit.core.timing import synchronize
 
+__all__ = ["CHILD_ENV", "child", "measure", "unsupported"]
+
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """Allocator setting of the measuring child: large blocks are unmapped when freed."""
 

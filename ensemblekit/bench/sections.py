@@ -38,6 +38,26 @@ from ensemblekit.core.timing import timed
 from ensemblekit.execution import CANDIDATES, AutoExecutor
 from ensemblekit.training.trainer import training_step
 
+__all__ = [
+    "ALLOCATOR_ENV",
+    "DEFAULT",
+    "FULL",
+    "QUICK",
+    "REEXEC_FLAG",
+    "SECTIONS",
+    "STRATEGIES",
+    "TARGETS",
+    "Bench",
+    "BenchSettings",
+    "HalfAfterFirst",
+    "Line",
+    "allocator_status",
+    "device_name",
+    "header",
+    "needs_allocator_env",
+    "run_bench",
+]
+
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 """glibc malloc settings that keep large activations mapped between calls."""
 

@@ -18,6 +18,8 @@ from torch import fx, nn
 
 from ensemblekit.core.batching import StateLayout
 
+__all__ = ["BlockSplit", "FeatureFormat", "State", "TracedBlock", "call_block"]
+
 State = Union[torch.Tensor, tuple[Any, ...]]
 FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
 

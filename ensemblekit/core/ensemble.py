@@ -32,6 +32,8 @@ from ensemblekit.core.interfaces import (
 from ensemblekit.core.registry import EXECUTORS
 from ensemblekit.core.timing import Clock
 
+__all__ = ["Ensemble", "FeatureExit", "HaltedPrediction"]
+
 
 class FeatureExit(nn.Module):
     """Feeds an exit head the feature map picked out of a block's state."""

@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from ensemblekit.core.blocks import State
     from ensemblekit.core.ensemble import Ensemble
 
+__all__ = [
+    "Aggregator",
+    "AggregatorState",
+    "EnsembleOutput",
+    "Executor",
+    "HaltingPolicy",
+    "HaltingStep",
+    "LossResult",
+    "LossStrategy",
+    "UntrainedHaltingWarning",
+]
+
 AggregatorState = dict[str, Tensor]
 """Running state of an incremental aggregation; its per-sample entries are batch-first."""
 

@@ -8,6 +8,8 @@ import numpy as np
 
 from ensemblekit.splitting.errors import SplitError
 
+__all__ = ["balance"]
+
 
 def balance(costs: Sequence[float], num_blocks: int, *, min_share: float = 0.02) -> list[int]:
     """Group consecutive pieces into ``num_blocks`` blocks of balanced cost.

@@ -30,6 +30,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from ensemblekit.core.batching import StateLayout
 from ensemblekit.splitting.errors import SplitError
 
+__all__ = [
+    "PATH",
+    "SCALAR_TYPES",
+    "GraphBlock",
+    "GraphCuts",
+    "GraphIndex",
+    "PathTracer",
+    "Profile",
+    "TracedModel",
+    "ValueInfo",
+    "batch_values",
+    "build_blocks",
+    "locate_cuts",
+    "per_sample_layouts",
+    "profile_graph",
+    "trace_modes",
+    "training_mode",
+]
+
 PATH = "ensemblekit_module_path"
 """Key of ``node.meta`` holding the path of the module that created the node."""
 

@@ -34,6 +34,24 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+__all__ = [
+    "DATASETS",
+    "OPTIMIZERS",
+    "PROGRESS",
+    "RECIPE_ARGUMENTS",
+    "RESUMABLE_CHANGES",
+    "SCHEDULES",
+    "SPLITS",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "build_ensemble",
+    "load_config",
+    "section_from_dict",
+]
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # requires-python is >= 3.10: tomli is tomllib's backport
