@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import fx, nn
@@ -20,7 +20,7 @@ from ensemblekit.core.batching import StateLayout
 
 __all__ = ["BlockSplit", "FeatureFormat", "State", "TracedBlock", "call_block"]
 
-State = Union[torch.Tensor, tuple[Any, ...]]
+State = torch.Tensor | tuple[Any, ...]
 FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
 
 

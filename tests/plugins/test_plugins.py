@@ -229,8 +229,8 @@ def test_plugin_cannot_take_a_builtin_name(install):
         def register_aggregators(register):
             register("mean", MeanProbs)
     """)
-    with pytest.warns(PluginWarning, match="'mean' is registered twice: by plugin 'ensemblekit.plugins.builtins' and by "
-                                           "plugin 'fake'"):
+    with pytest.warns(PluginWarning, match="'mean' is registered twice: by plugin 'ensemblekit.plugins.builtins' "
+                                           "and by plugin 'fake'"):
         load_plugins()
     assert AGGREGATORS.get("mean").factory is MeanLogits
 
