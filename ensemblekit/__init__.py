@@ -7,10 +7,12 @@
 """
 
 from ensemblekit import _moved
+from ensemblekit import methods as recipes
 from ensemblekit.build import wrap
 from ensemblekit.components import aggregators, halting, losses, topologies
 from ensemblekit.core.blocks import BlockSplit
-from ensemblekit.core.ensemble import Ensemble, HaltedPrediction, NodeCache
+from ensemblekit.core.cache import NodeCache
+from ensemblekit.core.ensemble import Ensemble, HaltedPrediction
 from ensemblekit.core.graph import SharingTopology
 from ensemblekit.core.interfaces import (
     Aggregator,
@@ -23,7 +25,6 @@ from ensemblekit.core.interfaces import (
 )
 from ensemblekit.core.registry import list_components
 from ensemblekit.errors import EnsembleKitError
-from ensemblekit import methods as recipes
 from ensemblekit.plugins import manager as _plugin_manager  # noqa: F401  (installs the registries' loader)
 from ensemblekit.plugins.hookspecs import hookimpl
 from ensemblekit.splitting import split

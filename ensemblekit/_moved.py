@@ -1,8 +1,11 @@
-"""Old module paths of ensemblekit, kept importable with a ``DeprecationWarning``.
+"""Old module paths and names of ensemblekit, kept importable with a ``DeprecationWarning``.
 
 Before the layered layout every module sat directly under ``ensemblekit``;
 ``import ensemblekit.topologies`` (and the like) still works and returns the
-module's new home.
+module's new home. Names that moved to a module of a higher layer
+(``ensemblekit.splitting.narrow_model`` is now ``ensemblekit.backbones.narrow_model``)
+are handed out by the old module's ``__getattr__`` through :func:`moved_name`,
+which imports their new home by name, so the old module does not import upward.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib.util
 import sys
 import warnings
 from types import ModuleType
+from typing import Any
 
 MOVED = {
     "ensemblekit.aggregators": "ensemblekit.components.aggregators",
@@ -44,6 +48,26 @@ MOVED = {
     "ensemblekit.train": "ensemblekit.training.trainer",
     "ensemblekit.wrap": "ensemblekit.build",
 }
+
+_BACKBONES = {name: "ensemblekit.backbones" for name in ("WIDTH_ARGS", "create_backbone", "narrow_model", "width_arg")}
+
+MOVED_NAMES = {
+    "ensemblekit.splitting": {**_BACKBONES, "UnknownBackboneError": "ensemblekit.backbones"},
+    "ensemblekit.splitting.timm": _BACKBONES,
+}
+"""``{old module: {name: new module}}``: names that moved out of a module that still exists."""
+
+
+def moved_name(module: str, name: str) -> Any:
+    """``module.name`` for a name that moved (see :data:`MOVED_NAMES`), with a ``DeprecationWarning``.
+
+    Meant for the old module's ``__getattr__``: raises ``AttributeError`` for any other name.
+    """
+    new = MOVED_NAMES.get(module, {}).get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module(new), name)
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -27,7 +27,22 @@ from ensemblekit.core.initialisation import InitWarning
 from ensemblekit.core.registry import AGGREGATORS, EXECUTORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, Registry
 from ensemblekit.errors import EnsembleKitError
 
-__all__ = ["BuildSpecError", "component_spec", "record_preparation", "recorded_recipe", "wrap"]
+__all__ = [
+    "BUILT_ATTR",
+    "COMPONENT_KINDS",
+    "SPEC_ATTR",
+    "BuildSpecError",
+    "built_components",
+    "component_spec",
+    "components",
+    "from_json",
+    "record_build",
+    "record_preparation",
+    "recorded_recipe",
+    "registry_of",
+    "to_json",
+    "wrap",
+]
 
 
 def wrap(

@@ -44,15 +44,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.components.topologies import Tree
 from ensemblekit.core.batching import select_running_state
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
-from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, HaltingStep, LossResult, LossStrategy
-from ensemblekit.plugins.manager import reset_plugins
-from ensemblekit.core.registry import HALTING_POLICIES, REGISTRIES, get_registry
-from ensemblekit.components.topologies import Tree
 from ensemblekit.core.graph import NodeGraph, SharingTopology
+from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, HaltingStep, LossResult, LossStrategy
+from ensemblekit.core.registry import HALTING_POLICIES, REGISTRIES, get_registry
+from ensemblekit.errors import EnsembleKitError
+from ensemblekit.plugins.manager import reset_plugins
+
+__all__ = [
+    "BATCH",
+    "CLASSES",
+    "MEMBERS",
+    "ConformanceError",
+    "build",
+    "check_aggregator",
+    "check_component",
+    "check_executor",
+    "check_halting_policy",
+    "check_loss",
+    "check_recipe",
+    "check_schedule",
+    "check_splitter",
+    "check_topology",
+    "example_options",
+    "isolated_plugins",
+    "registered_components",
+    "toy_split",
+]
 
 BATCH, CLASSES, MEMBERS = 6, 5, 4
 """Sizes the checks use: distinct, so a tensor laid out wrongly is caught."""

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 
-import timm
 import torch
 
 import ensemblekit as ek
+from ensemblekit.backbones import create_backbone
 from ensemblekit.training.data import load_dataset
 
 
@@ -39,7 +39,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     test, info = load_dataset("digits", "test", image_size=args.image_size)
-    model = timm.create_model(args.backbone, pretrained=False, num_classes=info.num_classes, **backbone_options)
+    model = create_backbone(args.backbone, num_classes=info.num_classes, **backbone_options)
 
     # One call: cut into depth + 1 blocks, block b copied 2^b times, a head per leaf.
     # example_input sets the image size the blocks are balanced and the FLOPs counted at.

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.backbones import create_backbone
 from ensemblekit.evaluation.reports import anytime_report, collect_members
+from ensemblekit.training.data import load_dataset, make_loader
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     train_set, info = load_dataset("digits", "train", image_size=16)  # 8x8 digits upsampled: every pixel kept
     test_set, _ = load_dataset("digits", "test", image_size=16)
-    backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
+    backbone = create_backbone("resnet10t", num_classes=info.num_classes, **width)
 
     # example_input: FLOPs are counted (and blocks balanced) at the real image size.
     ens = ek.recipes.hne(backbone, depth=args.depth, alpha=args.alpha,

@@ -22,8 +22,8 @@ import timm
 import torch
 
 import ensemblekit as ek
-from ensemblekit.training.data import load_dataset, make_loader
 from ensemblekit.evaluation.reports import anytime_report, collect_members
+from ensemblekit.training.data import load_dataset, make_loader
 
 
 def main() -> None:

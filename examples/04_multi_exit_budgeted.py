@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import timm
 import torch
 from torch.utils.data import Subset
 
 import ensemblekit as ek
+from ensemblekit.backbones import create_backbone
 from ensemblekit.training.config import TrainConfig
 from ensemblekit.training.data import load_dataset, make_loader
 from ensemblekit.training.trainer import train
@@ -55,7 +55,7 @@ def main() -> None:
         args.epochs, args.phase2_epochs = 1, 1
         train_set = Subset(train_set, range(15 * args.batch_size))
         width = {"stem_width": 8, "channels": [8, 16, 32, 64]}
-    backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
+    backbone = create_backbone("resnet10t", num_classes=info.num_classes, **width)
 
     # An exit after each of the backbone's stages; GE on the whole network in phase I.
     net = ek.recipes.multi_exit(backbone, gradient_equilibrium=True, example_input=torch.zeros(1, *info.input_shape))

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 
-import timm
 import torch
 from torch.utils.data import Subset
 
 import ensemblekit as ek
+from ensemblekit.backbones import create_backbone
 from ensemblekit.evaluation.reports import collect_members
 from ensemblekit.methods.irene.woc import WoC, utility
 from ensemblekit.training.config import TrainConfig
@@ -58,7 +58,7 @@ def main() -> None:
         args.epochs = 1
         train_set = Subset(train_set, range(640))
         width = {"stem_width": 8, "channels": [8, 16, 32, 64]}
-    backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
+    backbone = create_backbone("resnet10t", num_classes=info.num_classes, **width)
 
     ens = ek.recipes.irene(backbone, members=args.members, cost_weight=args.cost_weight,
                            example_input=torch.zeros(1, *info.input_shape))

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 
-import timm
 import torch
 
 import ensemblekit as ek
+from ensemblekit.backbones import create_backbone
 from ensemblekit.training.config import TrainConfig
 from ensemblekit.training.data import load_dataset
 from ensemblekit.training.trainer import train
@@ -46,7 +46,7 @@ def main() -> None:
     if args.smoke:
         args.depth, args.epochs = 2, 1
         width = {"stem_width": 8, "channels": [8, 16, 32, 64]}
-    backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
+    backbone = create_backbone("resnet10t", num_classes=info.num_classes, **width)
     ens = ek.recipes.hne(backbone, depth=args.depth, example_input=torch.zeros(1, *info.input_shape))
     train(ens, train_set, TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, seed=args.seed, device="cpu",
                                       progress="none"))

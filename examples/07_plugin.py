@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import argparse
 
-import timm
 import torch
 
 import ensemblekit
 import ensemblekit as ek
+from ensemblekit.backbones import create_backbone
 from ensemblekit.components.aggregators import MeanLogits, MeanProbs
-from ensemblekit.training.data import load_dataset, make_loader
 from ensemblekit.core.interfaces import Aggregator, AggregatorState
 from ensemblekit.evaluation.reports import anytime_report, collect_members
 from ensemblekit.plugins.manager import register_plugin
 from ensemblekit.testing import check_component
+from ensemblekit.training.data import load_dataset, make_loader
 
 
 class GeometricMean(Aggregator):
@@ -99,7 +99,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     train_set, data = load_dataset("digits", "train", image_size=16)
     test_set, _ = load_dataset("digits", "test", image_size=16)
-    backbone = timm.create_model("resnet10t", pretrained=False, num_classes=data.num_classes, **width)
+    backbone = create_backbone("resnet10t", num_classes=data.num_classes, **width)
     ens = ek.wrap(backbone, "tree", depth=args.depth, loss="independent",
                   aggregator={"name": "geomean", "temperature": args.temperature},
                   example_input=torch.zeros(1, *data.input_shape))

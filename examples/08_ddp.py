@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import timm
 import torch
 
 import ensemblekit as ek
+from ensemblekit.backbones import create_backbone
+from ensemblekit.evaluation.reports import anytime_report, collect_members
 from ensemblekit.training import distributed
 from ensemblekit.training.data import load_dataset, make_loader
-from ensemblekit.evaluation.reports import anytime_report, collect_members
 from ensemblekit.training.trainer import select_device
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     try:
         torch.manual_seed(args.seed)  # same weights everywhere (DDP also broadcasts rank 0's)
         train_set, info = load_dataset("digits", "train", image_size=16)
-        backbone = timm.create_model("resnet10t", pretrained=False, num_classes=info.num_classes, **width)
+        backbone = create_backbone("resnet10t", num_classes=info.num_classes, **width)
         ens = ek.recipes.hne(backbone, depth=args.depth, example_input=torch.zeros(1, *info.input_shape))
         ens.cost_table(input_size=info.input_shape)  # measured before training (cached)
         ens.to(device)

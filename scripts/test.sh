@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set everything up, then run the whole test suite: the library's tests, the
-# sample plugins' tests, the examples in smoke mode and the docs build.
+# Set everything up, then run the whole test suite: the linters, the library's
+# tests, the sample plugins' tests, the examples in smoke mode and the docs build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check ensemblekit tests benchmarks examples plugins
+.venv/bin/mypy  # the paths in pyproject.toml's [tool.mypy] files
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000
 
 # Two worker processes of one thread each: the machine has 2 cores.

@@ -24,13 +24,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 import ensemblekit
 import ensemblekit as ek
-from ensemblekit.training import checkpoint as ckpt
-from ensemblekit.training.checkpoint import CheckpointError
 from ensemblekit.cli.main import main
-from ensemblekit.training.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_ensemble, load_config
-from ensemblekit.training.data import load_dataset
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, UnknownComponentError
 from ensemblekit.splitting import SplitError
+from ensemblekit.training import checkpoint as ckpt
+from ensemblekit.training.checkpoint import CheckpointError
+from ensemblekit.training.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_ensemble, load_config
+from ensemblekit.training.data import load_dataset
 from ensemblekit.training.trainer import NonFiniteLossError, seed_everything, train
 from tests.conftest import toy_split
 
@@ -196,8 +196,9 @@ VALUE = st.integers(-1, 4) | st.floats(0, 1) | st.lists(st.floats(0.1, 2), max_s
 
 def spec(registry) -> st.SearchStrategy:
     """A registered name, a mapping of a name and some of its options (values plausible or junk), or junk."""
-    options = {e.name: [p for p in inspect.signature(e.factory).parameters if p not in ("args", "kwargs", "num_members")]
-               or ["x"] for e in registry.entries()}
+    skip = ("args", "kwargs", "num_members")
+    options = {e.name: [p for p in inspect.signature(e.factory).parameters if p not in skip] or ["x"]
+               for e in registry.entries()}
     names = st.sampled_from(sorted(options))
     mappings = names.flatmap(lambda n: st.dictionaries(st.sampled_from(options[n]), VALUE, max_size=2)
                              .map(lambda o: {"name": n, **o}))
@@ -227,17 +228,25 @@ CONFIG_CASES = [
     ("toml syntax", "x.toml", "[model\nbackbone = 1", "invalid TOML"),
     ("yaml syntax", "x.yaml", "model: [1, 2", "invalid YAML"),
     ("unknown format", "x.json", "{}", "unknown config format '.json'; use .toml, .yaml or .yml"),
-    ("unknown section", "x.toml", '[modle]\nbackbone = "resnet10t"', "unknown key 'modle' in top level (did you mean 'model'?)"),
+    ("unknown section", "x.toml", '[modle]\nbackbone = "resnet10t"',
+     "unknown key 'modle' in top level (did you mean 'model'?)"),
     ("no model section", "x.toml", "[train]\nepochs = 1", "missing section [model]"),
-    ("unknown key", "x.toml", '[model]\nbackbone = "r"\n[train]\nlrate = 0.1', "unknown key 'lrate' in [train]; allowed keys: epochs, batch_size"),
-    ("invalid choice", "x.toml", '[model]\nbackbone = "r"\n[train]\noptimizer = "adam"', "train.optimizer must be one of 'sgd', 'adamw'; got 'adam'"),
+    ("unknown key", "x.toml", '[model]\nbackbone = "r"\n[train]\nlrate = 0.1',
+     "unknown key 'lrate' in [train]; allowed keys: epochs, batch_size"),
+    ("invalid choice", "x.toml", '[model]\nbackbone = "r"\n[train]\noptimizer = "adam"',
+     "train.optimizer must be one of 'sgd', 'adamw'; got 'adam'"),
     ("wrong type", "x.toml", '[model]\nbackbone = "r"\n[train]\nepochs = "ten"', "train.epochs must be int, got 'ten'"),
-    ("YAML string for a number", "x.yaml", "model: {backbone: r}\ntrain: {lr: 1e-3}", "train.lr must be float, got '1e-3' (str)"),
+    ("YAML string for a number", "x.yaml", "model: {backbone: r}\ntrain: {lr: 1e-3}",
+     "train.lr must be float, got '1e-3' (str)"),
     ("lr nan", "x.toml", '[model]\nbackbone = "r"\n[train]\nlr = nan', "train.lr must be a finite number > 0, got nan"),
-    ("momentum 1.5", "x.toml", '[model]\nbackbone = "r"\n[train]\nmomentum = 1.5', "train.momentum must be in [0, 1), got 1.5"),
-    ("batch size 0", "x.toml", '[model]\nbackbone = "r"\n[train]\nbatch_size = 0', "train.batch_size must be an integer >= 1, got 0"),
-    ("unknown dataset", "x.toml", '[model]\nbackbone = "r"\n[data]\nname = "mnist"', "data.name must be one of 'digits', 'cifar10'"),
-    ("unknown topology", "x.toml", '[model]\nbackbone = "r"\ntopology = "forest"', "model.topology: unknown topology 'forest'"),
+    ("momentum 1.5", "x.toml", '[model]\nbackbone = "r"\n[train]\nmomentum = 1.5',
+     "train.momentum must be in [0, 1), got 1.5"),
+    ("batch size 0", "x.toml", '[model]\nbackbone = "r"\n[train]\nbatch_size = 0',
+     "train.batch_size must be an integer >= 1, got 0"),
+    ("unknown dataset", "x.toml", '[model]\nbackbone = "r"\n[data]\nname = "mnist"',
+     "data.name must be one of 'digits', 'cifar10'"),
+    ("unknown topology", "x.toml", '[model]\nbackbone = "r"\ntopology = "forest"',
+     "model.topology: unknown topology 'forest'"),
     ("unknown recipe", "x.toml", '[model]\nbackbone = "r"\nrecipe = "hnet"', "model.recipe must be one of"),
     ("section of a wrong type", "x.yaml", "model: 3", "[model] must be a mapping, got int"),
 ]

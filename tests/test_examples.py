@@ -50,6 +50,8 @@ def test_example_smoke(path: Path, tmp_path: Path):
     assert proc.returncode == 0, (
         f"{path.name} --smoke exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
         f"\n--- stderr ---\n{proc.stderr[-4000:]}")
+    # a backbone made with ensemblekit.backbones.create_backbone: members drawn by timm's own init
+    assert "InitWarning" not in proc.stderr, proc.stderr[-4000:]
 
 
 DDP_EXAMPLE = ROOT / "examples" / "08_ddp.py"

@@ -6,7 +6,8 @@ import contextlib
 import inspect
 import math
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import timm
 import torch

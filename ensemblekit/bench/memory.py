@@ -33,6 +33,8 @@ from torch import nn
 
 from ensemblekit.core.timing import synchronize
 
+__all__ = ["CHILD_ENV", "child", "measure", "unsupported"]
+
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """Allocator setting of the measuring child: large blocks are unmapped when freed."""
 
@@ -81,29 +83,31 @@ def _measure_models(settings: Any, device: torch.device) -> dict[str, dict[str, 
         return create_backbone(s.model, num_classes=s.num_classes, **s.model_args).to(device)
 
     out = {}
+    # The calls take the module as an argument: it is deleted before the next one is built, so nothing may refer to it.
     tree = ek.wrap(model(), "tree", depth=s.depth, example_input=x[:1]).to(device)
-    out["tree"] = _measure(tree, lambda: tree(x), lambda: tree.loss(tree.forward_members(x), y).total, device)
+    out["tree"] = _measure(tree, lambda m: m(x), lambda m: m.loss(m.forward_members(x), y).total, device)
     del tree
     nets = nn.ModuleList(model() for _ in range(2 ** s.depth))
-    out["nets"] = _measure(nets, lambda: [n(x) for n in nets],
-                           lambda: sum(F.cross_entropy(n(x), y) for n in nets), device)
+    out["nets"] = _measure(nets, lambda m: [n(x) for n in m],
+                           lambda m: sum(F.cross_entropy(n(x), y) for n in m), device)
     return out
 
 
-def _measure(module: nn.Module, infer: Callable[[], Any], loss: Callable[[], torch.Tensor],
+def _measure(module: nn.Module, infer: Callable[[Any], Any], loss: Callable[[Any], torch.Tensor],
              device: torch.device) -> dict[str, int]:
+    """Weights, and peak bytes of ``infer(module)`` (eval) and of an SGD step on ``loss(module)`` (train)."""
     weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     module.eval()
     with torch.no_grad():
-        infer()  # one-time allocations (kernels, caches) are not the model's
-        eval_peak = _peak(infer, device)
+        infer(module)  # one-time allocations (kernels, caches) are not the model's
+        eval_peak = _peak(lambda: infer(module), device)
     module.train()
     params = list(module.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=device.type in ("cpu", "cuda") or None)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss().backward()
+        loss(module).backward()
         optimizer.step()
 
     step()  # creates the momentum buffers

@@ -38,6 +38,26 @@ from ensemblekit.core.timing import timed
 from ensemblekit.execution import CANDIDATES, AutoExecutor
 from ensemblekit.training.trainer import training_step
 
+__all__ = [
+    "ALLOCATOR_ENV",
+    "DEFAULT",
+    "FULL",
+    "QUICK",
+    "REEXEC_FLAG",
+    "SECTIONS",
+    "STRATEGIES",
+    "TARGETS",
+    "Bench",
+    "BenchSettings",
+    "HalfAfterFirst",
+    "Line",
+    "allocator_status",
+    "device_name",
+    "header",
+    "needs_allocator_env",
+    "run_bench",
+]
+
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 """glibc malloc settings that keep large activations mapped between calls."""
 
@@ -321,7 +341,8 @@ class Bench:
                 p.grad = torch.zeros_like(p)
         t = self.time({k: opt.step for k, opt in optimizers.items()})
         self.say(1, f"train the optimizer step alone: tree {t['tree'] * 1e3:.1f} ms "
-                    f"({sizes['tree'] / 1e6:.1f}M parameters) vs {len(nets)} networks {t['nets'] * 1e3:.1f} ms ({sizes['nets'] / 1e6:.1f}M): "
+                    f"({sizes['tree'] / 1e6:.1f}M parameters) vs {len(nets)} networks {t['nets'] * 1e3:.1f} ms "
+                    f"({sizes['nets'] / 1e6:.1f}M): "
                     f"{t['nets'] / t['tree']:.2f}x (it follows the parameter ratio "
                     f"{sizes['nets'] / sizes['tree']:.2f}x, not the FLOPs ratio; no target)")
 
@@ -391,9 +412,9 @@ class Bench:
                 rate = {k: (single_flops if k == "single" else flops) / v for k, v in t.items()}
                 parts = [f"{k} {v * 1e3:.1f} ms ({rate[k] / rate['single']:.0%})" for k, v in t.items()
                          if k != "single"]
+                took = f"{time.perf_counter() - start:.0f} s{' incl. compile' if compiled is not None else ''}"
                 self.say(2, f"N={n:<2d} {mode:5s} time (share of one model's GFLOP/s, single "
-                            f"{t['single'] * 1e3:.1f} ms): " + ", ".join(parts)
-                            + f"  [{time.perf_counter() - start:.0f} s{' incl. compile' if compiled is not None else ''}]")
+                            f"{t['single'] * 1e3:.1f} ms): " + ", ".join(parts) + f"  [{took}]")
                 best = min(STRATEGIES, key=t.__getitem__)
                 # the two are often a few percent apart: time them again head to head, with twice the rounds
                 rounds = 2 * s.rounds
@@ -465,8 +486,8 @@ class Bench:
             half = tree.predict(x, halting=HalfAfterFirst())
             full = tree.predict(x, halting=full_policy)
             predicted = 1 - half.flops.mean().item() / full.flops.mean().item()
-            t = self.time({"full": lambda: tree.predict(x, halting=full_policy),
-                           "half": lambda: tree.predict(x, halting=HalfAfterFirst())})
+            t = self.time({"full": lambda x=x: tree.predict(x, halting=full_policy),
+                           "half": lambda x=x: tree.predict(x, halting=HalfAfterFirst())})
             measured = 1 - t["half"] / t["full"]
             ratio = measured / predicted
             self.say(5, f"eval  batch {x.shape[0]}: predict(), half the samples stop after member 1: "
@@ -545,7 +566,7 @@ class Bench:
                         f"(target <= {TARGETS['memory']})", ratio <= TARGETS["memory"])
 
     def _describe_auto(self, section: int, ens: ek.Ensemble) -> None:
-        executor = ens._executor
+        executor = ens.executor
         if isinstance(executor, AutoExecutor):
             self.say(section, "auto chose: " + "; ".join(executor.describe()))
 

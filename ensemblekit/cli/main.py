@@ -13,6 +13,8 @@ import sys
 
 from ensemblekit.cli import commands
 
+__all__ = ["build_parser", "main"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemblekit", description="Adaptive ensembles from timm backbones.")

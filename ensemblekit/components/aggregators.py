@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from ensemblekit.core.interfaces import Aggregator, AggregatorState
 
+__all__ = ["LastExit", "MeanLogits", "MeanProbs", "Vote", "WeightedMean"]
+
 
 class MeanLogits(Aggregator):
     """Mean of logits, HNE's ensemble output: ``y^b = 1/2^b sum_n F_n(x)`` (Eq. 1)."""

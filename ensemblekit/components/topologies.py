@@ -119,11 +119,11 @@ class Tree(SharingTopology):
         level = [g.add(0, None)]
         for block in range(1, num_blocks):
             level = [g.add(block, parent) for parent in level for _ in range(self.branching)]
-        members = []
+        members: list[Member] = []
         for leaf in level:
             path = [leaf]
-            while g.nodes[path[0]].parent is not None:
-                path.insert(0, g.nodes[path[0]].parent)
+            while (parent := g.nodes[path[0]].parent) is not None:
+                path.insert(0, parent)
             members.append(Member(len(members), tuple(path)))
         sizes = tuple(self.branching**b for b in range(self.depth + 1))
         return NodeGraph(g.nodes, members, sizes)

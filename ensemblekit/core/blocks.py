@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import torch
 from torch import fx, nn
 
 from ensemblekit.core.batching import StateLayout
 
-State = Union[torch.Tensor, tuple[Any, ...]]
+__all__ = ["BlockSplit", "FeatureFormat", "State", "TracedBlock", "call_block"]
+
+State = torch.Tensor | tuple[Any, ...]
 FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
 
 
@@ -97,14 +99,15 @@ class BlockSplit:
     def feature(self, state: State, block: int) -> torch.Tensor:
         """The feature-map tensor inside the state produced by ``block``."""
         index = self.feature_index[block]
-        return state if index is None else state[index]
+        # feature_index is None exactly where the block's state is the feature tensor itself
+        return cast(torch.Tensor, state if index is None else state[index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run blocks then head: equals the backbone's ``model(x)``."""
         state: State = x
         for block in self.blocks:
             state = call_block(block, state)
-        return call_block(self.head, state)
+        return cast(torch.Tensor, call_block(self.head, state))  # the head returns the logits
 
 
 def call_block(block: nn.Module, state: State) -> State:

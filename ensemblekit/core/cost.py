@@ -28,7 +28,7 @@ from ensemblekit.core.blocks import State, call_block
 from ensemblekit.core.flops import count_flops, count_flops_meta, flops_to_macs
 from ensemblekit.errors import EnsembleKitError
 
-__all__ = ["CostError", "EnsembleCosts", "PrefixCost", "cost_shape", "measure_costs"]
+__all__ = ["CostError", "EnsembleCosts", "PrefixCost", "Shape", "cost_shape", "measure_costs"]
 
 Shape = tuple[int, int, int]
 

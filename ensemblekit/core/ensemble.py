@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ensemblekit.core.anytime import anytime
-from ensemblekit.core.batching import select_running_state
+from ensemblekit.core.batching import StateLayout, select_running_state
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.cost import EnsembleCosts, PrefixCost, cost_shape, measure_costs
@@ -31,6 +31,8 @@ from ensemblekit.core.interfaces import (
 )
 from ensemblekit.core.registry import EXECUTORS
 from ensemblekit.core.timing import Clock
+
+__all__ = ["Ensemble", "FeatureExit", "HaltedPrediction"]
 
 
 class FeatureExit(nn.Module):
@@ -122,7 +124,8 @@ class Ensemble(nn.Module):
         self.native_size = split.native_size
         self._costs: dict[tuple[int, int, int], EnsembleCosts] = {}
         self.block_names = list(split.names or [])
-        self.state_layouts = list(split.per_sample or [None] * len(split))  # per block: what is per-sample
+        self.state_layouts: list[StateLayout | None] = (  # per block: what is per-sample (None: not declared)
+            list(split.per_sample) if split.per_sample else [None] * len(split))
         copies = MemberInit(split, init)
         self.init_mode = copies.mode  # the mode applied ("auto" resolved)
         self.nodes = nn.ModuleList(_override(self._make_nodes(copies, node_modules or {}), node_modules, "node"))
@@ -247,7 +250,7 @@ class Ensemble(nn.Module):
             cache.states.update(zip(todo, outputs))
             if keep is not None:
                 del inputs
-                for p in set(parents) - {None}:
+                for p in {q for q in parents if q is not None}:
                     if p not in keep:
                         del cache.states[p]
 
@@ -267,7 +270,7 @@ class Ensemble(nn.Module):
                 previous = self.member_logits(cache, member - 1)
                 cache.logits[member] = head(*(state if isinstance(state, tuple) else (state,)), previous=previous)
             else:
-                cache.logits[member] = call_block(head, state)
+                cache.logits[member] = cast(Tensor, call_block(head, state))  # a head returns the logits
         return cache.logits[member]
 
     def forward_output(self, x: Tensor, members: Sequence[int] | None = None) -> EnsembleOutput:

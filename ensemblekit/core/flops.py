@@ -16,6 +16,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+__all__ = ["FLOPS_NOTE", "count_flops", "count_flops_meta", "flops_to_macs"]
+
 FLOPS_NOTE = "FLOPs count a multiply-add as 2 (the papers' FLOPs are MACs: half of these)"
 """The one line every report header carries about how FLOPs are counted."""
 

@@ -12,6 +12,18 @@ from torch import Tensor, nn
 from ensemblekit.core.blocks import FeatureFormat
 from ensemblekit.errors import EnsembleKitError
 
+__all__ = [
+    "ExitHead",
+    "StateShapeError",
+    "classifier_names",
+    "copy_with_state",
+    "feature_dim",
+    "fresh_copy",
+    "pool_features",
+    "replace_classifier",
+    "reset_parameters",
+]
+
 
 def pool_features(feature: Tensor, fmt: FeatureFormat, num_prefix_tokens: int = 0) -> Tensor:
     """Global average pool of a feature map of layout ``fmt`` -> ``[B, D]``."""

@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from ensemblekit.core.blocks import State
     from ensemblekit.core.ensemble import Ensemble
 
+__all__ = [
+    "Aggregator",
+    "AggregatorState",
+    "EnsembleOutput",
+    "Executor",
+    "HaltingPolicy",
+    "HaltingStep",
+    "LossResult",
+    "LossStrategy",
+    "UntrainedHaltingWarning",
+]
+
 AggregatorState = dict[str, Tensor]
 """Running state of an incremental aggregation; its per-sample entries are batch-first."""
 
@@ -72,8 +84,8 @@ class Aggregator(nn.Module, ABC):
     def forward(self, members: Tensor) -> Tensor:
         """Prediction of all members: ``b m c -> b c``."""
         _check_members(members)
-        state: AggregatorState | None = None
-        for k in range(members.shape[1]):
+        state = self.update(None, members[:, 0], 0)
+        for k in range(1, members.shape[1]):
             state = self.update(state, members[:, k], k)
         return self.value(state)
 
@@ -137,7 +149,7 @@ class LossStrategy(nn.Module, ABC):
     a clear message instead of mid-training.
     """
 
-    requires: ClassVar[frozenset[str]] = frozenset()
+    requires: frozenset[str] = frozenset()  # of the class; an instance may change it with its options
     trains_halting: ClassVar[bool] = False
     """True for a loss that holds the halting policy's training terms itself (IRENE's): then
     :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` does not add the policy's :meth:`HaltingPolicy.loss`."""
@@ -167,7 +179,8 @@ class HaltingStep:
         member_logits: logits ``b c`` of member ``index``.
         prediction: the aggregated prediction ``b c`` of members ``0..index``.
         flops: FLOPs per sample spent on members ``0..index``.
-        extras: per-sample extras (batch-first), e.g. member features.
+        extras: per-sample extras (batch-first) named by the policy's ``step_inputs``: the
+            member's head input (a state: a tensor or a tuple), the seconds elapsed.
     """
 
     index: int
@@ -175,7 +188,7 @@ class HaltingStep:
     member_logits: Tensor
     prediction: Tensor
     flops: float
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class HaltingPolicy(nn.Module, ABC):
@@ -196,7 +209,7 @@ class HaltingPolicy(nn.Module, ABC):
     wall-clock seconds since the first member started).
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset()
+    provides: frozenset[str] = frozenset()  # of the class; an instance may change it with its options
     step_inputs: ClassVar[frozenset[str]] = frozenset()
     per_sample_state: ClassVar[frozenset[str] | None] = None
     """Keys of the running state holding per-sample (batch-first) values: when samples stop,

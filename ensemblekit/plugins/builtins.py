@@ -15,6 +15,19 @@ if TYPE_CHECKING:
 
     from ensemblekit.core.blocks import BlockSplit
 
+__all__ = [
+    "register_aggregators",
+    "register_backbone_splitters",
+    "register_executors",
+    "register_halting_policies",
+    "register_losses",
+    "register_recipes",
+    "register_schedules",
+    "register_topologies",
+    "sequential_splitter",
+    "timm_splitter",
+]
+
 
 @hookimpl
 def register_topologies(register: Register) -> None:

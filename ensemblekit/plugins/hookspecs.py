@@ -29,6 +29,21 @@ from typing import Any, Protocol
 
 import pluggy
 
+__all__ = [
+    "PROJECT",
+    "Register",
+    "hookimpl",
+    "hookspec",
+    "register_aggregators",
+    "register_backbone_splitters",
+    "register_executors",
+    "register_halting_policies",
+    "register_losses",
+    "register_recipes",
+    "register_schedules",
+    "register_topologies",
+]
+
 PROJECT = "ensemblekit"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

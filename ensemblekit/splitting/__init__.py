@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ensemblekit._moved import moved_name
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.errors import SplitError
 from ensemblekit.splitting.sequential import BlockSequence, split_sequential
@@ -129,4 +130,4 @@ def __getattr__(name: str) -> Any:
         warnings.warn("ensemblekit.splitting.Chain is now BlockSequence (ek.topologies.Chain is the "
                       "multi-exit topology); import BlockSequence", DeprecationWarning, stacklevel=2)
         return BlockSequence
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return moved_name(__name__, name)  # narrow_model and the like, now in ensemblekit.backbones

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ensemblekit.splitting.errors import SplitError
+
+__all__ = ["balance"]
 
 
 def balance(costs: Sequence[float], num_blocks: int, *, min_share: float = 0.02) -> list[int]:

@@ -19,8 +19,9 @@ import contextlib
 import inspect
 import itertools
 import linecache
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -28,6 +29,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ensemblekit.core.batching import StateLayout
 from ensemblekit.splitting.errors import SplitError
+
+__all__ = [
+    "PATH",
+    "SCALAR_TYPES",
+    "GraphBlock",
+    "GraphCuts",
+    "GraphIndex",
+    "PathTracer",
+    "Profile",
+    "TracedModel",
+    "ValueInfo",
+    "batch_values",
+    "build_blocks",
+    "locate_cuts",
+    "per_sample_layouts",
+    "profile_graph",
+    "trace_modes",
+    "training_mode",
+]
 
 PATH = "ensemblekit_module_path"
 """Key of ``node.meta`` holding the path of the module that created the node."""

@@ -1,4 +1,4 @@
-"""Splitting timm models, and building narrower timm models: the library's only timm-specific code.
+"""Splitting timm models (creating and narrowing them is :mod:`ensemblekit.backbones`'s job).
 
 A timm model is traced with ``torch.fx`` under timm's own tracing rules (its
 "notrace" modules stay leaves, its "notrace" functions are wrapped) and cut
@@ -9,13 +9,15 @@ the last stage (final norm, pooling, classifier) is the head. See
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules, to_2tuple
 from torch import fx, nn
 
+from ensemblekit._moved import moved_name
 from ensemblekit.core.blocks import BlockSplit, FeatureFormat
 from ensemblekit.splitting.balance import balance
 from ensemblekit.splitting.errors import SplitError
@@ -32,7 +34,15 @@ from ensemblekit.splitting.graph import (
     trace_modes,
 )
 
-__all__ = ["WIDTH_ARGS", "narrow_model", "split_timm", "width_arg"]
+__all__ = [
+    "fixed_input_size",
+    "img_size_attr",
+    "input_channels",
+    "is_timm_model",
+    "model_arch",
+    "native_input_size",
+    "split_timm",
+]
 
 _TRIAL_SIZES = (32, 64, 96, 128, 160, 192, 224, 256)
 
@@ -409,3 +419,7 @@ def _format(shape: tuple[int, ...], channels: int | None, model_fmt: str) -> Fea
             return "NCHW"
         return "NHWC" if model_fmt == "NHWC" else "NCHW"
     return "NLC" if len(shape) == 3 else "NC"
+
+
+def __getattr__(name: str) -> Any:
+    return moved_name(__name__, name)  # narrow_model and the like, now in ensemblekit.backbones

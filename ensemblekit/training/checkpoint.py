@@ -70,6 +70,30 @@ from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilib
 from ensemblekit.methods.imta.isc import add_isc
 from ensemblekit.training.config import ModelConfig, section_from_dict
 
+__all__ = [
+    "FORMAT",
+    "LATEST",
+    "MANIFEST",
+    "MODEL_FILE",
+    "PREPARATIONS",
+    "TRAINER_FILE",
+    "VERSION",
+    "CheckpointError",
+    "atomic_write",
+    "backbone_name",
+    "ensemble_record",
+    "fsync_write",
+    "load",
+    "load_weights",
+    "model_config",
+    "read_manifest",
+    "read_tensors",
+    "rebuild",
+    "resolve",
+    "save",
+    "write_checkpoint",
+]
+
 FORMAT = "ensemblekit-checkpoint"
 VERSION = 2
 """2: the manifest's "ensemble" build record rebuilds any ensemble; 1 (still read): a ModelConfig only."""

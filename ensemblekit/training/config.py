@@ -29,10 +29,33 @@ rebuild its ensemble (:func:`build_ensemble`), so loading never runs pickled cod
 from __future__ import annotations
 
 import difflib
-import tomllib
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
+
+__all__ = [
+    "DATASETS",
+    "OPTIMIZERS",
+    "PROGRESS",
+    "RECIPE_ARGUMENTS",
+    "RESUMABLE_CHANGES",
+    "SCHEDULES",
+    "SPLITS",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "build_ensemble",
+    "load_config",
+    "section_from_dict",
+]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # requires-python is >= 3.10: tomli is tomllib's backport
+    import tomli as tomllib
 
 from ensemblekit.core.initialisation import INIT_MODES
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, RECIPES, TOPOLOGIES, Registry

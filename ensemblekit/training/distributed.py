@@ -39,6 +39,23 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult
 
+__all__ = [
+    "DistEnv",
+    "ShardedEpochSampler",
+    "TrainStep",
+    "all_gather_objects",
+    "all_sum",
+    "barrier",
+    "broadcast_buffers",
+    "data_parallel",
+    "detect",
+    "has_unused_parameters",
+    "init",
+    "process_device",
+    "rank_seed",
+    "shutdown",
+]
+
 
 @dataclass(frozen=True)
 class DistEnv:

@@ -61,6 +61,27 @@ from ensemblekit.training import distributed
 from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
 from ensemblekit.training.data import load_dataset, make_loader
 
+__all__ = [
+    "CHECKPOINTS",
+    "NonFiniteLossError",
+    "RunResult",
+    "TrainResult",
+    "evaluate",
+    "load_split",
+    "make_optimizer",
+    "make_scheduler",
+    "resolve_stages",
+    "run",
+    "run_many",
+    "seed_everything",
+    "select_device",
+    "slug",
+    "train",
+    "training_step",
+    "write_plot",
+    "write_report",
+]
+
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -126,7 +126,8 @@ def test_train_yaml_with_a_recipe(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (("[train]", "[train]\nepochz = 3"), "unknown key 'epochz' in [train] (did you mean 'epochs'?); allowed keys: epochs"),
+    (("[train]", "[train]\nepochz = 3"),
+     "unknown key 'epochz' in [train] (did you mean 'epochs'?); allowed keys: epochs"),
     (('progress = "none"', 'progress = "bars"'), "train.progress must be one of 'tqdm', 'rich', 'none'; got 'bars'"),
     (("epochs = 1", "epochs = 1.5"), "train.epochs must be int, got 1.5 (float)"),
     (('name = "digits"', 'name = "mnist"'), "data.name must be one of 'digits', 'cifar10', 'cifar100', 'imagefolder'"),

@@ -9,7 +9,13 @@ import torch
 
 import ensemblekit as ek
 from ensemblekit.components.halting import Budgeted, Confidence
-from ensemblekit.components.halting.budgeted import exit_distribution, exit_indices, expected_flops, fit_thresholds, solve_q
+from ensemblekit.components.halting.budgeted import (
+    exit_distribution,
+    exit_indices,
+    expected_flops,
+    fit_thresholds,
+    solve_q,
+)
 from ensemblekit.components.halting.confidence import confidence
 from ensemblekit.core.interfaces import HaltingStep
 from ensemblekit.methods.imta.recipe import multi_exit

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ensemblekit as ek
-from ensemblekit.core.blocks import call_block
 from ensemblekit.components.topologies import Cascade, Chain, Independent, MultiBranch, Tree
+from ensemblekit.core.blocks import call_block
 from tests.conftest import toy_split
 
 

@@ -8,10 +8,10 @@ import torch
 
 import ensemblekit as ek
 from ensemblekit.components.aggregators import MeanLogits
-from ensemblekit.core.flops import count_flops
 from ensemblekit.components.losses import EnsembleNetCoDistillation, EnsembleNetEnsembling, HierarchicalDistillation
-from ensemblekit.methods.ensemblenet import AdaptedBlock
 from ensemblekit.components.topologies import MultiBranch, Tree
+from ensemblekit.core.flops import count_flops
+from ensemblekit.methods.ensemblenet import AdaptedBlock
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -164,7 +164,8 @@ def test_a_config_resolves_its_recipe_by_name(recipe, options, members):
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"leaves": 4}, "model.recipe_options: recipe 'hne' does not take leaves; it takes: depth, branching, alpha, temperature"),
+    ({"leaves": 4},
+     "model.recipe_options: recipe 'hne' does not take leaves; it takes: depth, branching, alpha, temperature"),
     ({"depth": "two"}, "model.recipe_options: recipe 'hne': option depth='two' is not of type int"),
     ({"init": "copy"}, "model.recipe_options cannot set init: the config passes"),
 ])

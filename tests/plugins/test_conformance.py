@@ -12,8 +12,10 @@ from torch import Tensor
 
 from ensemblekit import hookimpl
 from ensemblekit.components.aggregators import MeanLogits
+from ensemblekit.components.topologies import Tree
 from ensemblekit.core.interfaces import AggregatorState, HaltingPolicy, HaltingStep, LossResult, LossStrategy
 from ensemblekit.core.registry import REGISTRIES
+from ensemblekit.execution import LoopExecutor
 from ensemblekit.plugins.manager import register_plugin
 from ensemblekit.testing import (
     ConformanceError,
@@ -27,8 +29,6 @@ from ensemblekit.testing import (
     isolated_plugins,
     registered_components,
 )
-from ensemblekit.components.topologies import Tree
-from ensemblekit.execution import LoopExecutor
 
 COMPONENTS = registered_components()
 

@@ -14,19 +14,10 @@ import torch
 
 import ensemblekit as ek
 from ensemblekit import hookimpl
-from ensemblekit.components.aggregators import MeanLogits, MeanProbs
 from ensemblekit.cli.main import main
+from ensemblekit.components.aggregators import MeanLogits, MeanProbs
 from ensemblekit.core.blocks import call_block
 from ensemblekit.core.interfaces import Executor
-from ensemblekit.plugins.manager import (
-    BLOCK_ENV,
-    ONLY_ENV,
-    PluginError,
-    PluginWarning,
-    load_plugins,
-    plugin_infos,
-    register_plugin,
-)
 from ensemblekit.core.registry import (
     AGGREGATORS,
     LOSSES,
@@ -35,6 +26,15 @@ from ensemblekit.core.registry import (
     TOPOLOGIES,
     DuplicateComponentError,
     UnknownComponentError,
+)
+from ensemblekit.plugins.manager import (
+    BLOCK_ENV,
+    ONLY_ENV,
+    PluginError,
+    PluginWarning,
+    load_plugins,
+    plugin_infos,
+    register_plugin,
 )
 from ensemblekit.splitting import splitters
 from ensemblekit.testing import isolated_plugins, toy_split
@@ -229,8 +229,8 @@ def test_plugin_cannot_take_a_builtin_name(install):
         def register_aggregators(register):
             register("mean", MeanProbs)
     """)
-    with pytest.warns(PluginWarning, match="'mean' is registered twice: by plugin 'ensemblekit.plugins.builtins' and by "
-                                           "plugin 'fake'"):
+    with pytest.warns(PluginWarning, match="'mean' is registered twice: by plugin 'ensemblekit.plugins.builtins' "
+                                           "and by plugin 'fake'"):
         load_plugins()
     assert AGGREGATORS.get("mean").factory is MeanLogits
 

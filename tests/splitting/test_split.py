@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from ensemblekit.backbones import WIDTH_ARGS, narrow_model, width_arg
 from ensemblekit.core.blocks import BlockSplit, call_block
 from ensemblekit.core.flops import count_flops
-from ensemblekit.backbones import WIDTH_ARGS, narrow_model, width_arg
 from ensemblekit.splitting import (
     BlockSequence,
     SplitError,

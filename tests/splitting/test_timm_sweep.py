@@ -26,8 +26,8 @@ import torch
 from timm.models import _registry
 from torch import nn
 
-from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.backbones import narrow_model, width_arg
+from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.splitting import SplitError, split
 
 MAX_PARAMS = 100e6

@@ -24,12 +24,12 @@ from torch.utils.data import Dataset, TensorDataset
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from ensemblekit.training import distributed  # noqa: E402
+from ensemblekit.build import wrap  # noqa: E402
 from ensemblekit.core.blocks import BlockSplit  # noqa: E402
+from ensemblekit.training import distributed  # noqa: E402
 from ensemblekit.training.config import ModelConfig, TrainConfig, build_ensemble  # noqa: E402
 from ensemblekit.training.distributed import DistEnv, ShardedEpochSampler  # noqa: E402
 from ensemblekit.training.trainer import NonFiniteLossError, seed_everything, train  # noqa: E402
-from ensemblekit.build import wrap  # noqa: E402
 from tests.conftest import toy_split  # noqa: E402
 
 EQUAL = TrainConfig(epochs=2, batch_size=8, lr=0.1, progress="none", device="cpu", schedule="constant")

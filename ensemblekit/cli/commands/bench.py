@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+__all__ = ["HELP", "NAME", "add_arguments", "argv", "run"]
+
 NAME = "bench"
 HELP = "Benchmark execution strategies, tree vs independent networks, halting and anytime inference."
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+__all__ = ["HELP", "NAME", "add_arguments", "run"]
+
 NAME = "evaluate"
 HELP = ("Evaluate a checkpoint: accuracy of every prefix of members, member accuracies, diversity, ECE, "
         "FLOPs and parameters; printed, and written as JSON and a PNG plot with --out.")

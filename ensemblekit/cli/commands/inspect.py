@@ -12,6 +12,8 @@ from ensemblekit.core.cost import CostError
 from ensemblekit.core.flops import FLOPS_NOTE
 from ensemblekit.evaluation.formatting import format_si
 
+__all__ = ["HELP", "NAME", "TOPOLOGY_OPTIONS", "add_arguments", "run", "show"]
+
 NAME = "inspect"
 HELP = "Show how a timm model is split and wired into an ensemble, with the cost of every prefix."
 

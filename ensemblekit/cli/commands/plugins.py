@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
+__all__ = ["HELP", "NAME", "add_arguments", "run"]
+
 NAME = "plugins"
 HELP = "List the plugins, the package each comes from, the components it registers and any load error."
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "NAME", "add_arguments", "run"]
+
 NAME = "reproduce"
 HELP = "Re-run an experiment of a paper (see `ensemblekit reproduce -h` for the list)."
 

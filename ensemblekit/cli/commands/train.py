@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+__all__ = ["HELP", "NAME", "add_arguments", "run"]
+
 NAME = "train"
 HELP = "Train an ensemble described by a TOML or YAML config (model, data, train sections); resumable."
 

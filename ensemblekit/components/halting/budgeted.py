@@ -168,6 +168,8 @@ class Budgeted(HaltingPolicy):
             ``expected_flops`` are per image of (``None`` before calibration).
     """
 
+    thresholds: Tensor | None  # a buffer
+
     def __init__(self, q: float | None = None, flops: float | None = None,
                  thresholds: Sequence[float] | None = None, ties: str = "early"):
         super().__init__()
@@ -202,13 +204,19 @@ class Budgeted(HaltingPolicy):
     @property
     def calibrated(self) -> bool:
         """Whether the policy holds thresholds (given, calibrated or loaded)."""
-        return self.thresholds is not None and not bool(self.thresholds.isnan().any())
+        return self._calibrated_thresholds() is not None
+
+    def _calibrated_thresholds(self) -> Tensor | None:
+        """The thresholds, or ``None`` while there are none (or NaN ones, bound and awaiting calibration)."""
+        thresholds = self.thresholds
+        return thresholds if thresholds is not None and not bool(thresholds.isnan().any()) else None
 
     def bind(self, ensemble: Any) -> None:
         """Hold NaN thresholds, one per member, until calibrated; refuse thresholds of another length."""
-        if self.calibrated:
-            if len(self.thresholds) != ensemble.num_members:
-                raise BudgetError(f"calibrated for {len(self.thresholds)} exits, the ensemble has "
+        thresholds = self._calibrated_thresholds()
+        if thresholds is not None:
+            if len(thresholds) != ensemble.num_members:
+                raise BudgetError(f"calibrated for {len(thresholds)} exits, the ensemble has "
                                   f"{ensemble.num_members}; calibrate a new policy for it")
             return
         reference = next(ensemble.parameters(), None)
@@ -246,12 +254,13 @@ class Budgeted(HaltingPolicy):
         self.held_out_accuracy = float(correct[torch.arange(len(exits)), exits].double().mean())
 
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:
-        if not self.calibrated:
+        thresholds = self._calibrated_thresholds()
+        if thresholds is None:
             raise ValueError("the budgeted policy is not calibrated: call policy.calibrate(ensemble, held_out_data)")
-        if len(self.thresholds) != step.num_members:
-            raise ValueError(f"calibrated for {len(self.thresholds)} exits, the ensemble has {step.num_members}")
+        if len(thresholds) != step.num_members:
+            raise ValueError(f"calibrated for {len(thresholds)} exits, the ensemble has {step.num_members}")
         conf = confidence(step.prediction)
-        return conf >= self.thresholds[step.index].to(conf.device), None
+        return conf >= thresholds[step.index].to(conf.device), None
 
 
 def expected_flops(conf: Tensor, cum_flops: Sequence[float], q: float, ties: str = "early") -> float:

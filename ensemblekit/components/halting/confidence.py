@@ -29,6 +29,8 @@ class Confidence(HaltingPolicy):
             member always stops, whatever its threshold).
     """
 
+    thresholds: Tensor  # a buffer: one value, or one per member
+
     def __init__(self, threshold: float | Sequence[float]):
         super().__init__()
         values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)

@@ -23,7 +23,7 @@ them already). Until it is trained (the trainer marks it, see
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +106,7 @@ class Learned(HaltingPolicy):
         discrepancy_weight: weight of ``-L1`` between the two heads' outputs.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset(
+    provides: frozenset[str] = frozenset(  # without aux_logits for a policy without the auxiliary heads
         {"halting_probabilities", "halting_logits", "aux_logits", "prefix_costs"})
     step_inputs: ClassVar[frozenset[str]] = frozenset({"head_input"})
     trained: Tensor
@@ -168,40 +168,43 @@ class Learned(HaltingPolicy):
     def _in_features(self, num_classes: int) -> int:
         return num_classes + int(self.aux_head)
 
-    def _check_bound(self) -> None:
-        if self.cell is None:
+    def _bound(self) -> tuple[nn.Module, nn.Linear]:
+        """The selector's recurrent cell and output layer; refuses a policy not bound to an ensemble yet."""
+        if self.cell is None or self.out is None:
             raise ValueError("the learned halting policy is not bound to an ensemble; pass it to wrap(halting=...)")
+        return self.cell, self.out
 
     def selector_parameters(self) -> list[nn.Parameter]:
         """Parameters of the selector ``g_phi`` (not of the auxiliary heads)."""
-        self._check_bound()
-        return [*self.cell.parameters(), *self.out.parameters()]
+        cell, out = self._bound()
+        return [*cell.parameters(), *out.parameters()]
 
     # ---------------------------------------------------------------- compute
     def _aux_logits(self, member: int, head_input: State) -> Tensor:
-        return call_block(self.aux_heads[member], _detach(head_input))
+        return cast(Tensor, call_block(self.aux_heads[member], _detach(head_input)))  # a head returns logits
 
     def _selector(self, logits: Tensor, aux_logits: Tensor | None,
                   state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
         """One selector step: halting logit ``[B]`` and the new recurrent state."""
+        cell, out = self._bound()
         log_p = logits.detach().float().log_softmax(dim=-1)
         features = [log_p.exp().sort(dim=-1, descending=True).values]
         if aux_logits is not None:
             log_q = aux_logits.detach().float().log_softmax(dim=-1)
             features.append(kl_divergence(log_p, log_q).unsqueeze(-1))
-        x = torch.cat(features, dim=-1).to(self.out.weight.dtype)  # softmax in float32, the selector in its own dtype
+        x = torch.cat(features, dim=-1).to(out.weight.dtype)  # softmax in float32, the selector in its own dtype
         if self.cell_type == "lstm":
             hc = None if state is None else (state["h"], state["c"])
-            h, c = self.cell(x, hc)
+            h, c = cell(x, hc)
             new_state = {"h": h, "c": c}
         else:
-            h = self.cell(x, None if state is None else state["h"])
+            h = cell(x, None if state is None else state["h"])
             new_state = {"h": h}
-        return self.out(h).squeeze(-1), new_state
+        return out(h).squeeze(-1), new_state
 
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
         """Deterministic inference: halt where ``h_t = sigmoid(g_phi) >= threshold``."""
-        self._check_bound()
+        self._bound()
         aux = self._aux_logits(step.index, step.extras["head_input"]) if self.aux_head else None
         logit, state = self._selector(step.member_logits, aux, state)
         return torch.sigmoid(logit) >= self.threshold, state
@@ -215,7 +218,7 @@ class Learned(HaltingPolicy):
         ``[B, T', C]`` and ``prefix_costs`` ``[B, T']`` (prefix FLOPs in units
         of the first member's).
         """
-        self._check_bound()
+        self._bound()
         head_inputs = output.extras["head_inputs"]
         count = output.num_members
         if sorted(head_inputs) != list(range(count)):
@@ -225,7 +228,8 @@ class Learned(HaltingPolicy):
             aux = self._aux_logits(t, head_inputs[t]) if self.aux_head else None
             logit, state = self._selector(output.members[:, t], aux, state)
             logits.append(logit)
-            aux_all.append(aux)
+            if aux is not None:
+                aux_all.append(aux)
         halting_logits = torch.stack(logits, dim=1)
         if self.training:
             h = gumbel_halting(halting_logits, self.temperature, self.hard)

@@ -162,7 +162,8 @@ class IreneLoss(LossStrategy):
         if self.schedule == "sequential" and self.training and torch.is_grad_enabled():
             _check_frozen(output)
         parts = self.terms(output, target)
-        total = sum(self.weights[name] * value for name, value in parts.items())
+        base, *rest = (self.weights[name] * value for name, value in parts.items())  # "base" always comes first
+        total = sum(rest, base)
         return LossResult(total, {name: value.detach() for name, value in parts.items()})
 
     def terms(self, output: EnsembleOutput, target: Tensor) -> dict[str, Tensor]:

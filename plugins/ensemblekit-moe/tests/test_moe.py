@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ensemblekit_moe import GatedMixture, confidence_features
 
 import ensemblekit as ek
 from ensemblekit.components.aggregators import MeanProbs
-from ensemblekit.plugins.manager import plugin_infos
 from ensemblekit.core.registry import AGGREGATORS
+from ensemblekit.plugins.manager import plugin_infos
 from ensemblekit.testing import check_aggregator, check_component, toy_split
-from ensemblekit_moe import GatedMixture, confidence_features
 
 
 def test_installed_package_registers_its_aggregator():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ensemblekit_poe import ProductOfExperts, ProductSupportHalting, support_size
 
 import ensemblekit as ek
 from ensemblekit.core.interfaces import HaltingStep
-from ensemblekit.plugins.manager import plugin_infos
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES
+from ensemblekit.plugins.manager import plugin_infos
 from ensemblekit.testing import check_component, check_halting_policy, toy_split
-from ensemblekit_poe import ProductOfExperts, ProductSupportHalting, support_size
 
 
 def test_installed_package_registers_its_components():
