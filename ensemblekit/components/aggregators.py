@@ -44,6 +44,8 @@ class MeanProbs(Aggregator):
 class Vote(Aggregator):
     """Majority vote; the prediction is the log of the vote shares (ties: lowest class wins)."""
 
+    differentiable = False
+
     def update(self, state: AggregatorState | None, logits: Tensor, index: int) -> AggregatorState:
         votes = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
         if state is None:

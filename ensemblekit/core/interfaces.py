@@ -63,6 +63,10 @@ class Aggregator(nn.Module, ABC):
     others whole (counts, per-class tensors). ``None`` (the default): every tensor with a dimension is
     per-sample and must be batch-first; 0-dim tensors and other values are kept whole."""
 
+    differentiable: ClassVar[bool] = True
+    """False for an aggregation that passes no gradient to the members (a vote): losses that train
+    through the aggregate refuse it at ``wrap()`` time."""
+
     @abstractmethod
     def update(self, state: AggregatorState | None, logits: Tensor, index: int) -> AggregatorState:
         """Add member ``index`` (0-based, anytime order) with ``logits`` ``b c``."""
@@ -150,6 +154,9 @@ class LossStrategy(nn.Module, ABC):
     """
 
     requires: frozenset[str] = frozenset()  # of the class; an instance may change it with its options
+    trains_through_aggregate: ClassVar[bool] = False
+    """True for a loss with a term on the aggregated prediction that must carry gradient to the members
+    (L_S, EnsembleNet's ensemble term): it refuses an aggregator that is not differentiable."""
     trains_halting: ClassVar[bool] = False
     """True for a loss that holds the halting policy's training terms itself (IRENE's): then
     :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` does not add the policy's :meth:`HaltingPolicy.loss`."""
@@ -166,6 +173,12 @@ class LossStrategy(nn.Module, ABC):
                 f"loss {type(self).__name__} needs {sorted(missing)} in the ensemble output, "
                 f"but this ensemble provides {sorted(ensemble.provides) or 'nothing extra'}; "
                 "choose a topology or halting policy that provides it"
+            )
+        if self.trains_through_aggregate and not ensemble.aggregator.differentiable:
+            raise ValueError(
+                f"loss {type(self).__name__} trains the members through the aggregated prediction, but "
+                f"aggregator {type(ensemble.aggregator).__name__} passes no gradient to them; "
+                "use 'mean' or 'mean_probs' for training"
             )
 
 

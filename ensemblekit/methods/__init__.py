@@ -8,7 +8,7 @@
 
 from ensemblekit.methods.ensemblenet import ensemblenet
 from ensemblekit.methods.hne import hne
-from ensemblekit.methods.irene.recipe import irene
 from ensemblekit.methods.imta.recipe import multi_exit
+from ensemblekit.methods.irene.recipe import irene
 
 __all__ = ["ensemblenet", "hne", "irene", "multi_exit"]

@@ -14,6 +14,8 @@ from ensemblekit.components.topologies import Tree
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
 
+__all__ = ["hne"]
+
 
 @recorded_recipe
 def hne(

@@ -11,6 +11,8 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+__all__ = ["experiments"]
+
 
 def experiments() -> list[ModuleType]:
     """Every experiment module of this package (those defining ``NAME``), sorted by module name."""

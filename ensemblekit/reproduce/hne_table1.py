@@ -44,6 +44,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "AUGMENT", "DEFAULTS", "FASHION_MNIST_FULL_EPOCHS", "FULL", "HELP", "LOSSES", "NAME", "PAPER", "PAPER_COLUMNS",
+    "PAPER_EPOCHS", "RESULTS", "TINY", "TITLES", "add_arguments", "calibrate", "claims", "configs", "fit_epochs",
+    "markdown", "run", "settings", "summarise", "table"
+]
+
 NAME = "hne-table1"
 HELP = ("HNE Table 1: a tree ensemble trained with L_I, L_S, L_I+L_S and L_I+L_HD; accuracy of 1, 2, 4, ... "
         "members next to the paper's numbers.")

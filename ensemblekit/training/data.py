@@ -50,6 +50,43 @@ from torchvision.transforms import v2
 
 from ensemblekit.errors import EnsembleKitError
 
+__all__ = [
+    "CACHE_ENV",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DATASETS",
+    "DIGITS_TEST_FRACTION",
+    "DIGITS_VAL_FRACTION",
+    "FASHION_MNIST_ENV",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_PACKAGE",
+    "FASHION_MNIST_STD",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "FASHION_MNIST_URL",
+    "IMAGEFOLDER_SIZE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OFFLINE_ENV",
+    "SPLITS",
+    "SPLIT_SEED",
+    "VAL_FRACTION",
+    "DataNotFoundError",
+    "DatasetInfo",
+    "RandomPadCrop",
+    "TensorImageDataset",
+    "cache_dir",
+    "fashion_mnist_available",
+    "find_fashion_mnist",
+    "load_dataset",
+    "load_digits_dataset",
+    "load_fashion_mnist",
+    "make_loader",
+    "split_indices",
+]
+
 Split = Literal["train", "val", "trainval", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "fashion-mnist")

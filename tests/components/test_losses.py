@@ -236,3 +236,20 @@ def test_alpha_is_the_distillation_weight_in_every_loss():
     hne = ek.losses.CoDistillation(alpha=0.3)
     r = hne(EnsembleOutput(z, MeanLogits(), (1, 2, 3)), y)
     assert torch.allclose(r.total, 0.7 * r.parts["independent"] + 0.3 * r.parts["distillation"])
+
+
+@pytest.mark.parametrize("name", sorted(e.name for e in LOSSES.entries()))
+def test_losses_through_the_aggregate_refuse_a_vote(name):
+    """A vote passes no gradient: a loss that trains through the aggregate refuses it at wrap() time,
+    every other loss accepts it and still back-propagates into the members."""
+    loss = LOSSES.create(name)
+    if loss.requires:
+        pytest.skip(f"{name} needs {sorted(loss.requires)}")
+    if loss.trains_through_aggregate:
+        with pytest.raises(ValueError, match="passes no gradient"):
+            ek.wrap(toy_split(3), "tree", depth=2, aggregator="vote", loss=name)
+        return
+    ens = ek.wrap(toy_split(3), "tree", depth=2, aggregator="vote", loss=name)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    result = ens.loss(ens.forward_output(x), y % ens.num_classes)
+    assert result.total.requires_grad

@@ -90,6 +90,8 @@ class NestedCE(LossStrategy):
     multi-branch network ``1`` and ``N``.
     """
 
+    trains_through_aggregate = True
+
     def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
         sizes = output.nested_sizes
         terms = [F.cross_entropy(p, target) for p in _nested_predictions(output, sizes)]
@@ -104,6 +106,8 @@ class IndependentNestedCE(LossStrategy):
 
     ``L = sum_n CE(z_n, y) + sum_{s in nested sizes} CE(ybar_s, y)``.
     """
+
+    trains_through_aggregate = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -201,6 +205,8 @@ class EnsembleNetEnsembling(LossStrategy):
         lam: ``lambda``, any real number (paper: -1.5).
     """
 
+    trains_through_aggregate = True
+
     def __init__(self, lam: float = -1.5):
         super().__init__()
         self.lam = float(lam)
@@ -223,6 +229,8 @@ class EnsembleNetCoDistillation(LossStrategy):
     Args:
         mu: weight of the distillation terms, >= 0 (paper: 3 on ImageNet).
     """
+
+    trains_through_aggregate = True
 
     def __init__(self, mu: float = 3.0):
         super().__init__()

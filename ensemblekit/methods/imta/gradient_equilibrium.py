@@ -22,6 +22,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ensemblekit.build import record_preparation
 
+__all__ = [
+    "GradientRescale", "RescaleInputGradient", "apply_gradient_equilibrium", "chain_exit_nodes",
+    "equilibrium_scales", "has_gradient_equilibrium", "rescale_gradient", "rescale_state"
+]
+
 
 class GradientRescale(torch.autograd.Function):
     """``R(x; s)``: identity forward, ``s * grad`` backward (IMTA Eq. 4)."""

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from ensemblekit.build import record_preparation
 from ensemblekit.core.blocks import call_block
 
+__all__ = ["ISC_MODES", "ISCExit", "add_isc", "classifier_width"]
+
 ISC_MODES = ("concat", "add")
 
 

@@ -21,14 +21,16 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ensemblekit.core.ensemble import Ensemble
-from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilibrium
-from ensemblekit.core.heads import ExitHead
+from ensemblekit.build import recorded_recipe, wrap
 from ensemblekit.components.aggregators import LastExit
-from ensemblekit.methods.imta.isc import add_isc
 from ensemblekit.components.losses.multi_exit import MultiExitLoss
 from ensemblekit.components.topologies import Chain
-from ensemblekit.build import recorded_recipe, wrap
+from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.core.heads import ExitHead
+from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilibrium
+from ensemblekit.methods.imta.isc import add_isc
+
+__all__ = ["multi_exit", "start_phase2"]
 
 
 @recorded_recipe

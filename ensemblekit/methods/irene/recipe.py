@@ -12,6 +12,8 @@ from ensemblekit.components.losses.learned_halting import IreneLoss
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
 
+__all__ = ["MEMBER_OPTION", "irene"]
+
 MEMBER_OPTION = {"cascade": "members", "independent": "members", "multi_branch": "branches"}
 """The option that sets the number of members, per topology (a tree has ``branching^depth``)."""
 

@@ -20,6 +20,8 @@ from ensemblekit.core.interfaces import Aggregator
 from ensemblekit.errors import EnsembleKitError
 from ensemblekit.functional import confidence, exit_indices
 
+__all__ = ["TAU_C", "UtilityError", "WoC", "utility"]
+
 TAU_C = 0.01
 """IRENE's cost exponent of Eq. 14 (App. C: "We set tau_c = 0.01")."""
 
