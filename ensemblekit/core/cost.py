@@ -17,18 +17,19 @@ running the ensemble on a zero image on its own device instead.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 import torch
 from torch import nn
 
 from ensemblekit.core.blocks import State, call_block
-from ensemblekit.core.flops import count_flops, count_flops_meta, flops_to_macs
+from ensemblekit.core.flops import FLOPS_NOTE, count_flops, count_flops_meta, flops_to_macs
+from ensemblekit.core.formatting import format_si
 from ensemblekit.errors import EnsembleKitError
 
-__all__ = ["CostError", "EnsembleCosts", "PrefixCost", "Shape", "cost_shape", "measure_costs"]
+__all__ = ["CostError", "CostTable", "EnsembleCosts", "PrefixCost", "Shape", "cost_shape", "measure_costs"]
 
 Shape = tuple[int, int, int]
 
@@ -54,6 +55,59 @@ class PrefixCost:
         return flops_to_macs(self.flops)
 
 
+class CostTable(list[PrefixCost]):
+    """The cost of the first ``k`` members for ``k = 1..M``: a list of [`PrefixCost`][ensemblekit.core.cost.PrefixCost].
+
+    Code reads it as the list it is (``table[0].flops``, ``len(table)``,
+    iteration, comparison with a list); printed, it is an aligned table with
+    FLOPs, MACs and parameters in SI units (``35.6M``) and each prefix's FLOPs
+    relative to one member's. A slice is a `CostTable` too.
+
+    Args:
+        rows: the prefix costs, in member order.
+        input_size: ``(C, H, W)`` of the image the FLOPs are counted on, for
+            the title line; ``None`` leaves the size out.
+
+    Examples:
+        >>> table = CostTable([PrefixCost(1, 2_000_000, 11_000), PrefixCost(2, 3_000_000, 20_500)], (3, 32, 32))
+        >>> table[1].flops, len(table)
+        (3000000, 2)
+        >>> print(table)  # doctest: +ELLIPSIS
+        Cost of the first k members per 3x32x32 image; FLOPs count a multiply-add as 2 ...
+        members  FLOPs   MACs  params  FLOPs vs 1 member
+              1  2.00M  1.00M  11.00k              1.00x
+              2  3.00M  1.50M  20.50k              1.50x
+    """
+
+    def __init__(self, rows: Iterable[PrefixCost] = (), input_size: Sequence[int] | None = None) -> None:
+        super().__init__(rows)
+        self.input_size = None if input_size is None else tuple(input_size)
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> PrefixCost: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> CostTable: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> PrefixCost | CostTable:
+        if isinstance(index, slice):
+            return CostTable(super().__getitem__(index), self.input_size)
+        return super().__getitem__(index)
+
+    def __str__(self) -> str:
+        size = "" if self.input_size is None else " per " + "x".join(str(s) for s in self.input_size) + " image"
+        title = f"Cost of the first k members{size}; {FLOPS_NOTE}"
+        header = ("members", "FLOPs", "MACs", "params", "FLOPs vs 1 member")
+        base = self[0].flops if len(self) and self[0].flops else None
+        rows = [(str(r.members), format_si(r.flops), format_si(r.macs), format_si(r.params),
+                 "-" if base is None else f"{r.flops / base:.2f}x") for r in self]
+        widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in (header, *rows)]
+        return "\n".join([title, *lines])
+
+    __repr__ = __str__
+
+
 @dataclass
 class EnsembleCosts:
     """Per-node and per-head FLOPs (one image of ``input_size``) and parameter counts of an ensemble."""
@@ -73,8 +127,10 @@ class EnsembleCosts:
         params = sum(self.node_params[i] for i in nodes) + sum(self.head_params[:k])
         return PrefixCost(k, flops, params)
 
-    def prefix_table(self) -> list[PrefixCost]:
-        return [self.prefix(k) for k in range(1, len(self.member_paths) + 1)]
+    def prefix_table(self) -> CostTable:
+        """[`prefix`][ensemblekit.core.cost.EnsembleCosts.prefix] of ``k = 1..M``, as a table that prints aligned."""
+        rows = (self.prefix(k) for k in range(1, len(self.member_paths) + 1))
+        return CostTable(rows, (self.in_chans, *self.input_size))
 
 
 def cost_shape(ensemble: Any, input_size: int | Sequence[int] | None = None) -> Shape:

@@ -376,6 +376,9 @@ class Ensemble(nn.Module):
         One row per ``k = 1..M``, shared nodes counted once, for one image of
         ``input_size``: ``S``, ``(H, W)`` or ``(C, H, W)``; by default the
         backbone's own input size (timm's ``pretrained_cfg``), as ``inspect`` shows.
+        The rows are a [`CostTable`][ensemblekit.core.cost.CostTable]: a list of
+        [`PrefixCost`][ensemblekit.core.cost.PrefixCost] records that prints as an
+        aligned table (FLOPs, MACs and parameters in SI units).
         """
         return self.costs(input_size).prefix_table()
 

@@ -1,20 +1,10 @@
-"""Numbers in reports and tables: one formatter for FLOPs, parameters and other counts."""
+"""Numbers in reports and tables: the one formatter, [`format_si`][ensemblekit.core.formatting.format_si].
+
+Defined in the core (whose cost tables print with it) and re-exported here for the reports.
+"""
 
 from __future__ import annotations
 
+from ensemblekit.core.formatting import format_si
+
 __all__ = ["format_si"]
-
-_PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
-
-
-def format_si(x: float) -> str:
-    """``x`` with an SI prefix and two decimals from a thousand up, else 4 significant digits.
-
-    Examples:
-        >>> format_si(1.5e9), format_si(2048), format_si(576), format_si(0.25)
-        ('1.50G', '2.05k', '576', '0.25')
-    """
-    for scale, unit in _PREFIXES:
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.4g}"

@@ -17,8 +17,9 @@ import ensemblekit as ek
 from ensemblekit.backbones import create_backbone
 from ensemblekit.components.halting import Budgeted, Confidence, Deadline, Fixed
 from ensemblekit.core.blocks import BlockSplit
-from ensemblekit.core.cost import CostError, measure_costs
+from ensemblekit.core.cost import CostError, CostTable, PrefixCost, measure_costs
 from ensemblekit.core.flops import FLOPS_NOTE, count_flops
+from ensemblekit.core.formatting import format_si
 from ensemblekit.core.interfaces import UntrainedHaltingWarning
 from tests.conftest import toy_split
 
@@ -65,6 +66,28 @@ def test_tree_flops_are_the_whole_backbone_at_that_size_times_the_node_multiplic
         assert row.flops == sum(n * f for n, f in zip(per_level, blocks)) + row.members * head
         assert row.macs == row.flops / 2
 
+
+
+def test_cost_table_prints_as_a_table_and_gives_records_to_code(tree):
+    _, ens = tree
+    table = ens.cost_table(input_size=64)
+    assert isinstance(table, CostTable) and isinstance(table, list)
+    rows = list(table)  # records, as before: indexing, iteration, len, comparison with a list
+    assert len(table) == ens.num_members == 16 and all(isinstance(r, PrefixCost) for r in rows)
+    assert table[0] is rows[0] and table[-1].members == 16 and [r.members for r in table] == list(range(1, 17))
+    assert table == rows and rows == table and table == ens.cost_table(input_size=(3, 64, 64))
+    assert isinstance(table[:4], CostTable) and table[:4] == rows[:4] and table[:4].input_size == (3, 64, 64)
+    text = str(table)
+    assert repr(table) == text  # what the REPL shows
+    lines = text.splitlines()
+    assert lines[0] == f"Cost of the first k members per 3x64x64 image; {FLOPS_NOTE}"
+    assert lines[1].split() == ["members", "FLOPs", "MACs", "params", "FLOPs", "vs", "1", "member"]
+    assert len(lines) == 2 + 16 and len({len(line) for line in lines[1:]}) == 1  # aligned columns
+    for line, row in zip(lines[2:], table):
+        assert line.split() == [str(row.members), format_si(row.flops), format_si(row.macs), format_si(row.params),
+                                f"{row.flops / table[0].flops:.2f}x"]
+    assert "PrefixCost(" not in text
+    assert str(CostTable()).splitlines()[1].split()[0] == "members"  # an empty table prints its header
 
 @pytest.mark.parametrize("size", SIZES)
 def test_independent_members_cost_the_whole_backbone_each(size):
