@@ -4,7 +4,7 @@ Before the layered layout every module sat directly under ``ensemblekit``;
 ``import ensemblekit.topologies`` (and the like) still works and returns the
 module's new home. Names that moved to a module of a higher layer
 (``ensemblekit.splitting.narrow_model`` is now ``ensemblekit.backbones.narrow_model``)
-are handed out by the old module's ``__getattr__`` through :func:`moved_name`,
+are handed out by the old module's ``__getattr__`` through `moved_name()`,
 which imports their new home by name, so the old module does not import upward.
 """
 
@@ -59,7 +59,7 @@ MOVED_NAMES = {
 
 
 def moved_name(module: str, name: str) -> Any:
-    """``module.name`` for a name that moved (see :data:`MOVED_NAMES`), with a ``DeprecationWarning``.
+    """``module.name`` for a name that moved (see `MOVED_NAMES`), with a ``DeprecationWarning``.
 
     Meant for the old module's ``__getattr__``: raises ``AttributeError`` for any other name.
     """

@@ -1,9 +1,10 @@
-"""``wrap()``: one construction path from a backbone to an :class:`Ensemble`.
+"""``wrap()``: one construction path from a backbone to an [`Ensemble`][ensemblekit.core.ensemble.Ensemble].
 
-``wrap()`` and the recipes (:func:`recorded_recipe`) record how they built an
-ensemble as JSON (``ensemble.build_spec``), and :func:`component_spec` describes
-its components, so that :func:`ensemblekit.save` can store it and
-:func:`ensemblekit.load` build it again (:mod:`ensemblekit.training.checkpoint`).
+``wrap()`` and the recipes (`recorded_recipe()`) record how they built an
+ensemble as JSON (``ensemble.build_spec``), and `component_spec()` describes
+its components, so that [`ensemblekit.save()`][ensemblekit.save] can store it and
+[`ensemblekit.load()`][ensemblekit.load] build it again
+([`ensemblekit.training.checkpoint`][ensemblekit.training.checkpoint]).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def wrap(
 
     Args:
         model: a timm model, an ``nn.Sequential``/list of modules (last one is
-            the head), or a ready :class:`~ensemblekit.core.blocks.BlockSplit`.
+            the head), or a ready [`BlockSplit`][ensemblekit.core.blocks.BlockSplit].
         topology: "tree", "independent", "multi_branch", "chain", "cascade", ...
         aggregator: "mean" (of logits, HNE's choice), "mean_probs", "vote", "weighted".
         loss: the training objective used by ``ensemble.loss``.
@@ -87,8 +88,8 @@ def wrap(
             are trained, else "reinit".
         exit_head: factory for early-exit heads of a chain.
         execution: how the nodes of a level run: "loop", "loop_nhwc", "vmap",
-            "grouped", "grouped_nhwc", "auto" (see :mod:`ensemblekit.execution`)
-            or an :class:`~ensemblekit.core.interfaces.Executor`.
+            "grouped", "grouped_nhwc", "auto" (see [`ensemblekit.execution`][ensemblekit.execution])
+            or an [`Executor`][ensemblekit.core.interfaces.Executor].
         example_input: an input the backbone accepts, used when splitting.
         node_modules: node index -> module used as that node instead of a
             copy of the backbone's block (EnsembleNet's narrow branches); used
@@ -98,7 +99,7 @@ def wrap(
         **topology_options: options of a topology given by name (``depth=4``).
 
     Returns:
-        An :class:`~ensemblekit.Ensemble`.
+        An [`Ensemble`][ensemblekit.Ensemble].
 
     Examples:
         >>> import timm, torch, ensemblekit as ek
@@ -180,7 +181,7 @@ def _split(model: Any, num_blocks: int | None, example_input: Tensor | None, top
 
 
 # ------------------------------------------------------------- build records
-# What ``ek.save`` stores to rebuild an ensemble (:mod:`ensemblekit.training.checkpoint`): ``wrap()`` and the
+# What ``ek.save`` stores to rebuild an ensemble (`ensemblekit.training.checkpoint`): ``wrap()`` and the
 # recipes record their arguments as JSON on the ensemble (``ensemble.build_spec``); components are described
 # when saving, from the spec they were created from by name or from their constructor parameters.
 
@@ -189,7 +190,7 @@ SPEC_ATTR = "_ensemblekit_spec"
 BUILT_ATTR = "_ensemblekit_built"
 """Attribute of an ensemble holding the components its build made (those a replay of the build makes again)."""
 COMPONENT_KINDS = ("topology", "aggregator", "loss", "halting", "execution")
-"""The roles of the components of an ensemble, as the ``kind`` of :func:`component_spec`."""
+"""The roles of the components of an ensemble, as the ``kind`` of `component_spec()`."""
 
 
 class BuildSpecError(EnsembleKitError, ValueError):
@@ -221,7 +222,7 @@ def _created(kind: str, given: Any, obj: Any, options: dict[str, Any] | None = N
 
 
 def component_spec(obj: Any, kind: str) -> dict[str, Any] | None:
-    """``{"name": ..., **options}`` that rebuilds ``obj`` through the ``kind`` registry (JSON, see :func:`to_json`).
+    """``{"name": ..., **options}`` that rebuilds ``obj`` through the ``kind`` registry (JSON, see `to_json()`).
 
     The spec it was created from by name is kept. An object given ready made is
     described by its registered name and its options: ``build_options()`` when it
@@ -311,7 +312,7 @@ def to_json(value: Any, what: str) -> Any:
 
 
 def from_json(value: Any) -> Any:
-    """The inverse of :func:`to_json`: ``{"$float": ...}`` a float, ``{"$zeros": shape}`` a zero tensor."""
+    """The inverse of `to_json()`: ``{"$float": ...}`` a float, ``{"$zeros": shape}`` a zero tensor."""
     if isinstance(value, list):
         return [from_json(v) for v in value]
     if isinstance(value, dict):
@@ -344,7 +345,8 @@ def record_preparation(ensemble: Any, name: str, **options: Any) -> None:
 
 def _wrap_record(model: Any, num_classes: int | None, num_blocks: int | None, init: Any, exit_head: Any,
                  example_input: Tensor | None, overrides: bool) -> tuple[dict[str, Any], list[str]]:
-    """What replays this :func:`wrap` call (components apart), and why it cannot be saved (if so)."""
+    """What replays this [`wrap()`][ensemblekit.build.wrap] call (components apart), and why it cannot be saved
+    (if so)."""
     from ensemblekit.backbones import backbone_spec
 
     problems = []

@@ -1,10 +1,10 @@
 """The base of every ensemblekit exception, and the errors that no single layer owns.
 
-Every exception class the package defines derives from :class:`EnsembleKitError`
+Every exception class the package defines derives from [`EnsembleKitError`][ensemblekit.errors.EnsembleKitError]
 (``except ek.EnsembleKitError`` catches any of them); most also keep the
 builtin class callers caught before (``ValueError``, ``TypeError``,
 ``KeyError``, ...) as a second base. Warnings derive from
-:class:`EnsembleKitWarning`.
+[`EnsembleKitWarning`][ensemblekit.errors.EnsembleKitWarning].
 
 This module is the bottom layer: it imports nothing from ensemblekit.
 """

@@ -39,7 +39,7 @@ def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` over the last dimension, from log-probabilities.
 
     ``[..., C], [..., C] -> [...]``. IRENE's uncertainty feature (App. A.1.2,
-    ``KL(y_t || softmax(a_t))``) and, through :func:`kd_loss`, every KD term.
+    ``KL(y_t || softmax(a_t))``) and, through [`kd_loss()`][ensemblekit.functional.kd_loss], every KD term.
     """
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
@@ -78,7 +78,7 @@ def survival_weighted_cross_entropy(probs: Tensor, s: Tensor, target: Tensor) ->
     """``CE(y, y^ens_t)`` per sample and prefix ``t``, ``y^ens_t = sum_{i<=t} S(i) y_i / sum_{i<=t} S(i)``.
 
     IRENE Eq. 9-10: the prefix ensemble whose members are weighted by their
-    survival ``S(i)`` (:func:`survival`).
+    survival ``S(i)`` ([`survival()`][ensemblekit.functional.survival]).
 
     Args:
         probs: members' softmax outputs ``[B, T, C]``.
@@ -146,7 +146,7 @@ def halting_distribution(h: Tensor) -> Tensor:
 def expected_cost(distribution: Tensor, costs: Tensor | Sequence[float]) -> Tensor:
     """``sum_k p_k c_k`` over the last dimension: the expected cost of stopping at ``k`` with probability ``p_k``.
 
-    IRENE's ``L_cost`` (Eq. 11, ``p`` from :func:`halting_distribution`) and
+    IRENE's ``L_cost`` (Eq. 11, ``p`` from [`halting_distribution()`][ensemblekit.functional.halting_distribution]) and
     MSDNet's expected budget ``sum_k f_k C_k`` (Sec. 4.1, ``f_k`` the fraction
     of samples leaving at exit ``k``, ``C_k`` the cumulative FLOPs).
     """

@@ -1,12 +1,17 @@
 """Helpers for testing plugins (ensemblekit runs them over its own components too).
 
-* :func:`isolated_plugins`: a fresh plugin state for one test, reset afterwards.
-* :func:`check_component`: build a registered component by name and check it
-  obeys its interface's contract; :func:`registered_components` lists every
+* [`isolated_plugins()`][ensemblekit.testing.isolated_plugins]: a fresh plugin state for one test, reset afterwards.
+* [`check_component()`][ensemblekit.testing.check_component]: build a registered component by name and check it
+  obeys its interface's contract; [`registered_components()`][ensemblekit.testing.registered_components] lists every
   ``(kind, name)`` to parametrise that over.
-* :func:`check_topology`, :func:`check_aggregator`, :func:`check_loss`,
-  :func:`check_halting_policy`, :func:`check_splitter`, :func:`check_executor`,
-  :func:`check_recipe`, :func:`check_schedule`: the same checks for an object.
+* [`check_topology()`][ensemblekit.testing.check_topology],
+  [`check_aggregator()`][ensemblekit.testing.check_aggregator],
+  [`check_loss()`][ensemblekit.testing.check_loss],
+  [`check_halting_policy()`][ensemblekit.testing.check_halting_policy],
+  [`check_splitter()`][ensemblekit.testing.check_splitter],
+  [`check_executor()`][ensemblekit.testing.check_executor],
+  [`check_recipe()`][ensemblekit.testing.check_recipe],
+  [`check_schedule()`][ensemblekit.testing.check_schedule]: the same checks for an object.
 
 Example options: the checks build a component with ``factory(**options)``.
 A factory whose parameters all have defaults needs nothing (aggregators and
@@ -252,7 +257,7 @@ def check_loss(loss: LossStrategy) -> None:
 def check_halting_policy(policy: HaltingPolicy) -> None:
     """Each decision is a bool mask over the samples still running, with batch-first state.
 
-    Checked through :meth:`~ensemblekit.Ensemble.predict` on a tiny tree
+    Checked through [`predict()`][ensemblekit.core.ensemble.Ensemble.predict] on a tiny tree
     ensemble: per sample (a sample uses as many members in a permuted batch
     or a part of it), and a training pass adds only batch-first extras. Example options should
     make the decisions deterministic.
@@ -351,7 +356,7 @@ def check_executor(executor: Executor) -> None:
 
 @_seeded()
 def check_recipe(recipe: Callable[..., Any], backbone: Any = None, **options: Any) -> None:
-    """Builds an :class:`~ensemblekit.Ensemble` from what a config passes, which predicts.
+    """Builds an [`Ensemble`][ensemblekit.Ensemble] from what a config passes, which predicts.
 
     The recipe is called as a config calls it: ``recipe(backbone=...,
     init="reinit", halting=None, example_input=..., **options)``.
@@ -376,7 +381,7 @@ def check_recipe(recipe: Callable[..., Any], backbone: Any = None, **options: An
 
 @_seeded()
 def check_schedule(schedule: Callable[..., Any], ensemble: Any = None, **options: Any) -> None:
-    """A non-empty list of :class:`~ensemblekit.core.stages.Stage` objects, each of which trains.
+    """A non-empty list of [`Stage`][ensemblekit.core.stages.Stage] objects, each of which trains.
 
     The schedule is called as the trainer calls it,
     ``schedule(ensemble=..., settings=..., **options)``, with example settings
@@ -465,7 +470,7 @@ def _policy_providing(needed: frozenset[str]) -> HaltingPolicy | None:
 
 
 def _ensemble(loss: LossStrategy | None = None, halting: HaltingPolicy | None = None) -> Ensemble:
-    """A depth-2 binary tree (4 members, nested sizes 1, 2, 4) over :func:`toy_split`."""
+    """A depth-2 binary tree (4 members, nested sizes 1, 2, 4) over [`toy_split()`][ensemblekit.testing.toy_split]."""
     return Ensemble(toy_split(3), Tree(depth=2), _mean(), loss=loss, halting=halting)
 
 

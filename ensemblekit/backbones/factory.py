@@ -23,7 +23,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """The timm model ``name``, randomly initialised unless ``pretrained``.
 
     The model records its spec (``ensemblekit.backbones.spec``) and whether it
-    holds loaded weights, so that :func:`ensemblekit.wrap` draws copies by the
+    holds loaded weights, so that [`ensemblekit.wrap()`][ensemblekit.wrap] draws copies by the
     backbone's own rule and picks ``init="pretrained"`` for loaded weights.
 
     Args:

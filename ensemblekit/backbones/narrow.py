@@ -99,8 +99,8 @@ def width_arg(model: nn.Module | str) -> str | None:
         model: a timm model or an architecture name.
 
     Returns:
-        One of :data:`WIDTH_ARGS`, or ``None`` when :func:`narrow_model`
-        cannot narrow this architecture.
+        One of [`WIDTH_ARGS`][ensemblekit.backbones.narrow.WIDTH_ARGS], or ``None`` when
+        [`narrow_model()`][ensemblekit.backbones.narrow.narrow_model] cannot narrow this architecture.
 
     Examples:
         >>> width_arg("resnet18"), width_arg("convnext_atto")
@@ -151,7 +151,7 @@ def narrow_model(model: nn.Module | str, width: float, **kwargs: Any) -> nn.Modu
     """The same timm architecture with its channel widths multiplied by ``width``.
 
     The width argument of the family (``channels`` for ResNets, ``dims`` for
-    ConvNeXt, ``embed_dim`` for ViTs, ... see :data:`WIDTH_ARGS`) is scaled;
+    ConvNeXt, ``embed_dim`` for ViTs, ... see [`WIDTH_ARGS`][ensemblekit.backbones.narrow.WIDTH_ARGS]) is scaled;
     channel counts are rounded so that each attention head gets a multiple of
     8 channels (coarser when the architecture needs it). The argument is set
     where timm builds the model class, so it also works for entrypoints that

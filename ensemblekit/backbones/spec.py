@@ -1,11 +1,11 @@
 """What a timm backbone is, as JSON, and fresh instances of it.
 
 A *backbone spec* is ``{"kind": "timm", "name": <architecture>, "kwargs": {...}}``:
-enough to build the same architecture again with :func:`build_backbone`, freshly
-initialised by the backbone's own rule (timm's ``init_weights``, zero-initialised
-last norms, truncated normals, ...) and never downloading anything. Ensembles use it
-to draw every member's copy of a block from that rule (:func:`draw_split`), and
-checkpoints to rebuild an ensemble.
+enough to build the same architecture again with
+[`build_backbone()`][ensemblekit.backbones.spec.build_backbone], freshly initialised by the backbone's own rule
+(timm's ``init_weights``, zero-initialised last norms, truncated normals, ...) and never downloading anything.
+Ensembles use it to draw every member's copy of a block from that rule
+([`draw_split()`][ensemblekit.backbones.spec.draw_split]), and checkpoints to rebuild an ensemble.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ __all__ = ["PRETRAINED_ATTR", "SPEC_ATTR", "BackboneSpecError", "backbone_spec",
            "declared_pretrained", "draw_split", "with_fresh_classifier"]
 
 SPEC_ATTR = "ensemblekit_spec"
-"""Attribute where :func:`~ensemblekit.backbones.create_backbone` records the spec of the model it made."""
+"""Attribute where [`create_backbone()`][ensemblekit.backbones.create_backbone] records the spec of the model it
+made."""
 PRETRAINED_ATTR = "ensemblekit_pretrained"
-"""Attribute where :func:`~ensemblekit.backbones.create_backbone` records whether it loaded weights."""
+"""Attribute where [`create_backbone()`][ensemblekit.backbones.create_backbone] records whether it loaded weights."""
 
 
 class BackboneSpecError(EnsembleKitError, ValueError):
@@ -39,7 +40,7 @@ class BackboneSpecError(EnsembleKitError, ValueError):
 def backbone_spec(model: nn.Module) -> dict[str, Any] | None:
     """The spec of a timm ``model``, or ``None`` when it cannot be verified.
 
-    A model made by :func:`~ensemblekit.backbones.create_backbone` carries its
+    A model made by [`create_backbone()`][ensemblekit.backbones.create_backbone] carries its
     spec. For one made with ``timm.create_model`` it is inferred from
     ``pretrained_cfg["architecture"]``, ``num_classes``, the input channels and
     a non-default image size. Either way the spec is returned only when a fresh
@@ -91,7 +92,7 @@ def draw_split(split: BlockSplit, spec: dict[str, Any]) -> BlockSplit:
 
     The blocks of a timm split keep the backbone's parameter names, so each
     block copy takes its parameters and buffers by name from one fresh
-    instance (:func:`build_backbone`), cast to the block's dtype and device.
+    instance ([`build_backbone()`][ensemblekit.backbones.spec.build_backbone]), cast to the block's dtype and device.
     """
     fresh = build_backbone(spec)
     state = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
@@ -107,7 +108,7 @@ def draw_split(split: BlockSplit, spec: dict[str, Any]) -> BlockSplit:
 def with_fresh_classifier(split: BlockSplit, spec: dict[str, Any]) -> BlockSplit:
     """``split`` whose head's classifier (the layers with ``num_classes`` outputs) is a fresh instance's.
 
-    :func:`ensemblekit.wrap` gives a new ``num_classes`` a classifier drawn by the backbone's own rule.
+    [`ensemblekit.wrap()`][ensemblekit.wrap] gives a new ``num_classes`` a classifier drawn by the backbone's own rule.
     """
     names = classifier_names(split.head, split.num_classes)
     fresh = build_backbone(spec).state_dict()

@@ -3,7 +3,7 @@
 Everything compared on one line is measured side by side in one process:
 warm-up calls first, then interleaved rounds (one call of each variant per
 round), and the median of each variant. FLOPs are counted on the plain
-per-node modules (:mod:`ensemblekit.core.cost`). Sections:
+per-node modules ([`ensemblekit.core.cost`][ensemblekit.core.cost]). Sections:
 
 1. tree ensemble vs independent networks (speed-up next to the FLOPs ratio);
 2. every execution strategy and ``torch.compile`` for ``N`` members;
@@ -12,7 +12,7 @@ per-node modules (:mod:`ensemblekit.core.cost`). Sections:
 5. per-sample halting: measured vs predicted saving;
 6. anytime inference: first prediction and the whole iteration;
 7. hierarchical distillation vs the independent loss (training step);
-8. peak memory of the tree vs the independent networks (:mod:`ensemblekit.bench.memory`).
+8. peak memory of the tree vs the independent networks (`ensemblekit.bench.memory`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "10000000000
 """glibc malloc settings that keep large activations mapped between calls."""
 
 REEXEC_FLAG = "ENSEMBLEKIT_BENCH_REEXECUTED"
-"""Set in the environment of a bench that re-executed itself with :data:`ALLOCATOR_ENV`."""
+"""Set in the environment of a bench that re-executed itself with `ALLOCATOR_ENV`."""
 
 SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 STRATEGIES = CANDIDATES
@@ -169,7 +169,7 @@ def allocator_status() -> str:
 
 
 def needs_allocator_env() -> bool:
-    """Whether the bench should re-execute itself with :data:`ALLOCATOR_ENV`."""
+    """Whether the bench should re-execute itself with `ALLOCATOR_ENV`."""
     return platform.libc_ver()[0] == "glibc" and not all(k in os.environ for k in ALLOCATOR_ENV)
 
 
@@ -249,7 +249,7 @@ class Bench:
                    x: Tensor | None = None) -> Callable[[], None]:
         """One SGD step (clear gradients, forward, loss, backward, update) of ``modules`` under ``loss(x, y)``.
 
-        The step is the trainer's (:func:`~ensemblekit.training.trainer.training_step`).
+        The step is the trainer's ([`training_step()`][ensemblekit.training.trainer.training_step]).
         """
         modules = list(modules)
         optimizer = self.optimizer(modules)

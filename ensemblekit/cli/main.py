@@ -1,4 +1,4 @@
-"""The ``ensemblekit`` command: one subcommand per module in :mod:`ensemblekit.cli.commands`.
+"""The ``ensemblekit`` command: one subcommand per module in `ensemblekit.cli.commands`.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``.

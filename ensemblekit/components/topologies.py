@@ -1,15 +1,15 @@
 """Sharing topologies: which parameter copies of each block exist, and who uses them.
 
-Each builds a :class:`~ensemblekit.core.graph.NodeGraph` (nodes = parameter
+Each builds a [`NodeGraph`][ensemblekit.core.graph.NodeGraph] (nodes = parameter
 copies of blocks, members = root-to-exit paths, in depth-first anytime order).
 
 | topology | copies of block b | members |
 | --- | --- | --- |
-| :class:`Independent` (deep ensemble) | N | N paths that share nothing |
-| :class:`MultiBranch` (EnsembleNet) | 1 before the fork, N from it | N |
-| :class:`Tree` (HNE) | k^b | k^B leaves |
-| :class:`Chain` (multi-exit, MSDNet/IMTA) | 1 | one exit after each chosen block |
-| :class:`Cascade` (IRENE) | N, evaluated member by member and trained stage by stage | N |
+| [`Independent`][ensemblekit.components.topologies.Independent] (deep ensemble) | N | N paths that share nothing |
+| [`MultiBranch`][ensemblekit.components.topologies.MultiBranch] (EnsembleNet) | 1 before the fork, N from it | N |
+| [`Tree`][ensemblekit.components.topologies.Tree] (HNE) | k^b | k^B leaves |
+| [`Chain`][ensemblekit.components.topologies.Chain] (multi-exit, MSDNet/IMTA) | 1 | one exit after each chosen block |
+| [`Cascade`][ensemblekit.components.topologies.Cascade] (IRENE) | N, run member by member, trained stage by stage | N |
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ class Independent(SharingTopology):
 class Cascade(Independent):
     """IRENE's sequential ensemble: independent members, evaluated and trained one after another.
 
-    The nodes are those of :class:`Independent`; what differs is the order
+    The nodes are those of [`Independent`][ensemblekit.components.topologies.Independent]; what differs is the order
     (Li et al., AAAI 2023, Sec. 3 and Algorithm 1):
 
     * evaluated strictly member by member: a forward pass has member ``k``'s
       logits before it runs any node of member ``k + 1`` (``sequential``);
     * trained stage by stage: the trainer's default schedule for a cascade is
-      IRENE's "sequential" one (:func:`ensemblekit.methods.irene.schedule.sequential`),
+      IRENE's "sequential" one
+      ([`ensemblekit.methods.irene.schedule.sequential()`][ensemblekit.methods.irene.schedule.sequential]),
       member ``t`` trained at step ``t`` with members ``1..t-1`` frozen, whatever the loss.
     """
 

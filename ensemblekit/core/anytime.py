@@ -6,8 +6,8 @@ iterating over all members costs one evaluation of every node plus one
 aggregation update per member. The caller may stop at any step; the iterator
 stops by itself at a FLOPs budget, a member count or a wall-clock deadline.
 
-Deadline semantics (one rule, :mod:`ensemblekit.core.timing`, shared with
-:class:`ensemblekit.components.halting.Deadline`):
+Deadline semantics (one rule, [`ensemblekit.core.timing`][ensemblekit.core.timing], shared with
+[`ensemblekit.components.halting.Deadline`][ensemblekit.components.halting.Deadline]):
 
 * the clock starts when work starts (the first ``next()``), after the
   ensemble's cost table is measured (once per input shape, cached);
@@ -60,14 +60,15 @@ class AnytimeStep:
 
 def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
             max_members: int | None = None) -> Iterator[AnytimeStep]:
-    """Yield :class:`AnytimeStep` for ``k = 1, 2, ...`` members until a limit is reached.
+    """Yield [`AnytimeStep`][ensemblekit.core.anytime.AnytimeStep] for ``k = 1, 2, ...`` members until a limit
+    is reached.
 
     Each step runs under ``torch.no_grad()``; grad mode is restored between
     steps, so the caller's own code is unaffected. The ensemble is used in
     its current mode (call ``ensemble.eval()`` first for inference).
 
     Args:
-        ensemble: an :class:`~ensemblekit.Ensemble`.
+        ensemble: an [`Ensemble`][ensemblekit.Ensemble].
         x: images ``[B, C, H, W]``.
         deadline: wall-clock seconds; a member predicted to finish later is
             not started (see the module docstring). The first member always runs.

@@ -1,9 +1,9 @@
 """Dropping stopped samples from what a batch carries, by declaration, never by shape.
 
-When :meth:`~ensemblekit.Ensemble.predict` drops the samples that stopped,
+When [`predict()`][ensemblekit.core.ensemble.Ensemble.predict] drops the samples that stopped,
 three kinds of values hold a batch:
 
-* block states (:mod:`ensemblekit.core.blocks`): a tensor state is the
+* block states ([`ensemblekit.core.blocks`][ensemblekit.core.blocks]): a tensor state is the
   block's output for the batch, so per-sample; in a tuple state the
   splitter marks which entries are per-sample (``BlockSplit.per_sample``:
   those computed from the input batch, not side inputs such as a RoPE table

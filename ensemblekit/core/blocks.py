@@ -26,7 +26,7 @@ FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
 
 @dataclass
 class BlockSplit:
-    """The result of :func:`ensemblekit.split`.
+    """The result of [`ensemblekit.split()`][ensemblekit.split].
 
     Attributes:
         blocks: the stem-and-stage blocks, in order; block ``b`` maps the state
@@ -48,11 +48,11 @@ class BlockSplit:
             trace shapes (and to count FLOPs when ``native_size`` is unknown).
         native_size: ``(H, W)`` the backbone was made for (timm's
             ``pretrained_cfg["input_size"]``; ``None`` when unknown):
-            :meth:`~ensemblekit.Ensemble.cost_table` reports FLOPs at this
+            [`cost_table()`][ensemblekit.core.ensemble.Ensemble.cost_table] reports FLOPs at this
             size unless given another.
         per_sample: which values of each block's output state are per-sample
             (computed from the input batch), so that samples that stopped can
-            be dropped from them (:mod:`ensemblekit.core.batching`): ``True``
+            be dropped from them ([`ensemblekit.core.batching`][ensemblekit.core.batching]): ``True``
             for a tensor state, a tuple of flags for a tuple state (``False``
             for side inputs such as a RoPE table or an attention bias, and for
             sizes). One entry per block; ``None`` when the splitter does not
@@ -60,7 +60,7 @@ class BlockSplit:
         fresh: draws a new split of the same backbone, initialised anew by the
             backbone's own rule (independent modules with the same parameter
             names and shapes; each call a new draw from the global torch RNG).
-            :func:`ensemblekit.wrap` sets it for timm backbones; ``None`` when
+            [`ensemblekit.wrap()`][ensemblekit.wrap] sets it for timm backbones; ``None`` when
             unknown, and then copies are redrawn by each submodule's
             ``reset_parameters`` (see ``docs/concepts.md``, "Initialisation").
     """
@@ -121,7 +121,7 @@ def call_block(block: nn.Module, state: State) -> State:
 class TracedBlock(Protocol):
     """A block that runs ``torch.fx`` graphs and shows them, one per training flag.
 
-    :class:`~ensemblekit.splitting.graph.GraphBlock` is one; executors read
+    `GraphBlock` is one; executors read
     the graphs to see which operations a block performs.
     """
 

@@ -40,7 +40,7 @@ class NodeCache:
         Args:
             keep: bool ``[B]`` or indices of the samples kept.
             layouts: per node, which values of its state are per-sample
-                (:func:`~ensemblekit.core.batching.select_state`); the rest,
+                ([`select_state()`][ensemblekit.core.batching.select_state]); the rest,
                 side inputs and sizes, are kept whole.
         """
         b = self.batch_size

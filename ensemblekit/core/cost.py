@@ -3,11 +3,11 @@
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the
 plain per-node modules (one image, eval mode), never from formulas, and a
 multiply-add counts as 2 FLOPs (the papers' FLOPs are MACs, half of these:
-:attr:`PrefixCost.macs`). The count depends on the input shape, so costs are
+[`PrefixCost.macs`][ensemblekit.core.cost.PrefixCost.macs]). The count depends on the input shape, so costs are
 measured per ``(channels, H, W)``, when first asked for, and cached by the
 ensemble; the dtype does not change a count.
 
-The nodes run on the meta device (:func:`~ensemblekit.core.flops.count_flops_meta`):
+The nodes run on the meta device ([`count_flops_meta()`][ensemblekit.core.flops.count_flops_meta]):
 nothing is computed, and fused kernels such as the CPU's attention count as
 the matrix products they perform. A block that cannot run there (one that
 holds a plain tensor, or reads a value with ``.item()``) is counted by

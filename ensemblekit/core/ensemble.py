@@ -1,4 +1,5 @@
-"""The :class:`Ensemble` module: blocks wired into a topology, with heads and an aggregator."""
+"""The [`Ensemble`][ensemblekit.core.ensemble.Ensemble] module: blocks wired into a topology, with heads and an
+aggregator."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class FeatureExit(nn.Module):
 
 @dataclass
 class HaltedPrediction:
-    """Result of :meth:`Ensemble.predict` with a halting policy.
+    """Result of [`Ensemble.predict()`][ensemblekit.core.ensemble.Ensemble.predict] with a halting policy.
 
     Attributes:
         prediction: aggregated prediction ``[B, C]`` at the step each sample stopped.
@@ -64,31 +65,32 @@ class HaltedPrediction:
 
 
 class Ensemble(nn.Module):
-    """An adaptive ensemble built from a :class:`~ensemblekit.core.blocks.BlockSplit`.
+    """An adaptive ensemble built from a [`BlockSplit`][ensemblekit.core.blocks.BlockSplit].
 
-    Use :func:`ensemblekit.build` to build one from a timm model. ``forward``
+    Use [`wrap()`][ensemblekit.build.wrap] to build one from a timm model. ``forward``
     returns the aggregated prediction (a drop-in for the backbone);
-    :meth:`forward_members` returns every member's logits in anytime order.
+    [`forward_members()`][ensemblekit.core.ensemble.Ensemble.forward_members] returns every member's logits in
+    anytime order.
 
     Args:
         split: the backbone cut into blocks.
         topology: which copies of each block exist and who uses them.
         aggregator: how member logits combine into a prediction.
-        loss: the training objective used by :meth:`loss`.
-        halting: the policy used by :meth:`predict`.
+        loss: the training objective used by [`loss()`][ensemblekit.core.ensemble.Ensemble.loss].
+        halting: the policy used by [`predict()`][ensemblekit.core.ensemble.Ensemble.predict].
         init: where every copy of a block and of the head starts: "reinit"
             (i.i.d. draws of the backbone's own initialisation, as in HNE),
             "pretrained" (the given weights, each member's classifier drawn
             anew), "pretrained+noise" (plus noise; ``{"name":
             "pretrained+noise", "scale": s}``), "copy" (identical copies) or
             "auto" ("pretrained" for trained weights, else "reinit"); see
-            :mod:`ensemblekit.core.initialisation`.
+            [`ensemblekit.core.initialisation`][ensemblekit.core.initialisation].
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
             -> nn.Module`` for exits before the last block (chains).
         execution: how the nodes of one level run: a registered executor
             name ("loop", "vmap", "grouped", "auto", ...; see
-            :mod:`ensemblekit.execution`), a mapping ``{"name": ..., **options}``
-            or an :class:`~ensemblekit.core.interfaces.Executor`.
+            [`ensemblekit.execution`][ensemblekit.execution]), a mapping ``{"name": ..., **options}``
+            or an [`Executor`][ensemblekit.core.interfaces.Executor].
         node_modules: node index -> module used as that node instead of a
             copy of the backbone's block (e.g. EnsembleNet's narrower
             branches); used as given, neither copied nor re-initialised.
@@ -96,9 +98,9 @@ class Ensemble(nn.Module):
             instead of a copy of the backbone's head; used as given.
 
     Attributes:
-        check_finite: make :meth:`check_input` reject inputs holding NaN or
-            Inf (off by default: the check reads every value and, on a GPU,
-            waits for it; the trainer names a batch whose loss is not finite anyway).
+        check_finite: make [`check_input()`][ensemblekit.core.ensemble.Ensemble.check_input] reject inputs
+            holding NaN or Inf (off by default: the check reads every value and, on a GPU, waits for it; the
+            trainer names a batch whose loss is not finite anyway).
     """
 
     def __init__(
@@ -174,7 +176,7 @@ class Ensemble(nn.Module):
         """The name of how the nodes of one level run.
 
         Assign a name, a mapping ``{"name": ..., **options}`` or an
-        :class:`~ensemblekit.core.interfaces.Executor` to switch
+        [`Executor`][ensemblekit.core.interfaces.Executor] to switch
         (``ens.execution = "auto"``).
         """
         return self._executor.name
@@ -185,7 +187,8 @@ class Ensemble(nn.Module):
 
     @property
     def executor(self) -> Executor:
-        """The executor that runs the nodes of one level (set it through :attr:`execution`)."""
+        """The executor that runs the nodes of one level (set it through
+        [`execution`][ensemblekit.core.ensemble.Ensemble.execution])."""
         return self._executor
 
     @property
@@ -258,7 +261,7 @@ class Ensemble(nn.Module):
         """Logits ``[B, C]`` of one member, computing only the nodes ``cache`` lacks.
 
         A head whose ``takes_previous_logits`` is true (IMTA's inline subnetwork
-        collaboration, :mod:`ensemblekit.methods.imta.isc`) is called as
+        collaboration, [`ensemblekit.methods.imta.isc`][ensemblekit.methods.imta.isc]) is called as
         ``head(*state, previous=logits of member - 1)``.
         """
         if member not in cache.logits:
@@ -277,7 +280,7 @@ class Ensemble(nn.Module):
         """Every (or the given) member's logits plus the extras losses need.
 
         Returns:
-            An :class:`~ensemblekit.core.interfaces.EnsembleOutput` whose ``members``
+            An [`EnsembleOutput`][ensemblekit.core.interfaces.EnsembleOutput] whose ``members``
             is ``b m c`` in anytime order.
         """
         self.check_input(x)
@@ -331,12 +334,13 @@ class Ensemble(nn.Module):
         return self.aggregator(self.forward_members(x))
 
     def loss(self, output: EnsembleOutput | Tensor, target: Tensor) -> LossResult:
-        """The configured loss of ``output`` (from :meth:`forward_output`) against labels.
+        """The configured loss of ``output`` (from
+        [`forward_output()`][ensemblekit.core.ensemble.Ensemble.forward_output]) against labels.
 
-        A halting policy with its own training terms (:meth:`HaltingPolicy.loss
-        <ensemblekit.core.interfaces.HaltingPolicy.loss>`, e.g. the learned
-        selector) adds them to the total, its parts named ``halting.<name>``,
-        unless the loss holds them already (``trains_halting``, IRENE's loss).
+        A halting policy with its own training terms
+        ([`HaltingPolicy.loss`][ensemblekit.core.interfaces.HaltingPolicy.loss], e.g. the learned selector) adds
+        them to the total, its parts named ``halting.<name>``, unless the loss holds them already
+        (``trains_halting``, IRENE's loss).
         """
         if self.loss_strategy is None:
             raise ValueError("this ensemble has no loss; pass loss=... to ensemblekit.build()")
@@ -362,7 +366,7 @@ class Ensemble(nn.Module):
         """FLOPs and parameters per node and head for one image of ``input_size``.
 
         Measured the first time a shape is asked for, then cached; see
-        :mod:`ensemblekit.core.cost` and :func:`~ensemblekit.core.cost.cost_shape`
+        [`ensemblekit.core.cost`][ensemblekit.core.cost] and [`cost_shape()`][ensemblekit.core.cost.cost_shape]
         for ``input_size`` (default: the backbone's own input size).
         """
         shape = cost_shape(self, input_size)
@@ -385,7 +389,8 @@ class Ensemble(nn.Module):
     # ----------------------------------------------------- adaptive inference
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
                 max_members: int | None = None) -> Iterator:
-        """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.core.anytime`."""
+        """Prefix ensembles of 1, 2, ... members with their cost; see
+        [`ensemblekit.core.anytime`][ensemblekit.core.anytime]."""
         return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members)
 
     @torch.no_grad()
@@ -397,9 +402,9 @@ class Ensemble(nn.Module):
         member only runs on the samples still going. What is per-sample is
         declared: by the split for block states, by the aggregator and the
         policy (``per_sample_state``) for their states; see
-        :mod:`ensemblekit.core.batching`. The policy's ``step_inputs`` say
+        [`ensemblekit.core.batching`][ensemblekit.core.batching]. The policy's ``step_inputs`` say
         which extras each step carries (see
-        :class:`~ensemblekit.core.interfaces.HaltingPolicy`).
+        [`HaltingPolicy`][ensemblekit.core.interfaces.HaltingPolicy]).
         """
         policy = halting if halting is not None else self.halting
         if policy is None:

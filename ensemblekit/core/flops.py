@@ -3,7 +3,7 @@
 ensemblekit counts a multiply-add as **2 FLOPs** (PyTorch's
 ``FlopCounterMode`` convention). The papers it reproduces (HNE, MSDNet/IMTA,
 EnsembleNet) count a multiply-add as one FLOP, i.e. they report MACs:
-divide by 2 (:func:`flops_to_macs`) to compare.
+divide by 2 ([`flops_to_macs()`][ensemblekit.core.flops.flops_to_macs]) to compare.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ FLOPS_NOTE = "FLOPs count a multiply-add as 2 (the papers' FLOPs are MACs: half 
 
 
 def flops_to_macs(flops: float) -> float:
-    """Multiply-accumulates of ``flops`` counted by :func:`count_flops` (a multiply-add is 2 FLOPs, 1 MAC).
+    """Multiply-accumulates of ``flops`` counted by [`count_flops()`][ensemblekit.core.flops.count_flops] (a
+    multiply-add is 2 FLOPs, 1 MAC).
 
     Exact: the counter only counts matrix products and convolutions, each
     multiply-add as 2.

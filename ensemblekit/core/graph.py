@@ -1,12 +1,12 @@
 """The node graph: one representation for every sharing topology.
 
-Every topology is one data structure, a :class:`NodeGraph`: a forest of
+Every topology is one data structure, a [`NodeGraph`][ensemblekit.core.graph.NodeGraph]: a forest of
 *nodes* (a node is one parameter copy of block ``b``; its parent is a node of
 block ``b-1``) and a list of *members* (a member is a path from a root to the
 node after which its head sits). Members are listed in anytime order: the
 depth-first order of the tree, so the first ``k`` members are always the same
 ``k`` and, in a ``k``-ary tree, the first ``k^b`` members form one subtree.
-:class:`SharingTopology` is the interface that builds one.
+[`SharingTopology`][ensemblekit.core.graph.SharingTopology] is the interface that builds one.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class NodeGraph:
     """Nodes and members of a topology, and what follows from them.
 
     The one question behind anytime evaluation, prefix costs and halting is
-    :meth:`new_nodes`: which nodes member ``k`` adds to members ``0..k-1``.
+    [`new_nodes()`][ensemblekit.core.graph.NodeGraph.new_nodes]: which nodes member ``k`` adds to members ``0..k-1``.
     """
 
     def __init__(self, nodes: list[Node], members: list[Member], nested_sizes: tuple[int, ...]):
@@ -99,12 +99,13 @@ class NodeGraph:
 
 
 class SharingTopology(ABC):
-    """Builds the :class:`NodeGraph` for a backbone cut into ``num_blocks`` blocks.
+    """Builds the [`NodeGraph`][ensemblekit.core.graph.NodeGraph] for a backbone cut into ``num_blocks`` blocks.
 
     ``num_blocks`` says how many blocks the topology wants from the splitter
     (``None``: the backbone's natural stages). ``sequential`` topologies are
     evaluated strictly member by member (a cascade), others level by level, and
-    train with the "sequential" schedule by default (:func:`ensemblekit.core.stages.default_schedule`).
+    train with the "sequential" schedule by default
+    ([`ensemblekit.core.stages.default_schedule()`][ensemblekit.core.stages.default_schedule]).
     """
 
     name: str = ""

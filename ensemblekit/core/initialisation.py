@@ -5,9 +5,8 @@ The modes (``docs/concepts.md``, "Initialisation"):
 * ``"reinit"``: every copy is an independent draw of the backbone's own
   initialisation. Untrained given weights are one such draw: they are the first
   copy (member 0 is the given model). Every other copy, and the first one too
-  when the given weights are trained, is a new draw: with :attr:`BlockSplit.fresh
-  <ensemblekit.core.blocks.BlockSplit.fresh>` (timm backbones through
-  :func:`ensemblekit.wrap`) from a fresh instance of the backbone, one instance
+  when the given weights are trained, is a new draw: with `BlockSplit.fresh` (timm backbones through
+  [`ensemblekit.wrap()`][ensemblekit.wrap]) from a fresh instance of the backbone, one instance
   per copy index serving every block and the head; without it by each
   submodule's ``reset_parameters`` (the rule that built torch's modules).
 * ``"pretrained"``: every copy starts from the given weights, except each
@@ -16,13 +15,13 @@ The modes (``docs/concepts.md``, "Initialisation"):
   same batches would stay identical.
 * ``"pretrained+noise"``: ``"pretrained"``, plus Gaussian noise on every other
   parameter of every copy, with standard deviation ``scale`` (default
-  :data:`NOISE_SCALE`) times that tensor's own standard deviation.
+  [`NOISE_SCALE`][ensemblekit.core.initialisation.NOISE_SCALE]) times that tensor's own standard deviation.
 * ``"copy"``: every copy, heads included, is an exact copy of the given
   weights (identical members; for tests and benchmarks, not for training an ensemble).
 * ``"auto"``: ``"pretrained"`` when the given weights are trained, else ``"reinit"``.
   They count as trained when a parameter that the backbone's initialisation
   sets to a constant (norm weights 1 and biases 0, timm's zero-initialised last
-  norms, layer scales) holds another value. :func:`ensemblekit.wrap` decides
+  norms, layer scales) holds another value. [`ensemblekit.wrap()`][ensemblekit.wrap] decides
   from ``create_backbone(..., pretrained=)`` instead where it made the backbone.
 
 Draws come from the global torch RNG in node order, so ``torch.manual_seed``
@@ -50,7 +49,7 @@ NOISE_SCALE = 0.01
 
 
 class InitError(EnsembleKitError, ValueError):
-    """An ``init`` that is not one of :data:`INIT_MODES`, or that cannot apply to the backbone."""
+    """An ``init`` that is not one of `INIT_MODES`, or that cannot apply to the backbone."""
 
 
 class InitWarning(EnsembleKitWarning):
@@ -74,7 +73,7 @@ class MemberInit:
 
     Args:
         split: the backbone cut into blocks.
-        init: a mode of :data:`INIT_MODES` or a mapping ``{"name": mode, "scale": s}``
+        init: a mode of `INIT_MODES` or a mapping ``{"name": mode, "scale": s}``
             (``scale`` for ``"pretrained+noise"`` only).
 
     Attributes:

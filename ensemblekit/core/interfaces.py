@@ -1,14 +1,15 @@
 """The four interfaces of ensemblekit and the values that flow between them.
 
-* :class:`SharingTopology` (in :mod:`ensemblekit.components.topologies`) says which
+* `SharingTopology` (in [`ensemblekit.components.topologies`][ensemblekit.components.topologies]) says which
   nodes (parameter copies of blocks) exist and which path each member takes.
-* :class:`Aggregator` turns member logits into one prediction, all at once or
+* [`Aggregator`][ensemblekit.core.interfaces.Aggregator] turns member logits into one prediction, all at once or
   member by member.
-* :class:`LossStrategy` turns an :class:`EnsembleOutput` and labels into a
+* [`LossStrategy`][ensemblekit.core.interfaces.LossStrategy] turns an
+  [`EnsembleOutput`][ensemblekit.core.interfaces.EnsembleOutput] and labels into a
   total loss and named parts.
-* :class:`HaltingPolicy` decides per sample when to stop adding members.
+* [`HaltingPolicy`][ensemblekit.core.interfaces.HaltingPolicy] decides per sample when to stop adding members.
 
-Besides them, an :class:`Executor` says how the nodes of one level are
+Besides them, an [`Executor`][ensemblekit.core.interfaces.Executor] says how the nodes of one level are
 evaluated (a loop, batched with ``vmap``, packed into grouped convolutions).
 
 Every tensor of members is laid out ``b m c`` (einops notation): batch,
@@ -50,8 +51,8 @@ AggregatorState = dict[str, Tensor]
 class Aggregator(nn.Module, ABC):
     """Members ``b m c`` -> prediction ``b c``, in a batch and an incremental form.
 
-    Subclasses implement the incremental form (:meth:`update` and
-    :meth:`value`); the batch form folds it, so both agree exactly. The
+    Subclasses implement the incremental form ([`update()`][ensemblekit.core.interfaces.Aggregator.update] and
+    [`value()`][ensemblekit.core.interfaces.Aggregator.value]); the batch form folds it, so both agree exactly. The
     prediction is a vector of scores whose ``softmax`` is the ensemble's
     predictive distribution (logits for a mean of logits, log-probabilities
     for a mean of probabilities), so a cross-entropy on it is meaningful.
@@ -59,7 +60,7 @@ class Aggregator(nn.Module, ABC):
 
     per_sample_state: ClassVar[frozenset[str] | None] = None
     """Keys of the running state holding per-sample (batch-first) values: when samples stop,
-    :meth:`Ensemble.predict <ensemblekit.Ensemble.predict>` drops them from these entries and keeps the
+    [`Ensemble.predict`][ensemblekit.core.ensemble.Ensemble.predict] drops them from these entries and keeps the
     others whole (counts, per-class tensors). ``None`` (the default): every tensor with a dimension is
     per-sample and must be batch-first; 0-dim tensors and other values are kept whole."""
 
@@ -104,7 +105,7 @@ def _check_members(members: Tensor) -> None:
 
 @dataclass
 class EnsembleOutput:
-    """What one forward pass of an :class:`~ensemblekit.Ensemble` produced.
+    """What one forward pass of an [`Ensemble`][ensemblekit.Ensemble] produced.
 
     Attributes:
         members: member logits ``b m c`` in anytime order.
@@ -145,10 +146,10 @@ class LossResult:
 
 
 class LossStrategy(nn.Module, ABC):
-    """(ensemble output, labels) -> :class:`LossResult`.
+    """(ensemble output, labels) -> [`LossResult`][ensemblekit.core.interfaces.LossResult].
 
     ``requires`` names the extras the strategy reads from
-    :attr:`EnsembleOutput.extras`; :meth:`check` runs at ``wrap()`` time so a
+    `EnsembleOutput.extras`; [`check()`][ensemblekit.core.interfaces.LossStrategy.check] runs at ``wrap()`` time so a
     mismatch (an IRENE loss without a learned halting policy) fails there with
     a clear message instead of mid-training.
     """
@@ -159,7 +160,8 @@ class LossStrategy(nn.Module, ABC):
     (L_S, EnsembleNet's ensemble term): it refuses an aggregator that is not differentiable."""
     trains_halting: ClassVar[bool] = False
     """True for a loss that holds the halting policy's training terms itself (IRENE's): then
-    :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` does not add the policy's :meth:`HaltingPolicy.loss`."""
+    [`Ensemble.loss`][ensemblekit.core.ensemble.Ensemble.loss] does not add the policy's
+    [`HaltingPolicy.loss()`][ensemblekit.core.interfaces.HaltingPolicy.loss]."""
 
     @abstractmethod
     def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:
@@ -207,16 +209,17 @@ class HaltingStep:
 class HaltingPolicy(nn.Module, ABC):
     """Decides per sample whether to stop adding members.
 
-    A policy is called once after each member with a :class:`HaltingStep` and
+    A policy is called once after each member with a [`HaltingStep`][ensemblekit.core.interfaces.HaltingStep] and
     its own per-sample state (batch-first tensors, so the ensemble can drop
     samples that stopped). It returns a boolean mask ``[B]``: True where the
     sample stops now. After the last member every sample stops regardless.
-    A policy with parameters to train overrides :meth:`loss` (its own terms,
-    which :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` adds to whatever the
-    task loss is), :attr:`is_trained` and :meth:`mark_trained`; one that needs
-    held-out data overrides :meth:`calibrate`.
+    A policy with parameters to train overrides [`loss()`][ensemblekit.core.interfaces.HaltingPolicy.loss] (its
+    own terms, which [`Ensemble.loss`][ensemblekit.core.ensemble.Ensemble.loss] adds to whatever the task loss
+    is), [`is_trained`][ensemblekit.core.interfaces.HaltingPolicy.is_trained] and
+    [`mark_trained()`][ensemblekit.core.interfaces.HaltingPolicy.mark_trained]; one that needs held-out data
+    overrides [`calibrate()`][ensemblekit.core.interfaces.HaltingPolicy.calibrate].
 
-    ``step_inputs`` names what the policy reads from :attr:`HaltingStep.extras`:
+    ``step_inputs`` names what the policy reads from `HaltingStep.extras`:
     "head_input" (the member's head input state; ``forward_output`` then also
     puts every member's in ``extras["head_inputs"]``) and "seconds" (``[B]``
     wall-clock seconds since the first member started).
@@ -226,7 +229,7 @@ class HaltingPolicy(nn.Module, ABC):
     step_inputs: ClassVar[frozenset[str]] = frozenset()
     per_sample_state: ClassVar[frozenset[str] | None] = None
     """Keys of the running state holding per-sample (batch-first) values: when samples stop,
-    :meth:`Ensemble.predict <ensemblekit.Ensemble.predict>` drops them from these entries and keeps the
+    [`Ensemble.predict`][ensemblekit.core.ensemble.Ensemble.predict] drops them from these entries and keeps the
     others whole (counts, per-class tensors). ``None`` (the default): every tensor with a dimension is
     per-sample and must be batch-first; 0-dim tensors and other values are kept whole."""
 
@@ -254,8 +257,9 @@ class HaltingPolicy(nn.Module, ABC):
 
     @property
     def is_trained(self) -> bool:
-        """False while a policy with parameters to train has never been trained (:meth:`Ensemble.predict
-        <ensemblekit.Ensemble.predict>` then warns with :class:`UntrainedHaltingWarning`)."""
+        """False while a policy with parameters to train has never been trained
+        ([`Ensemble.predict`][ensemblekit.core.ensemble.Ensemble.predict] then warns with
+        [`UntrainedHaltingWarning`][ensemblekit.core.interfaces.UntrainedHaltingWarning])."""
         return True
 
     def mark_trained(self) -> None:  # noqa: B027  (a hook: a policy without parameters has nothing to record)
@@ -274,7 +278,7 @@ class Executor(ABC):
     the very same input object (the children of one tree node). Every
     executor must compute what a loop over the nodes computes (outputs,
     gradients and BatchNorm running statistics). Registered by name through
-    the ``register_executors`` hook; see :mod:`ensemblekit.execution`.
+    the ``register_executors`` hook; see [`ensemblekit.execution`][ensemblekit.execution].
 
     Pickling and ``copy.deepcopy`` keep the public attributes and pass them
     back to the constructor, so public attributes must be constructor

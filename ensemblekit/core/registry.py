@@ -1,15 +1,15 @@
 """Name -> component registries, filled by plugins (built-ins included).
 
 ``topology="tree"`` and ``topology=Tree(depth=4)`` resolve through the same
-:class:`Registry`: a string (or ``{"name": ..., **kwargs}``) is looked up and
+[`Registry`][ensemblekit.core.registry.Registry]: a string (or ``{"name": ..., **kwargs}``) is looked up and
 its factory called; an instance of the kind's base class is used as is.
 
 The registries are passive: they import nothing that fills them. The plugin
-manager installs its loader with :func:`set_loader` when it is imported, and
+manager installs its loader with [`set_loader()`][ensemblekit.core.registry.set_loader] when it is imported, and
 every lookup by name calls that loader first (it loads the plugins once).
 
 A factory whose ``**kwargs`` go on to another callable (a recipe passing them
-to :func:`ensemblekit.wrap`) names that callable in its ``passes_kwargs_to``
+to [`ensemblekit.wrap()`][ensemblekit.wrap]) names that callable in its ``passes_kwargs_to``
 attribute; the option checks then accept that callable's keyword-only
 parameters as the factory's own.
 """
@@ -80,7 +80,8 @@ _describe_skipped: Callable[[], str] | None = None
 
 
 def set_loader(load: Callable[[], None], describe_skipped: Callable[[], str]) -> None:
-    """Install what fills the registries: called by :mod:`ensemblekit.plugins.manager` at import.
+    """Install what fills the registries: called by [`ensemblekit.plugins.manager`][ensemblekit.plugins.manager]
+    at import.
 
     Args:
         load: fills every registry; called before each lookup, so it must
@@ -102,7 +103,7 @@ class Registry:
 
     Args:
         kind: what the components are, for messages ("topology").
-        base: their base class; instances of it pass through :meth:`create`
+        base: their base class; instances of it pass through [`create()`][ensemblekit.core.registry.Registry.create]
             (``None``: components are only built from a name, like recipes).
     """
 
@@ -120,7 +121,8 @@ class Registry:
         self._entries[name] = Entry(name, factory, plugin, builtin)
 
     def check_new(self, name: str, factory: Callable[..., Any], *, plugin: str = "?") -> None:
-        """Raise the error :meth:`register` would raise for ``name``, without registering it.
+        """Raise the error [`register()`][ensemblekit.core.registry.Registry.register] would raise for ``name``,
+        without registering it.
 
         Examples:
             >>> from ensemblekit.components.aggregators import MeanLogits
@@ -142,7 +144,8 @@ class Registry:
         self._entries = {k: e for k, e in self._entries.items() if e.plugin != plugin}
 
     def clear(self) -> None:
-        """Remove every entry (see :func:`ensemblekit.plugins.manager.reset_plugins`)."""
+        """Remove every entry (see
+        [`ensemblekit.plugins.manager.reset_plugins()`][ensemblekit.plugins.manager.reset_plugins])."""
         self._entries = {}
 
     def names(self) -> list[str]:
@@ -189,7 +192,8 @@ class Registry:
         return factory(**options)
 
     def check(self, spec: Any, /, context: Iterable[str] = (), **kwargs: Any) -> None:
-        """Raise the error :meth:`create` would raise for these options, without building anything.
+        """Raise the error [`create()`][ensemblekit.core.registry.Registry.create] would raise for these
+        options, without building anything.
 
         ``context`` names keywords the caller will supply, so they count as given.
         """
@@ -325,7 +329,8 @@ def accepts(factory: Callable[..., Any], keyword: str) -> bool:
 
 
 class SplitterRegistry(Registry):
-    """Backbone splitters by name; :meth:`ordered` is the order :func:`~ensemblekit.split` tries them.
+    """Backbone splitters by name; [`ordered()`][ensemblekit.core.registry.SplitterRegistry.ordered] is the
+    order [`split()`][ensemblekit.split] tries them.
 
     Third-party plugins' splitters come before the built-in ones, so a plugin
     can take over a model a built-in would split.

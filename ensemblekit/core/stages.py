@@ -1,20 +1,20 @@
 """Training stages: what one part of a training schedule trains, on which members, how.
 
-A :class:`Stage` says what is trainable (modules, or a predicate on the
+A [`Stage`][ensemblekit.core.stages.Stage] says what is trainable (modules, or a predicate on the
 parameters), which members are evaluated, which loss and which optimizer
 and learning-rate schedule are used, for how many epochs, and what is done
 to the ensemble when the stage starts. A *schedule* is a function
 ``schedule(ensemble, settings, **options) -> list[Stage]`` registered under
-a name (:data:`~ensemblekit.core.registry.SCHEDULES`, hook
-``register_schedules``); :func:`ensemblekit.training.trainer.train` runs the
+a name (`SCHEDULES`, hook
+``register_schedules``); [`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train] runs the
 stages one after the other with its one loop.
 
-Built in: ``"joint"`` (:func:`joint`: everything, one stage),
+Built in: ``"joint"`` ([`joint()`][ensemblekit.core.stages.joint]: everything, one stage),
 ``"sequential"`` and ``"irene"`` (IRENE's Algorithm 1,
-:mod:`ensemblekit.methods.irene.schedule`) and ``"two_phase"`` (IMTA's two
-phases, :mod:`ensemblekit.methods.imta.schedule`). Without a schedule named
+[`ensemblekit.methods.irene.schedule`][ensemblekit.methods.irene.schedule]) and ``"two_phase"`` (IMTA's two
+phases, [`ensemblekit.methods.imta.schedule`][ensemblekit.methods.imta.schedule]). Without a schedule named
 in the training settings, the loss's ``schedule`` attribute decides, then
-the topology (a cascade trains "sequential"; :func:`default_schedule`).
+the topology (a cascade trains "sequential"; [`default_schedule()`][ensemblekit.core.stages.default_schedule]).
 
 Examples:
     >>> import torch
@@ -64,7 +64,8 @@ LRScheduleFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_schedu
 
 
 class ScheduleSettings(Protocol):
-    """What a schedule reads from the training settings (:class:`ensemblekit.training.config.TrainConfig`)."""
+    """What a schedule reads from the training settings
+    ([`ensemblekit.training.config.TrainConfig`][ensemblekit.training.config.TrainConfig])."""
 
     epochs: int
     lr: float
@@ -79,7 +80,8 @@ Schedule = Callable[..., list["Stage"]]
 
 @dataclass
 class Stage:
-    """One part of a training schedule, run by :func:`ensemblekit.training.trainer.train`.
+    """One part of a training schedule, run by
+    [`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train].
 
     Attributes:
         name: shown in progress and history, and stored in checkpoints (a
@@ -87,10 +89,10 @@ class Stage:
         epochs: passes over the training split in this stage.
         trainable: ``None`` (every parameter, ``requires_grad`` left as it
             is), a module or modules, or a predicate ``(name, parameter) ->
-            bool`` evaluated after :attr:`prepare` (so it sees modules the
+            bool`` evaluated after `prepare` (so it sees modules the
             preparation added). Everything else is frozen for the stage, and
             a module none of whose parameters is trainable is in eval mode
-            (BatchNorm statistics and dropout fixed); see :func:`frozen_except`.
+            (BatchNorm statistics and dropout fixed); see [`frozen_except()`][ensemblekit.core.stages.frozen_except].
         members: indices of the members evaluated in the forward pass (the
             loss sees only these); ``None``: all.
         loss: the loss from this stage on (it replaces the ensemble's
@@ -141,7 +143,8 @@ def trainable_parameters(module: nn.Module, trainable: Trainable) -> list[nn.Par
 
 
 class Freeze:
-    """What :func:`frozen_except` yields: the trainable parameters, and :meth:`train` to re-apply the modes."""
+    """What [`frozen_except()`][ensemblekit.core.stages.frozen_except] yields: the trainable parameters, and
+    [`train()`][ensemblekit.core.stages.Freeze.train] to re-apply the modes."""
 
     def __init__(self, module: nn.Module, parameters: list[nn.Parameter], everything: bool):
         self.module = module
@@ -171,10 +174,10 @@ def frozen_except(module: nn.Module, trainable: Trainable) -> Iterator[Freeze]:
 
     Args:
         module: the ensemble (any module).
-        trainable: see :attr:`Stage.trainable`.
+        trainable: see `Stage.trainable`.
 
     Yields:
-        A :class:`Freeze` with the trainable parameters; its ``train()``
+        A [`Freeze`][ensemblekit.core.stages.Freeze] with the trainable parameters; its ``train()``
         re-applies the modes (after something called ``module.train()``).
     """
     parameters = trainable_parameters(module, trainable)
@@ -200,7 +203,7 @@ def joint(ensemble: Any, settings: ScheduleSettings) -> list[Stage]:
     """The plain schedule: every member and parameter trained together for ``settings.epochs`` epochs.
 
     One stage with the ensemble's loss and the trainer's optimizer and
-    learning-rate schedule: what :func:`ensemblekit.training.trainer.train`
+    learning-rate schedule: what [`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train]
     always did.
     """
     return [Stage("joint", settings.epochs)]
@@ -209,7 +212,7 @@ def joint(ensemble: Any, settings: ScheduleSettings) -> list[Stage]:
 def default_schedule(ensemble: Any) -> str:
     """The schedule a model trains with when the settings name none.
 
-    Its loss's ``schedule`` (:class:`~ensemblekit.components.losses.IreneLoss`
+    Its loss's ``schedule`` ([`IreneLoss`][ensemblekit.components.losses.IreneLoss]
     says ``"sequential"``, IRENE's Algorithm 1, unless it was built with
     ``schedule="joint"``); else ``"sequential"`` for a ``sequential``
     topology (a cascade, trained member by member whatever the loss); else ``"joint"``.

@@ -1,18 +1,19 @@
 """Timing work on a device, and the deadline rule of anytime inference.
 
 One place for what was written five times: waiting for a device's queued
-work (:func:`synchronize`), a clock that reads the time at which queued work
-is done (:class:`Clock`), timing one call (:class:`Stopwatch`, :func:`timed`),
-and the deadline rule that :func:`ensemblekit.core.anytime.anytime` and the
-:class:`~ensemblekit.components.halting.Deadline` policy both apply
-(:class:`DeadlineTimer`, :func:`overruns`).
+work ([`synchronize()`][ensemblekit.core.timing.synchronize]), a clock that reads the time at which queued work
+is done ([`Clock`][ensemblekit.core.timing.Clock]), timing one call
+([`Stopwatch`][ensemblekit.core.timing.Stopwatch], [`timed()`][ensemblekit.core.timing.timed]), and the deadline
+rule that [`ensemblekit.core.anytime.anytime()`][ensemblekit.core.anytime.anytime] and the
+[`Deadline`][ensemblekit.components.halting.Deadline] policy both apply
+([`DeadlineTimer`][ensemblekit.core.timing.DeadlineTimer], [`overruns()`][ensemblekit.core.timing.overruns]).
 
 The deadline rule: the clock starts when work starts; the first member always
 runs; member ``k+1`` starts only if ``elapsed + rate * flops(k+1) <= deadline``,
 where ``flops(k+1)`` is what member ``k+1`` adds to the prefix, ``elapsed`` is
 wall-clock time since the start (including whatever happens between members:
 the caller's code in anytime inference, the policy and the bookkeeping in
-:meth:`~ensemblekit.Ensemble.predict`) and ``rate`` is the seconds per FLOP
+[`predict()`][ensemblekit.core.ensemble.Ensemble.predict]) and ``rate`` is the seconds per FLOP
 measured on the compute of the members so far (from the moment a member is
 started to the moment its prediction is ready: time between members is not
 compute, so it does not inflate the prediction).
@@ -131,10 +132,10 @@ def overruns(deadline: float, elapsed: float, compute_seconds: float, flops_done
 class DeadlineTimer:
     """The deadline rule (module docstring): a clock and the compute seconds of the members so far.
 
-    Call :meth:`begin` when a member starts (it returns the time, the
-    ``elapsed`` of the decision to start it) and :meth:`end` when its
-    prediction is ready; :meth:`overruns` decides whether the next member may
-    start. The first member counts as begun when the clock started.
+    Call [`begin()`][ensemblekit.core.timing.DeadlineTimer.begin] when a member starts (it returns the time, the
+    ``elapsed`` of the decision to start it) and [`end()`][ensemblekit.core.timing.DeadlineTimer.end] when its
+    prediction is ready; [`overruns()`][ensemblekit.core.timing.DeadlineTimer.overruns] decides whether the next
+    member may start. The first member counts as begun when the clock started.
 
     Args:
         deadline: seconds allowed since the start (None: only timing).

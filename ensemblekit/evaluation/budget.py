@@ -1,12 +1,12 @@
 """Budgeted evaluation: accuracy, FLOPs, members used and wall-clock time over a sweep of budgets.
 
-For each budget parameter ``q`` the :class:`~ensemblekit.components.halting.Budgeted`
+For each budget parameter ``q`` the [`Budgeted`][ensemblekit.components.halting.Budgeted]
 policy is calibrated on a held-out split (never the test set), then the test
-set runs through :meth:`~ensemblekit.Ensemble.predict`, which drops stopped
+set runs through [`predict()`][ensemblekit.core.ensemble.Ensemble.predict], which drops stopped
 samples from the batch: its wall-clock time is measured next to the FLOPs the
 calibration predicted. The anytime curve (every sample uses the first ``k``
 members) is measured on the same test set for comparison, and
-:func:`plot_budget` draws both (MSDNet / IMTA "budgeted batch classification").
+[`plot_budget()`][ensemblekit.evaluation.budget.plot_budget] draws both (MSDNet / IMTA "budgeted batch classification").
 
 Examples:
     >>> report = budget_sweep(ens, val_loader, test_loader)  # doctest: +SKIP
@@ -54,7 +54,7 @@ class BudgetPoint:
         thresholds: the calibrated confidence threshold of each exit.
         expected_flops: FLOPs per sample the calibration predicts (held-out data).
         held_out_accuracy: accuracy on the held-out data.
-        accuracy: test accuracy of :meth:`~ensemblekit.Ensemble.predict`.
+        accuracy: test accuracy of [`predict()`][ensemblekit.core.ensemble.Ensemble.predict].
         flops: mean FLOPs per test sample of the prefixes actually used.
         members: mean members (exits) evaluated per test sample.
         fractions: fraction of test samples that stopped after each member.
@@ -77,7 +77,7 @@ class BudgetReport:
     """A budget sweep and the anytime curve on the same test set.
 
     Attributes:
-        points: one :class:`BudgetPoint` per budget, in sweep order.
+        points: one [`BudgetPoint`][ensemblekit.evaluation.budget.BudgetPoint] per budget, in sweep order.
         anytime: anytime report (prefix ``k`` for every sample) with FLOPs.
         full_flops: FLOPs per sample of all members.
         full_seconds: wall-clock seconds of ``predict`` over the test set with
@@ -101,7 +101,7 @@ class BudgetReport:
         return out
 
     def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON; returns the path."""
+        """Write [`to_dict()`][ensemblekit.evaluation.budget.BudgetReport.to_dict] as JSON; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -147,10 +147,10 @@ def _timed_predict(ensemble: Any, batches: list[tuple[Tensor, Tensor]], policy: 
 
 def budget_sweep(ensemble: Any, held_out: Any, test: Any, qs: Sequence[float] = AUTHORS_QS,
                  batch_size: int = 256, repeats: int = 3) -> BudgetReport:
-    """Calibrate a :class:`~ensemblekit.components.halting.Budgeted` policy per ``q`` and evaluate it.
+    """Calibrate a [`Budgeted`][ensemblekit.components.halting.Budgeted] policy per ``q`` and evaluate it.
 
     Args:
-        ensemble: an :class:`~ensemblekit.Ensemble` (any topology).
+        ensemble: an [`Ensemble`][ensemblekit.Ensemble] (any topology).
         held_out: held-out split for calibration: a loader or ``(images, labels)``.
         test: test split, a loader or ``(images, labels)``; held in memory
             (on the ensemble's device) so that timing excludes data loading.
@@ -159,7 +159,7 @@ def budget_sweep(ensemble: Any, held_out: Any, test: Any, qs: Sequence[float] = 
         repeats: each timing is the fastest of this many runs (less noise from other processes).
 
     Returns:
-        A :class:`BudgetReport`.
+        A [`BudgetReport`][ensemblekit.evaluation.budget.BudgetReport].
     """
     device = next(ensemble.parameters()).device
     was_training = ensemble.training

@@ -2,9 +2,10 @@
 
 Everything here works on tensors (member logits ``[N, M, C]`` and labels
 ``[N]``), so it does not depend on how the ensemble was built: collect the
-logits once with :func:`collect_members`, then :func:`anytime_report` measures
-every prefix of members (the anytime curve) and :func:`plot_accuracy_vs_flops`
-draws the curves of several models in one figure.
+logits once with [`collect_members()`][ensemblekit.evaluation.reports.collect_members], then
+[`anytime_report()`][ensemblekit.evaluation.reports.anytime_report] measures every prefix of members (the
+anytime curve) and [`plot_accuracy_vs_flops()`][ensemblekit.evaluation.reports.plot_accuracy_vs_flops] draws the
+curves of several models in one figure.
 
 Examples:
     >>> members, labels = collect_members(model, test_loader, "cpu")  # doctest: +SKIP
@@ -110,7 +111,7 @@ class Report:
         prefix_params: parameters used by each prefix, when costs were given.
         prefix_accuracy_low, prefix_accuracy_high: 95% bootstrap interval of
             each prefix's accuracy over the test samples
-            (:func:`~ensemblekit.evaluation.bootstrap.bootstrap_intervals`).
+            ([`bootstrap_intervals()`][ensemblekit.evaluation.bootstrap.bootstrap_intervals]).
         prefix_gain_low, prefix_gain_high: 95% interval of each prefix's gain
             over the first member, paired on the same images: a gain is real
             when ``prefix_gain_low`` is above 0.
@@ -160,7 +161,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
-        """Inverse of :meth:`to_dict` (``None`` in lists becomes ``nan``).
+        """Inverse of [`to_dict()`][ensemblekit.evaluation.reports.Report.to_dict] (``None`` in lists becomes ``nan``).
 
         Examples:
             >>> r = Report(10, 2, [0.5], [0.5], [float("nan")], [0.1], [0.7])
@@ -177,7 +178,8 @@ class Report:
         return cls(**kwargs)
 
     def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path`` (parents are created); returns the path."""
+        """Write [`to_dict()`][ensemblekit.evaluation.reports.Report.to_dict] as JSON to ``path`` (parents are
+        created); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -185,7 +187,7 @@ class Report:
 
     @classmethod
     def load_json(cls, path: str | Path) -> Report:
-        """Read a report written by :meth:`save_json`."""
+        """Read a report written by [`save_json()`][ensemblekit.evaluation.reports.Report.save_json]."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self, title: str | None = None) -> str:
@@ -267,11 +269,11 @@ def anytime_report(
             ``EnsembleCosts.prefix_table()``).
         bootstrap: resamples of the test samples for the 95% intervals of
             each prefix's accuracy and of its gain over the first member
-            (:func:`~ensemblekit.evaluation.bootstrap.bootstrap_intervals`);
+            ([`bootstrap_intervals()`][ensemblekit.evaluation.bootstrap.bootstrap_intervals]);
             0 for none.
 
     Returns:
-        A :class:`Report`.
+        A [`Report`][ensemblekit.evaluation.reports.Report].
 
     Examples:
         >>> from ensemblekit.components.aggregators import MeanLogits

@@ -1,6 +1,6 @@
 """How the nodes of one level are evaluated.
 
-An executor (:class:`~ensemblekit.core.interfaces.Executor`) maps the nodes
+An executor ([`Executor`][ensemblekit.core.interfaces.Executor]) maps the nodes
 of one level and their input states to output states: ``run(modules, inputs)
 -> outputs``. Several nodes may receive the very same input object (the
 children of one tree node); executors that batch nodes replicate it (HNE,
@@ -16,7 +16,7 @@ and ``ens.execution = ...`` take a registered name, a mapping ``{"name": ...,
 | ``vmap`` | ``torch.func.vmap`` over parameters stacked on the fly | any block without data-dependent control flow |
 | ``grouped`` | the nodes packed into one module, ``N``-times grouped convolutions | conv / BN / element-wise blocks |
 | ``grouped_nhwc`` | ``grouped`` on channels-last inputs | the same |
-| ``auto`` | times the strategies per level, then whole passes; keeps the fastest (:class:`AutoExecutor`) | any block |
+| ``auto`` | times the strategies per level, then whole passes; keeps the fastest (`AutoExecutor`) | any block |
 
 Every strategy computes the same function (equal outputs and gradients up to
 float rounding). The stacked or concatenated parameters are built from the

@@ -21,11 +21,12 @@ from ensemblekit.execution.common import as_channels_last, distinct
 __all__ = ["CANDIDATES", "AutoExecutor", "LevelSignature"]
 
 CANDIDATES = ("loop", "loop_nhwc", "vmap", "grouped", "grouped_nhwc")
-"""The built-in strategies :class:`AutoExecutor` chooses from by default."""
+"""The built-in strategies [`AutoExecutor`][ensemblekit.execution.auto.AutoExecutor] chooses from by default."""
 
 
 class LevelSignature(NamedTuple):
-    """What the speed of a level depends on; :class:`AutoExecutor` measures once per signature.
+    """What the speed of a level depends on; [`AutoExecutor`][ensemblekit.execution.auto.AutoExecutor] measures
+    once per signature.
 
     Attributes:
         device: where the level runs.
@@ -64,7 +65,7 @@ class AutoExecutor(Executor):
     BatchNorm buffers and the random number generators are restored after
     timing, so the measured call leaves no trace; the candidates not chosen
     drop what they cached for these nodes. An ensemble's forward pass then
-    checks these choices against whole passes (:meth:`tune_pass`).
+    checks these choices against whole passes ([`tune_pass()`][ensemblekit.execution.auto.AutoExecutor.tune_pass]).
 
     Args:
         candidates: names of the strategies to choose from.
@@ -94,7 +95,8 @@ class AutoExecutor(Executor):
 
     @property
     def plans(self) -> dict[Hashable, dict[str, float]]:
-        """Fastest seconds of each whole-pass plan, per tuned pass (see :meth:`tune_pass`)."""
+        """Fastest seconds of each whole-pass plan, per tuned pass (see
+        [`tune_pass()`][ensemblekit.execution.auto.AutoExecutor.tune_pass])."""
         return self._plans
 
     @property
@@ -136,7 +138,7 @@ class AutoExecutor(Executor):
         return self._executors[choice].run(modules, inputs)
 
     def prepare_pass(self, key: Hashable, run_pass: Callable[[], Tensor], module: nn.Module) -> None:
-        """Tune the strategies on whole passes (:meth:`tune_pass`)."""
+        """Tune the strategies on whole passes ([`tune_pass()`][ensemblekit.execution.auto.AutoExecutor.tune_pass])."""
         self.tune_pass(key, run_pass, module)
 
     def tune_pass(self, key: Hashable, run_pass: Callable[[], Tensor], module: nn.Module) -> None:

@@ -40,7 +40,7 @@ class ChannelAdapter(nn.Module):
 
 
 class AdaptedBlock(nn.Module):
-    """A branch's first block behind a :class:`ChannelAdapter`."""
+    """A branch's first block behind a [`ChannelAdapter`][ensemblekit.methods.ensemblenet.ChannelAdapter]."""
 
     def __init__(self, adapter: ChannelAdapter, block: nn.Module):
         super().__init__()
@@ -72,12 +72,12 @@ def ensemblenet(
     The blocks before ``fork`` form the shared trunk; from ``fork`` on, each of
     the ``branches`` members has its own copy of the blocks of the same
     architecture narrowed to ``width`` (made by
-    :func:`~ensemblekit.backbones.narrow_model` from the width the backbone
-    was created with, where :func:`~ensemblekit.backbones.create_backbone`
+    [`narrow_model()`][ensemblekit.backbones.narrow_model] from the width the backbone
+    was created with, where [`create_backbone()`][ensemblekit.backbones.create_backbone]
     recorded it, and split into the same blocks), with the narrow model's
     head. Where the trunk's output width
     differs from what the narrow branch expects, a 1x1 convolution (or linear)
-    :class:`ChannelAdapter` starts each branch. With two branches at width
+    [`ChannelAdapter`][ensemblekit.methods.ensemblenet.ChannelAdapter] starts each branch. With two branches at width
     1/1.5 forked at the upper half, the whole ensemble has about as many
     parameters as the backbone (the paper: "smaller size and better performance").
     Trained with the co-distillation loss (Eq. 3, ``mu = 3``) by default, or
@@ -94,14 +94,14 @@ def ensemblenet(
         halting: optional halting policy.
         num_classes: classes (default: the backbone's).
         num_blocks: blocks to cut the backbone into (default: its natural stages).
-        init: how the trunk starts (see :mod:`ensemblekit.core.initialisation`). The narrowed branches
-            have no given weights: each is an independent draw of the narrow model by the backbone's
-            own initialisation, whatever ``init`` says, except ``"copy"`` (identical branches).
-        execution: how the nodes of a level run (see :func:`ensemblekit.wrap`).
+        init: how the trunk starts (see [`ensemblekit.core.initialisation`][ensemblekit.core.initialisation]).
+            The narrowed branches have no given weights: each is an independent draw of the narrow model by the
+            backbone's own initialisation, whatever ``init`` says, except ``"copy"`` (identical branches).
+        execution: how the nodes of a level run (see [`ensemblekit.wrap()`][ensemblekit.wrap]).
         example_input: an input the backbone accepts (for splitting and sizing the adapter).
 
     Returns:
-        An :class:`~ensemblekit.Ensemble` whose branch nodes are narrow blocks.
+        An [`Ensemble`][ensemblekit.Ensemble] whose branch nodes are narrow blocks.
 
     Examples:
         >>> import timm

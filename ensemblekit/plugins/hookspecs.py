@@ -3,7 +3,7 @@
 A plugin is a module (or any object) with functions marked
 ``@ensemblekit.hookimpl`` and named like the hooks below. Installed plugins
 are found through the ``ensemblekit`` entry-point group; ensemblekit's own
-components are registered by :mod:`ensemblekit.plugins.builtins` through the same
+components are registered by [`ensemblekit.plugins.builtins`][ensemblekit.plugins.builtins] through the same
 hooks.
 
 Every hook receives one argument, ``register``, and is called exactly once
@@ -58,7 +58,7 @@ class Register(Protocol):
 
 @hookspec
 def register_topologies(register: Register) -> None:
-    """Register :class:`~ensemblekit.components.topologies.SharingTopology` factories.
+    """Register [`SharingTopology`][ensemblekit.components.topologies.SharingTopology] factories.
 
     ``factory(**options)`` receives the topology options a user passes
     (``ek.wrap(model, "tree", depth=3)`` calls ``factory(depth=3)``).
@@ -67,7 +67,7 @@ def register_topologies(register: Register) -> None:
 
 @hookspec
 def register_aggregators(register: Register) -> None:
-    """Register :class:`~ensemblekit.core.interfaces.Aggregator` factories.
+    """Register [`Aggregator`][ensemblekit.core.interfaces.Aggregator] factories.
 
     ``factory(**options)`` receives the user's options plus ``num_members``
     when the factory names that parameter.
@@ -76,7 +76,7 @@ def register_aggregators(register: Register) -> None:
 
 @hookspec
 def register_losses(register: Register) -> None:
-    """Register :class:`~ensemblekit.core.interfaces.LossStrategy` factories.
+    """Register [`LossStrategy`][ensemblekit.core.interfaces.LossStrategy] factories.
 
     ``factory(**options)`` receives the user's options.
     """
@@ -84,7 +84,7 @@ def register_losses(register: Register) -> None:
 
 @hookspec
 def register_halting_policies(register: Register) -> None:
-    """Register :class:`~ensemblekit.core.interfaces.HaltingPolicy` factories.
+    """Register [`HaltingPolicy`][ensemblekit.core.interfaces.HaltingPolicy] factories.
 
     ``factory(**options)`` receives the user's options plus ``num_members``
     when the factory names that parameter.
@@ -104,7 +104,7 @@ def register_backbone_splitters(register: Register) -> None:
 
 @hookspec
 def register_executors(register: Register) -> None:
-    """Register :class:`~ensemblekit.core.interfaces.Executor` factories.
+    """Register [`Executor`][ensemblekit.core.interfaces.Executor] factories.
 
     ``factory(**options)`` receives the user's options
     (``ek.wrap(model, execution={"name": "mine", "rounds": 2})`` calls ``factory(rounds=2)``).
@@ -116,7 +116,7 @@ def register_recipes(register: Register) -> None:
     """Register recipes: functions ``recipe(backbone, **options) -> Ensemble``.
 
     A recipe configures an ensemble as a paper did and builds it with
-    :func:`ensemblekit.wrap`; configs resolve it by name (``recipe = "hne"``)
+    [`ensemblekit.wrap()`][ensemblekit.wrap]; configs resolve it by name (``recipe = "hne"``)
     and call ``recipe(backbone=..., init=..., halting=..., example_input=...,
     **recipe_options)``. A recipe that passes its ``**kwargs`` on to ``wrap``
     says so with ``recipe.passes_kwargs_to = ensemblekit.wrap``, so that the
@@ -128,10 +128,10 @@ def register_recipes(register: Register) -> None:
 def register_schedules(register: Register) -> None:
     """Register training schedules: functions ``schedule(ensemble, settings, **options) -> list[Stage]``.
 
-    A schedule splits training into :class:`~ensemblekit.core.stages.Stage`
+    A schedule splits training into [`Stage`][ensemblekit.core.stages.Stage]
     objects (what trains, which members, which loss and optimizer, how many
-    epochs, a preparation); :func:`ensemblekit.training.trainer.train` runs
+    epochs, a preparation); [`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train] runs
     them in order. ``settings`` is the run's
-    :class:`~ensemblekit.training.config.TrainConfig`; the options come from
+    [`TrainConfig`][ensemblekit.training.config.TrainConfig]; the options come from
     ``train.stages = {name = ..., **options}`` (``stages = "mine"`` for none).
     """

@@ -3,7 +3,7 @@
 Loading is lazy (the first lookup of a component by name triggers it) and
 happens once per process. A plugin that fails to import, implements a hook
 that does not exist (a misspelt name) or whose hook raises is recorded,
-reported once with a :class:`PluginWarning` and skipped; the other plugins
+reported once with a [`PluginWarning`][ensemblekit.plugins.manager.PluginWarning] and skipped; the other plugins
 load normally. What a plugin registers is kept only if all its hooks succeed.
 
 Two environment variables, read when loading, choose the installed plugins
@@ -63,7 +63,7 @@ class PluginWarning(EnsembleKitWarning):
 
 
 class PluginError(EnsembleKitError, RuntimeError):
-    """A plugin given to :func:`register_plugin` failed to load."""
+    """A plugin given to [`register_plugin()`][ensemblekit.plugins.manager.register_plugin] failed to load."""
 
 
 @dataclass
@@ -144,7 +144,8 @@ def register_plugin(plugin: object, name: str) -> PluginInfo:
     """Register a plugin object at run time (tests, notebooks) and run its hooks now.
 
     Raises:
-        PluginError: the plugin failed (its error is also kept in :func:`plugin_infos`).
+        PluginError: the plugin failed (its error is also kept in
+            [`plugin_infos()`][ensemblekit.plugins.manager.plugin_infos]).
 
     Examples:
         >>> import ensemblekit
@@ -169,7 +170,7 @@ def register_plugin(plugin: object, name: str) -> PluginInfo:
 def reset_plugins() -> None:
     """Forget every plugin and registered component; the next lookup loads them again.
 
-    For tests; see :func:`ensemblekit.testing.isolated_plugins`.
+    For tests; see [`ensemblekit.testing.isolated_plugins()`][ensemblekit.testing.isolated_plugins].
     """
     global _manager, _loaded
     with _lock:

@@ -2,7 +2,7 @@
 
 A module here defines ``NAME`` (the subcommand, e.g. ``"hne-table1"``),
 ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
-:mod:`~ensemblekit.reproduce.runs` holds what the tables share.
+`runs` holds what the tables share.
 """
 
 from __future__ import annotations

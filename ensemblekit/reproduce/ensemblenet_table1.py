@@ -10,11 +10,11 @@ Four rows, as in the paper's Table 1 (ImageNet, ResNet-152 and SE-ResNet-152):
 
 The multi-branch rows share the backbone's lower half (its first blocks up to
 ``layer2`` for a ResNet) and give each of two branches its own copy of the upper
-half narrowed to :data:`PAPER_WIDTH` (the paper's 176/256: bottlenecks
+half narrowed to `PAPER_WIDTH` (the paper's 176/256: bottlenecks
 (256, 512) -> (176, 352)), so that the whole model has about the backbone's
 parameter count, as the paper's rows have (58.2M against 60.1M). The count of
 every row and its difference to the baseline are printed; they stay within
-:data:`PARAMS_TOLERANCE`. Test accuracy is that of the ensemble output (the
+`PARAMS_TOLERANCE`. Test accuracy is that of the ensemble output (the
 mean of the branches' logits), the number the paper reports; the branches'
 own mean accuracy is shown beside it. The paper's "lambda = 1 or mu = 0" row
 (training the ensemble output only, 77.74% top-1) is its negative control and
@@ -26,15 +26,15 @@ Settings (shown on screen and stored in ``ensemblenet_table1.json``):
   8, channels 16/32/64/128), 28x28 inputs, 4 epochs on the whole 54k training
   split (Fashion-MNIST) without augmentation, batch 128, SGD lr 0.1 cosine: about
   50 s per run on 2 cores, about 10 minutes for the 12 runs (4 rows x 3 seeds);
-  see :data:`DEFAULTS`.
+  see `DEFAULTS`.
 * ``--full``: the paper's schedule (Sec. 4.1, "Implementation Details") for a
   GPU: resnet18 at full width, momentum SGD at lr 0.01 decayed by 0.2 every 60
-  epochs, 180 epochs, on the whole training set (``trainval``); see :data:`FULL`.
+  epochs, 180 epochs, on the whole training set (``trainval``); see `FULL`.
 * ``--tiny``: a seconds-long check (128 training and 128 test images, 1 epoch).
 
 ``--seeds N`` repeats every run with seeds ``seed .. seed + N - 1`` and shows
 mean ± std. The table is resumable: each finished run is kept in
-``<out>/seed-<s>/<row>/run.json`` (:class:`~ensemblekit.reproduce.runs.RunStore`)
+``<out>/seed-<s>/<row>/run.json`` (`RunStore`)
 and reused, an unfinished one continues from its last checkpoint, and a table
 started with other settings in the same ``--out`` is refused (exit code 2).
 """

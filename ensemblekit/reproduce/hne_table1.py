@@ -21,7 +21,7 @@ Settings (shown on screen and stored in ``hne_table1.json``):
   0.9, weight decay 5e-4, cosine, batch 128, 16 members, T = 2, alpha = 0.5,
   training on the whole training set) with a resnet-18 tree at full width.
   CIFAR keeps the paper's 200 epochs; Fashion-MNIST uses
-  :data:`FASHION_MNIST_FULL_EPOCHS`, so that the four runs fit in about 4
+  `FASHION_MNIST_FULL_EPOCHS`, so that the four runs fit in about 4
   minutes on one H200, and ``--time-budget`` fits the epochs to the seconds
   available after timing a few training steps on the machine.
 

@@ -15,12 +15,12 @@ five-exit MSDNet on CIFAR-100) is trained in the paper's two phases
   with plain cross-entropy, so that rows differ only in the techniques.
 
 Both phases are the stages of the ``"two_phase"`` schedule
-(:mod:`ensemblekit.methods.imta.schedule`) with the paper's optimiser: SGD,
+([`ensemblekit.methods.imta.schedule`][ensemblekit.methods.imta.schedule]) with the paper's optimiser: SGD,
 Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 50% and
 75% of each phase. Reported: top-1 (%) of every exit on the test split,
 mean ± std over seeds, next to the paper's Table 2; the paper's claim that
 the full method is at least as accurate as the baseline at every exit is
-judged on the seeds (:class:`~ensemblekit.reproduce.runs.Claim`).
+judged on the seeds (`Claim`).
 
 Settings (shown on screen and stored in ``imta_table2.json``):
 
@@ -29,7 +29,7 @@ Settings (shown on screen and stored in ``imta_table2.json``):
   augmentation, phase I 5 epochs and phase II 2 epochs on the whole 54k
   training split, batch 64: a phase-I run about 72 s, a phase-II run about
   11 s, one seed 198 s, the 21 runs of 3 seeds about 10 minutes
-  (:data:`DEFAULTS`).
+  (`DEFAULTS`).
 * ``--full``: the paper's schedule for a GPU (phase I 300 epochs, phase II
   180, batch 64) with a full-width resnet18 on the whole training split; the
   validation split stays held out, as the paper's 5,000 images for the
@@ -38,7 +38,7 @@ Settings (shown on screen and stored in ``imta_table2.json``):
 
 ``--seeds N`` repeats every run with seeds ``seed .. seed + N - 1``. The
 table is resumable: each finished run is kept in
-``<out>/seed-<s>/<run>/run.json`` (:class:`~ensemblekit.reproduce.runs.RunStore`)
+``<out>/seed-<s>/<run>/run.json`` (`RunStore`)
 and reused, an unfinished one continues from its last checkpoint, and a
 table started with other settings in the same ``--out`` is refused (exit 2).
 """
@@ -243,7 +243,7 @@ class _Table:
         self.test_loader = make_loader(self.test_set, 256, shuffle=False)
 
     def run_settings(self, seed: int) -> dict[str, Any]:
-        """What a finished run of ``seed`` must have been made with to be reused (:class:`RunStore`)."""
+        """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
         return {**self.chosen, "seed": seed}
 
     def config(self, seed: int, isc: bool = False, ofa: bool = False) -> Any:

@@ -7,20 +7,20 @@ from two runs per seed:
   ensemble", probabilities averaged, Eq. 7 with all members). It gives three
   rows: the single model (its first member), the average ensemble, and WoC
   (its members as a confidence cascade, threshold searched on the validation
-  split, App. A.2, :class:`ensemblekit.methods.irene.woc.WoC`);
+  split, App. A.2, [`ensemblekit.methods.irene.woc.WoC`][ensemblekit.methods.irene.woc.WoC]);
 * ``IRENE``: ``T`` members and the LSTM selector trained by Algorithm 1 (the
-  trainer's ``"irene"`` schedule, :mod:`ensemblekit.methods.irene.schedule`)
+  trainer's ``"irene"`` schedule, [`ensemblekit.methods.irene.schedule`][ensemblekit.methods.irene.schedule])
   on the paper's objective (Eq. 13), halting where ``h_t >= 0.5`` (Eq. 6).
 
 Both runs train every member for the same epochs with IRENE's optimisers
 (App. A.1: SGD with Nesterov momentum 0.9 and weight decay 5e-4, lr divided
 by 5 at 30%, 60% and 80% of the epochs; Adam for the selector). Reported:
 top-1 (%), cost (average members used) and utility (Eq. 14,
-:func:`ensemblekit.methods.irene.woc.utility`, relative to the same seed's
+[`ensemblekit.methods.irene.woc.utility()`][ensemblekit.methods.irene.woc.utility], relative to the same seed's
 single model and average ensemble), mean ± std over seeds, next to the
 paper's numbers; the paper's claim that IRENE costs less than the average
 ensemble at about its accuracy is judged on the seeds
-(:class:`~ensemblekit.reproduce.runs.Claim`).
+(`Claim`).
 
 Settings (shown on screen and stored in ``irene_table.json``):
 
@@ -28,7 +28,7 @@ Settings (shown on screen and stored in ``irene_table.json``):
   its width (stem 8, channels 16/32/64/128), 28x28 inputs without
   augmentation, 3 epochs per member on the whole 54k training split, batch
   128: the average-ensemble run about 89 s, the IRENE run about 125 s, one
-  seed 211-251 s, the 6 runs of 3 seeds 11-13 minutes (:data:`DEFAULTS`).
+  seed 211-251 s, the 6 runs of 3 seeds 11-13 minutes (`DEFAULTS`).
 * ``--full``: the paper's schedule for a GPU (App. A.1.2: 200 epochs per
   member, batch 128, lr 0.1) with a full-width resnet18 on the whole training
   split; the validation split stays held out for WoC's threshold.
@@ -36,7 +36,7 @@ Settings (shown on screen and stored in ``irene_table.json``):
 
 ``--seeds N`` repeats both runs with seeds ``seed .. seed + N - 1``. The
 table is resumable: each finished run is kept in
-``<out>/seed-<s>/<run>/run.json`` (:class:`~ensemblekit.reproduce.runs.RunStore`)
+``<out>/seed-<s>/<run>/run.json`` (`RunStore`)
 with its trained ensemble (``model/``, ``ek.save``) and reused, an
 unfinished one continues from its last checkpoint, and a table started with
 other settings in the same ``--out`` is refused (exit code 2).
@@ -233,7 +233,7 @@ class _Table:
         self.test_loader = make_loader(split("test", chosen["eval_items"])[0], 256, shuffle=False)
 
     def run_settings(self, seed: int) -> dict[str, Any]:
-        """What a finished run of ``seed`` must have been made with to be reused (:class:`RunStore`)."""
+        """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
         return {**self.chosen, "seed": seed}
 
     def model_config(self, label: str) -> Any:
@@ -403,7 +403,7 @@ class _MembersComparison(Comparison):
 
 def claims(results: dict[int, dict[str, dict[str, Any]]]) -> list[Any]:
     """The paper's claim on the seeds with both runs finished, paired by seed: IRENE costs strictly less than the
-    average ensemble, with top-1 at most :data:`ACCURACY_TOLERANCE` points below it."""
+    average ensemble, with top-1 at most `ACCURACY_TOLERANCE` points below it."""
     from ensemblekit.reproduce.runs import Claim
 
     rows = list(per_seed_rows(results).values())

@@ -20,7 +20,7 @@ per image, test accuracy):
 FLOPs count a multiply-add as 2, per image of the dataset's size; an adaptive
 point's FLOPs are the mean over the test images of the prefixes used. Latency
 is measured here, in seconds per image: a fixed-cost point (prefix ``k``) is
-:meth:`~ensemblekit.Ensemble.predict` with ``Fixed(k)`` on one batch of test
+[`predict()`][ensemblekit.core.ensemble.Ensemble.predict] with ``Fixed(k)`` on one batch of test
 images, fastest of a few repeats after a warm-up; an adaptive point is
 ``predict`` with its policy over the whole test set in batches of the same
 size (so that its cost is averaged over the same images as its FLOPs),

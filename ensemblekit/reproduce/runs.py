@@ -1,10 +1,10 @@
 """What every paper table shares: resumable runs over seeds, mean ± std, and the paper's claims judged.
 
-A table is a grid of runs, one per (seed, row). :class:`RunStore` keeps each
+A table is a grid of runs, one per (seed, row). `RunStore` keeps each
 finished run in ``<out>/seed-<s>/<row>/run.json`` with the settings it ran
 with, so that a table killed halfway continues from its finished runs and a
 table started with other settings is refused instead of mixed.
-:class:`Claim` states one of a paper's orderings on paired per-seed values
+`Claim` states one of a paper's orderings on paired per-seed values
 and says whether it holds, by how much, against the seed-to-seed spread.
 """
 

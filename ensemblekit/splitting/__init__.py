@@ -1,8 +1,8 @@
-"""Cutting a backbone into blocks: :func:`split` and the splitter registry.
+"""Cutting a backbone into blocks: [`split()`][ensemblekit.splitting.split] and the splitter registry.
 
 A *splitter* is a callable ``(model, num_blocks, example_input) -> BlockSplit | None``
-that returns ``None`` for models it does not handle. :func:`split` asks the
-splitters added with :func:`register_splitter` first (in registration order),
+that returns ``None`` for models it does not handle. [`split()`][ensemblekit.splitting.split] asks the
+splitters added with [`register_splitter()`][ensemblekit.splitting.register_splitter] first (in registration order),
 then those registered by plugins through the ``register_backbone_splitters``
 hook: third-party ones, then the built-in ones (sequences of modules, then
 timm models). The first answer wins.
@@ -55,7 +55,7 @@ def register_splitter(fn: Splitter) -> Splitter:
     Args:
         fn: ``(model, num_blocks, example_input) -> BlockSplit | None``;
             returns ``None`` for models it does not handle and raises
-            :class:`SplitError` for models it handles but cannot split as asked.
+            [`SplitError`][ensemblekit.errors.SplitError] for models it handles but cannot split as asked.
 
     Returns:
         ``fn`` itself.
@@ -74,13 +74,14 @@ def register_splitter(fn: Splitter) -> Splitter:
 
 
 def unregister_splitter(fn: Splitter) -> None:
-    """Remove a splitter added by :func:`register_splitter` (no effect if absent)."""
+    """Remove a splitter added by [`register_splitter()`][ensemblekit.splitting.register_splitter] (no effect if
+    absent)."""
     if fn in _registered:
         _registered.remove(fn)
 
 
 def splitters() -> tuple[Splitter, ...]:
-    """All splitters in the order :func:`split` tries them."""
+    """All splitters in the order [`split()`][ensemblekit.splitting.split] tries them."""
     from ensemblekit.core.registry import SPLITTERS
 
     return (*_registered, *SPLITTERS.ordered())
@@ -102,7 +103,7 @@ def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Ten
             FLOPs (default: a small input guessed from the model).
 
     Returns:
-        A :class:`~ensemblekit.core.blocks.BlockSplit`.
+        A [`BlockSplit`][ensemblekit.core.blocks.BlockSplit].
 
     Raises:
         SplitError: when no splitter handles the model, or it cannot be split as asked.

@@ -1,4 +1,5 @@
-"""The one exception the splitters raise (defined in :mod:`ensemblekit.errors`, kept importable here)."""
+"""The one exception the splitters raise (defined in [`ensemblekit.errors`][ensemblekit.errors], kept importable
+here)."""
 
 from __future__ import annotations
 

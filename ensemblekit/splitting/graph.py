@@ -1,15 +1,15 @@
 """Cutting a ``torch.fx`` graph into blocks at module boundaries.
 
 Nothing here knows about timm: a splitter traces a model with
-:class:`PathTracer` (which records on every node the path of the module that
+`PathTracer` (which records on every node the path of the module that
 created it), picks cut points as *module paths* ("cut after the last node
-inside ``layer2``") and calls :func:`build_blocks`. The values that cross a
+inside ``layer2``") and calls `build_blocks()`. The values that cross a
 cut (the live values) become the outputs of one block and the inputs of the
 next, so a block is ``block(*state) -> state``.
 
 ``torch.fx`` freezes ``self.training`` at trace time (dropout, drop-path), so
 a model is traced once per mode and every block carries both graphs
-(:class:`GraphBlock`); it runs the one that matches its ``.training`` flag
+(`GraphBlock`); it runs the one that matches its ``.training`` flag
 while its parameters exist once.
 """
 
@@ -153,7 +153,7 @@ def _drop_fixed_inputs(graph: fx.Graph) -> None:
 
 
 class _Program:
-    """The compiled code of a :class:`GraphBlock`, one graph per training flag.
+    """The compiled code of a `GraphBlock`, one graph per training flag.
 
     Immutable, so deep copies of a block share it; pickling keeps the graphs
     and compiles them again.
@@ -195,13 +195,13 @@ class GraphBlock(nn.Module):
     It holds the parameters, buffers and leaf modules its graphs use, under
     their original paths (so ``state_dict`` keys match the backbone's), each
     exactly once. ``copy.deepcopy`` gives an independent block. It is a
-    :class:`~ensemblekit.core.blocks.TracedBlock`: executors read its
-    :attr:`graphs` to see which operations it performs.
+    [`TracedBlock`][ensemblekit.core.blocks.TracedBlock]: executors read its
+    `graphs` to see which operations it performs.
 
     Args:
         root: the module the graphs were traced from.
         graphs: ``{False: eval graph, True: train graph}``.
-        constants: values stowed by the tracer (see :class:`TracedModel`).
+        constants: values stowed by the tracer (see `TracedModel`).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
@@ -467,13 +467,13 @@ def batch_values(index: GraphIndex, profile: Profile) -> set[fx.Node]:
 
 
 def per_sample_layouts(index: GraphIndex, profile: Profile, live: Sequence[Sequence[fx.Node]]) -> list[StateLayout]:
-    """Per cut, which values crossing it are per-sample (see :func:`batch_values`), as ``BlockSplit.per_sample``."""
+    """Per cut, which values crossing it are per-sample (see `batch_values()`), as ``BlockSplit.per_sample``."""
     derived = batch_values(index, profile)
     return [True if len(values) == 1 else tuple(n in derived for n in values) for values in live]
 
 
 def build_blocks(traced: TracedModel, cuts: GraphCuts) -> tuple[list[GraphBlock], GraphBlock]:
-    """One :class:`GraphBlock` per segment between cuts, and one for the rest (the head)."""
+    """One `GraphBlock` per segment between cuts, and one for the rest (the head)."""
     segments: list[dict[bool, fx.Graph]] = []
     for mode, index in cuts.indexes.items():
         bounds = [-1, *cuts.positions[mode], len(index.nodes) - 1]

@@ -24,10 +24,10 @@ class BlockSequence(nn.Sequential):
     """An ``nn.Sequential`` whose elements may pass tuple states.
 
     A tuple returned by one element is unpacked into the arguments of the
-    next (as :func:`~ensemblekit.core.blocks.call_block` does), so a sequence
+    next (as [`call_block()`][ensemblekit.core.blocks.call_block] does), so a sequence
     of blocks is itself a block. (Formerly ``Chain``, a name that stays
     importable with a ``DeprecationWarning``; the multi-exit topology is
-    :class:`ensemblekit.components.topologies.Chain`.)
+    [`ensemblekit.components.topologies.Chain`][ensemblekit.components.topologies.Chain].)
 
     Examples:
         >>> seq = BlockSequence(nn.Linear(2, 3), nn.ReLU())

@@ -1,4 +1,4 @@
-"""Splitting timm models (creating and narrowing them is :mod:`ensemblekit.backbones`'s job).
+"""Splitting timm models (creating and narrowing them is [`ensemblekit.backbones`][ensemblekit.backbones]'s job).
 
 A timm model is traced with ``torch.fx`` under timm's own tracing rules (its
 "notrace" modules stay leaves, its "notrace" functions are wrapped) and cut

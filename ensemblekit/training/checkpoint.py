@@ -4,26 +4,26 @@ A checkpoint folder holds
 
 * ``config.json``: the format version, the *build record* that rebuilds the
   ensemble (``"ensemble"``, see below), the
-  :class:`~ensemblekit.training.config.ModelConfig` it was built from when
+  [`ModelConfig`][ensemblekit.training.config.ModelConfig] it was built from when
   there is one (``"model"``: what the CLI and the trainer build), the size
   and SHA-256 of every other file, and (for training checkpoints) the
   JSON-able training state;
 * ``model.safetensors``: the ensemble's ``state_dict``, halting state
-  included (a calibrated :class:`~ensemblekit.components.halting.Budgeted`
+  included (a calibrated [`Budgeted`][ensemblekit.components.halting.Budgeted]
   policy's thresholds, a learned selector's weights);
 * ``trainer.safetensors`` (training checkpoints only): optimizer tensors and
   RNG states.
 
 The build record says how the ensemble was built: the
-:func:`~ensemblekit.wrap` call (the backbone's timm spec, ``num_classes``,
+[`wrap()`][ensemblekit.wrap] call (the backbone's timm spec, ``num_classes``,
 ``num_blocks``, the example input's shape), the recipe and its options, or
 the ``ModelConfig``; then the preparations applied since (IMTA's ISC heads
 and gradient equilibrium, in order) and the components as they are now
 (topology, aggregator, loss, halting policy, executor), each as a registry
-spec ``{"name": ..., **options}`` (see :func:`~ensemblekit.build.component_spec`).
-:func:`load` replays it, then loads the weights. What JSON cannot describe (a
+spec ``{"name": ..., **options}`` (see `component_spec()`).
+[`load()`][ensemblekit.training.checkpoint.load] replays it, then loads the weights. What JSON cannot describe (a
 hand-made ``nn.Sequential`` backbone, a custom exit head, a component object
-whose options cannot be read back) makes :func:`save` fail before anything
+whose options cannot be read back) makes [`save()`][ensemblekit.training.checkpoint.save] fail before anything
 is written, saying what to do.
 
 Loading reads JSON and safetensors only, so it never runs pickled code.
@@ -169,9 +169,9 @@ def write_checkpoint(
         directory: the checkpoint folder to create.
         model: the ensemble whose ``state_dict`` is saved.
         model_config: the config it was built from, or ``None``.
-        record: its build record (:func:`ensemble_record`); by default made
-            here when the ensemble can be described (a training checkpoint
-            then loads with its later preparations, e.g. IMTA's phase II ISC heads).
+        record: its build record ([`ensemble_record()`][ensemblekit.training.checkpoint.ensemble_record]); by
+            default made here when the ensemble can be described (a training checkpoint then loads with its
+            later preparations, e.g. IMTA's phase II ISC heads).
         trainer_tensors: optimizer and RNG tensors of a training checkpoint.
         trainer_state: JSON-able training state (step, scheduler, ...).
         extra: more JSON-able entries for the manifest (data and train configs).
@@ -224,9 +224,9 @@ def write_checkpoint(
 
 
 def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
-    """Save an ensemble that :func:`~ensemblekit.wrap`, a recipe or a config built to the folder ``path``.
+    """Save an ensemble that [`wrap()`][ensemblekit.wrap], a recipe or a config built to the folder ``path``.
 
-    :func:`load` gives it back with the same ``predict()`` results. Nothing
+    [`load()`][ensemblekit.training.checkpoint.load] gives it back with the same ``predict()`` results. Nothing
     is written when it cannot be described (see the module docstring).
 
     Raises:
@@ -330,7 +330,7 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def model_config(manifest: dict[str, Any], source: str) -> ModelConfig:
-    """The :class:`ModelConfig` stored in a manifest."""
+    """The [`ModelConfig`][ensemblekit.training.config.ModelConfig] stored in a manifest."""
     return section_from_dict(ModelConfig, manifest["model"], "model", source)
 
 
@@ -364,7 +364,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         device: where to put the ensemble.
 
     Returns:
-        The :class:`~ensemblekit.Ensemble`, in eval mode.
+        The [`Ensemble`][ensemblekit.Ensemble], in eval mode.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -379,7 +379,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
 
 
 def rebuild(record: dict[str, Any], config: ModelConfig | None = None) -> Ensemble:
-    """The ensemble a build record (:func:`ensemble_record`) describes, freshly initialised.
+    """The ensemble a build record ([`ensemble_record()`][ensemblekit.training.checkpoint.ensemble_record])
+    describes, freshly initialised.
 
     Copies are not drawn anew (``init="copy"``): the weights are loaded next.
     """

@@ -22,8 +22,9 @@ Instead of topology/aggregator/loss, ``recipe = "hne"`` (or ``"ensemblenet"``,
 ``"multi_exit"``, ``"irene"``)
 with ``recipe_options = { depth = 3 }`` builds the ensemble as the paper did.
 Unknown keys and invalid values fail with a message that names the key and
-the allowed values. :class:`ModelConfig` is also what a checkpoint stores to
-rebuild its ensemble (:func:`build_ensemble`), so loading never runs pickled code.
+the allowed values. [`ModelConfig`][ensemblekit.training.config.ModelConfig] is also what a checkpoint stores to
+rebuild its ensemble ([`build_ensemble()`][ensemblekit.training.config.build_ensemble]), so loading never runs
+pickled code.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ from ensemblekit.core.registry import SCHEDULES as STAGE_SCHEDULES
 from ensemblekit.errors import EnsembleKitError
 
 RECIPE_ARGUMENTS = ("backbone", "init", "halting", "example_input")
-"""What :func:`build_ensemble` passes a recipe itself, next to ``model.recipe_options``."""
+"""What [`build_ensemble()`][ensemblekit.training.config.build_ensemble] passes a recipe itself, next to
+``model.recipe_options``."""
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PROGRESS = ("tqdm", "rich", "none")
@@ -96,7 +98,7 @@ class ModelConfig:
         loss: loss name or mapping (without a recipe; default "independent").
         halting: halting policy name or mapping, or None.
         init: "reinit", "pretrained", "pretrained+noise", "copy" or "auto"
-            (see :mod:`ensemblekit.core.initialisation`).
+            (see [`ensemblekit.core.initialisation`][ensemblekit.core.initialisation]).
         num_blocks: blocks to cut the backbone into (without a recipe; default:
             what the topology needs).
     """
@@ -181,7 +183,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of :func:`ensemblekit.training.trainer.train`.
+    """Optimisation settings of [`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train].
 
     Attributes:
         epochs: passes over the training split.
@@ -206,7 +208,7 @@ class TrainConfig:
             ``docs/distributed.md``).
         keep_checkpoints: how many recent checkpoints to keep.
         stages: the training schedule, the stages the trainer runs (see
-            :mod:`ensemblekit.core.stages`): a registered name ("joint",
+            [`ensemblekit.core.stages`][ensemblekit.core.stages]): a registered name ("joint",
             "sequential", "irene", "two_phase", or a plugin's) or
             ``{name = ..., **options}``; None: the loss's own (IRENE's loss
             says "sequential"), else "joint".
@@ -340,7 +342,7 @@ def build_ensemble(config: ModelConfig):
     """Create the timm backbone and wrap it as ``config`` says; returns an Ensemble.
 
     The ensemble remembers ``config`` (as ``ensemble.build_config``) so that
-    :func:`ensemblekit.training.checkpoint.save` can store it next to the weights.
+    [`ensemblekit.training.checkpoint.save()`][ensemblekit.training.checkpoint.save] can store it next to the weights.
     """
     import torch
 

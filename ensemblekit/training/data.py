@@ -13,8 +13,8 @@ Held-out parts are drawn once with a fixed seed (stratified by class where the
 class counts allow it), so every run, process and machine sees the same split.
 Items are ``(image [C, H, W] float32 normalised, label int)``.
 
-Fashion-MNIST is read with :class:`torchvision.datasets.FashionMNIST` from the
-first place that holds its four files (see :func:`find_fashion_mnist`): the
+Fashion-MNIST is read with `torchvision.datasets.FashionMNIST` from the
+first place that holds its four files (see [`find_fashion_mnist()`][ensemblekit.training.data.find_fashion_mnist]): the
 ``root`` given, the folder in ``$ENSEMBLEKIT_FASHION_MNIST``, the Debian
 package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
 then torchvision's download where a network allows it.
@@ -115,7 +115,7 @@ class DatasetInfo:
     """What a model needs to know about a dataset.
 
     Attributes:
-        name: dataset name as given to :func:`load_dataset`.
+        name: dataset name as given to [`load_dataset()`][ensemblekit.training.data.load_dataset].
         num_classes: number of classes.
         in_chans: image channels.
         image_size: side of the square images the dataset yields.
@@ -245,7 +245,7 @@ def load_digits_dataset(
     repeated over 3 channels and normalised with the mean and std of the
     training split. The split is fixed (stratified, seeded): 20% test, 10% of
     all images for validation, the rest for training; ``dataset.indices`` are
-    the positions in :func:`sklearn.datasets.load_digits`. Augmentation is a random pad-and-crop
+    the positions in `sklearn.datasets.load_digits()`. Augmentation is a random pad-and-crop
     (no flip: digits are not mirror-symmetric).
 
     Examples:
@@ -379,8 +379,9 @@ def _download_fashion_mnist(target: Path) -> str | None:
 
 
 def fashion_mnist_available() -> bool:
-    """Whether :func:`find_fashion_mnist` finds the files without a download (the variable, the Debian package
-    or an earlier download); what ``demo`` and ``reproduce`` check to choose Fashion-MNIST over digits."""
+    """Whether [`find_fashion_mnist()`][ensemblekit.training.data.find_fashion_mnist] finds the files without a
+    download (the variable, the Debian package or an earlier download); what ``demo`` and ``reproduce`` check to
+    choose Fashion-MNIST over digits."""
     places = [FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist-download"]
     if os.environ.get(FASHION_MNIST_ENV):
         places = [Path(os.environ[FASHION_MNIST_ENV]).expanduser()]
@@ -388,15 +389,15 @@ def fashion_mnist_available() -> bool:
 
 
 def find_fashion_mnist(root: str | Path | None = None) -> tuple[Path, str]:
-    """The folder to give :class:`torchvision.datasets.FashionMNIST` as ``root``, and where the files came from.
+    """The folder to give `torchvision.datasets.FashionMNIST` as ``root``, and where the files came from.
 
     The places, in order: ``root``; the folder in ``$ENSEMBLEKIT_FASHION_MNIST``;
-    the Debian package's folder (:data:`FASHION_MNIST_SYSTEM_DIR`); a download
-    by torchvision into the cache, where a network allows it (not with
-    ``ENSEMBLEKIT_OFFLINE=1``). A ``root`` or variable that is given but lacks
-    a file is an error (it is not skipped). Each folder may hold the files
-    gzipped or not, directly or as ``FashionMNIST/raw/``; gzipped files are
-    decompressed into the cache once (:func:`cache_dir`).
+    the Debian package's folder
+    ([`FASHION_MNIST_SYSTEM_DIR`][ensemblekit.training.data.FASHION_MNIST_SYSTEM_DIR]); a download by
+    torchvision into the cache, where a network allows it (not with ``ENSEMBLEKIT_OFFLINE=1``). A ``root`` or
+    variable that is given but lacks a file is an error (it is not skipped). Each folder may hold the files
+    gzipped or not, directly or as ``FashionMNIST/raw/``; gzipped files are decompressed into the cache once
+    ([`cache_dir()`][ensemblekit.training.data.cache_dir]).
 
     Raises:
         DataNotFoundError: the files are in none of these places; the message
@@ -477,11 +478,11 @@ def load_fashion_mnist(
 ) -> tuple[TensorImageDataset, DatasetInfo]:
     """Fashion-MNIST (Zalando): 60k training and 10k test images of 28x28, one channel, 10 classes.
 
-    Read with :class:`torchvision.datasets.FashionMNIST` from the place
-    :func:`find_fashion_mnist` finds. Pixels are scaled to [0, 1], resized
+    Read with `torchvision.datasets.FashionMNIST` from the place
+    [`find_fashion_mnist()`][ensemblekit.training.data.find_fashion_mnist] finds. Pixels are scaled to [0, 1], resized
     (bilinear) when ``image_size`` is not 28 and normalised with the
     training set's mean and std. ``"val"`` is a fixed stratified 10% of the
-    training set (seed :data:`SPLIT_SEED`), ``"train"`` the rest,
+    training set (seed [`SPLIT_SEED`][ensemblekit.training.data.SPLIT_SEED]), ``"train"`` the rest,
     ``"trainval"`` all 60k, ``"test"`` the 10k test images;
     ``dataset.indices`` are positions in the training (or test) file.
     Augmentation: a random pad-and-crop (pad ``image_size // 8``, black) and
@@ -654,7 +655,7 @@ def load_dataset(
 
     Args:
         name: ``"digits"`` (bundled with scikit-learn), ``"fashion-mnist"``
-            (one channel, 28x28; found by :func:`find_fashion_mnist`:
+            (one channel, 28x28; found by [`find_fashion_mnist()`][ensemblekit.training.data.find_fashion_mnist]:
             ``root``, ``$ENSEMBLEKIT_FASHION_MNIST``, the Debian package
             ``dataset-fashion-mnist``, then torchvision's download), ``"cifar10"`` or
             ``"cifar100"`` (``root`` holds ``cifar-10-batches-py/`` or
@@ -679,7 +680,7 @@ def load_dataset(
     Raises:
         ValueError: unknown dataset name or split.
         FileNotFoundError: data missing or laid out wrongly (the message says
-            what to put where; :class:`DataNotFoundError` for Fashion-MNIST).
+            what to put where; [`DataNotFoundError`][ensemblekit.training.data.DataNotFoundError] for Fashion-MNIST).
 
     Examples:
         >>> test, info = load_dataset("digits", "test")
@@ -709,7 +710,7 @@ def make_loader(
     sampler: Sampler | None = None,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A :class:`~torch.utils.data.DataLoader`, reproducible when ``seed`` is given.
+    """A `DataLoader`, reproducible when ``seed`` is given.
 
     The seed drives a dedicated generator for the shuffle order and for the
     per-worker seeds (so random augmentations repeat too). ``shuffle`` and

@@ -1,26 +1,26 @@
 """Data-parallel training under ``torchrun``: one process per GPU (or CPU worker).
 
-:func:`ensemblekit.training.trainer.train` uses this module by itself: launched with
+[`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train] uses this module by itself: launched with
 ``torchrun --nproc-per-node=N ...`` it finds the ``RANK``/``WORLD_SIZE``/
 ``LOCAL_RANK`` variables torchrun sets, joins the process group (NCCL on
 CUDA, gloo on the CPU) and trains a
-:class:`~torch.nn.parallel.DistributedDataParallel` copy on each process.
+`DistributedDataParallel` copy on each process.
 
 Decisions (see ``docs/distributed.md``):
 
 * ``train.batch_size`` is the *global* batch: each of the N processes takes
-  ``batch_size / N`` items of it, and :class:`ShardedEpochSampler` deals the
-  items so that step ``s`` sees the same global batch for every N. With
-  per-sample normalisation (or SyncBatchNorm on GPUs), N processes compute
-  what one process computes.
-* Forward pass and loss run inside DDP's ``forward`` (:class:`TrainStep`), so
+  ``batch_size / N`` items of it, and
+  [`ShardedEpochSampler`][ensemblekit.training.distributed.ShardedEpochSampler] deals the items so that step
+  ``s`` sees the same global batch for every N. With per-sample normalisation (or SyncBatchNorm on GPUs), N
+  processes compute what one process computes.
+* Forward pass and loss run inside DDP's ``forward`` ([`TrainStep`][ensemblekit.training.distributed.TrainStep]), so
   DDP sees every parameter the loss reaches, loss parameters included.
 * ``find_unused_parameters`` is switched on only where a step leaves
   trainable parameters without a gradient (a learned halting selector at the
   first step of IRENE's sequential schedule, a weighted aggregator under a per-member loss):
-  :func:`has_unused_parameters` runs one probe step to find out. It is not
-  ``static_graph``, which breaks when the set of used parameters changes
-  between steps (anytime training of random prefixes).
+  [`has_unused_parameters()`][ensemblekit.training.distributed.has_unused_parameters] runs one probe step to
+  find out. It is not ``static_graph``, which breaks when the set of used parameters changes between steps
+  (anytime training of random prefixes).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def init(env: DistEnv, device: torch.device, timeout: timedelta | None = None) -
     """Join the process group of ``env`` (NCCL on CUDA, gloo otherwise) unless joined already.
 
     Returns:
-        True if this call created the group (the caller should :func:`shutdown` it).
+        True if this call created the group (the caller should
+        [`shutdown()`][ensemblekit.training.distributed.shutdown] it).
     """
     if not env.enabled or dist.is_initialized():
         return False
@@ -203,7 +204,8 @@ def data_parallel(
     probe: tuple[Tensor, Tensor] | None = None,
     members: Sequence[int] | None = None,
 ) -> nn.Module:
-    """The :class:`TrainStep` of ``ensemble``, wrapped in DDP when there are several processes.
+    """The [`TrainStep`][ensemblekit.training.distributed.TrainStep] of ``ensemble``, wrapped in DDP when there
+    are several processes.
 
     Args:
         ensemble: the ensemble, already on ``device``; its weights are
@@ -213,7 +215,8 @@ def data_parallel(
         sync_batchnorm: turn every BatchNorm (timm's BatchNormAct too) into
             its synchronised form, so statistics cover the global batch (CUDA only).
         find_unused_parameters: DDP's option; None decides with
-            :func:`has_unused_parameters` on ``probe`` (a local batch).
+            [`has_unused_parameters()`][ensemblekit.training.distributed.has_unused_parameters] on ``probe`` (a
+            local batch).
         members: the members the forward pass evaluates (a training stage's); None: all.
 
     Raises:
@@ -290,7 +293,7 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class ShardedEpochSampler(DistributedSampler):
-    """A :class:`~torch.utils.data.DistributedSampler` whose global order depends only on ``(seed, epoch)``.
+    """A `DistributedSampler` whose global order depends only on ``(seed, epoch)``.
 
     Global batch ``s`` of an epoch is items ``s*B .. (s+1)*B - 1`` of one
     seeded permutation, dealt round-robin to the processes, so it holds the

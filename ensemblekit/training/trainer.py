@@ -1,7 +1,7 @@
 """A ready training loop for the CLI and the examples (your own loop needs none of it).
 
-:func:`train` runs SGD or AdamW with a cosine or step schedule, shows live
-loss and accuracy, and writes checkpoints (see :mod:`ensemblekit.training.checkpoint`)
+[`train()`][ensemblekit.training.trainer.train] runs SGD or AdamW with a cosine or step schedule, shows live
+loss and accuracy, and writes checkpoints (see [`ensemblekit.training.checkpoint`][ensemblekit.training.checkpoint])
 into ``out_dir/checkpoints/``: at every epoch end and every
 ``checkpoint_every`` steps. ``resume=True`` continues from the newest one
 exactly where it stopped: weights, optimizer, schedule, step and every RNG
@@ -11,7 +11,7 @@ resumes are exact with ``num_workers=0``; with workers, resume from an epoch
 end). A NaN or infinite loss stops the run before the step is applied and
 names the step and batch; nothing is written after the last good checkpoint.
 
-Training runs in stages (:mod:`ensemblekit.core.stages`): a schedule, named
+Training runs in stages ([`ensemblekit.core.stages`][ensemblekit.core.stages]): a schedule, named
 by ``TrainConfig.stages`` or taken from the loss (IRENE's loss asks for its
 sequential Algorithm 1), is a list of stages, each saying what trains,
 which members are evaluated, which loss and optimizer are used and for how
@@ -19,8 +19,8 @@ many epochs; plain training is one stage ("joint"). One loop runs them all;
 steps and epochs count over the whole schedule and checkpoints hold the
 stage, so a resume in the middle of a schedule is exact as well.
 
-Launched with ``torchrun --nproc-per-node=N``, :func:`train` trains with
-DistributedDataParallel (see :mod:`ensemblekit.training.distributed`): each process
+Launched with ``torchrun --nproc-per-node=N``, [`train()`][ensemblekit.training.trainer.train] trains with
+DistributedDataParallel (see [`ensemblekit.training.distributed`][ensemblekit.training.distributed]): each process
 takes ``batch_size / N`` items of every global batch, only rank 0 shows
 progress and writes files, and checkpoints hold every process's RNG state.
 
@@ -92,7 +92,7 @@ class NonFiniteLossError(EnsembleKitError, ValueError):
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did.
+    """What [`train()`][ensemblekit.training.trainer.train] did.
 
     Attributes:
         steps: optimizer steps done in total (over all resumed parts).
@@ -112,7 +112,8 @@ class TrainResult:
 
 @dataclass
 class RunResult:
-    """What :func:`run` produced: the trained ensemble, its training and its evaluation."""
+    """What [`run()`][ensemblekit.training.trainer.run] produced: the trained ensemble, its training and its
+    evaluation."""
 
     model: nn.Module
     train: TrainResult
@@ -257,7 +258,7 @@ def training_step(compute_loss: Callable[[], Tensor], optimizers: Sequence[torch
 
     Then the gradient norm of ``parameters`` (default: the optimizers') is
     clipped to ``grad_clip`` when it is set, every optimizer steps, and every
-    learning-rate scheduler (``None`` entries are skipped). :func:`train`
+    learning-rate scheduler (``None`` entries are skipped). [`train()`][ensemblekit.training.trainer.train]
     runs this for every batch; the benchmark times it as its training step.
 
     Returns:
@@ -282,8 +283,8 @@ def training_step(compute_loss: Callable[[], Tensor], optimizers: Sequence[torch
 def resolve_stages(model: nn.Module, config: TrainConfig) -> list[Stage]:
     """The stages ``model`` trains in: the schedule ``config.stages`` names, else the model's loss's own.
 
-    See :mod:`ensemblekit.core.stages`; schedules are looked up in
-    :data:`~ensemblekit.core.registry.SCHEDULES` and called with
+    See [`ensemblekit.core.stages`][ensemblekit.core.stages]; schedules are looked up in
+    `SCHEDULES` and called with
     ``ensemble=model, settings=config`` and the options of ``config.stages``.
     """
     spec = config.stages if config.stages is not None else default_schedule(model)
@@ -310,11 +311,11 @@ def train(
     stages: Sequence[Stage] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (an :class:`~ensemblekit.Ensemble` with a loss) on ``train_set``, stage by stage.
+    """Train ``model`` (an [`Ensemble`][ensemblekit.Ensemble] with a loss) on ``train_set``, stage by stage.
 
     Args:
         model: the ensemble; with ``out_dir`` it needs a ``build_config``
-            (built by :func:`~ensemblekit.training.config.build_ensemble`).
+            (built by [`build_ensemble()`][ensemblekit.training.config.build_ensemble]).
         train_set: yields ``(image, label)``.
         config: optimisation settings; ``config.stages`` names the schedule.
         out_dir: run folder for checkpoints (None: keep nothing on disk).
@@ -323,18 +324,18 @@ def train(
         extra: JSON-able settings stored in every checkpoint and required to
             be unchanged on resume (e.g. the data config).
         stages: the stages to run, instead of the schedule of
-            :func:`resolve_stages` (e.g. a part of one); a resume needs the
+            [`resolve_stages()`][ensemblekit.training.trainer.resolve_stages] (e.g. a part of one); a resume needs the
             same stage names.
         on_epoch: called (on rank 0) with every epoch's history entry.
 
     The stages run one after the other in one loop (see
-    :mod:`ensemblekit.core.stages`): each may prepare the ensemble, swap its
+    [`ensemblekit.core.stages`][ensemblekit.core.stages]): each may prepare the ensemble, swap its
     loss, freeze all but its trainable parameters and evaluate only some
     members, with optimizers created when it starts. Steps and epochs are
     counted over the whole schedule, and checkpoints hold the stage index.
 
     Under torchrun the model is trained with DDP on every process (see
-    :mod:`ensemblekit.training.distributed`); the process group is created here when
+    [`ensemblekit.training.distributed`][ensemblekit.training.distributed]); the process group is created here when
     the caller has not created one, and destroyed on return.
 
     Raises:
@@ -517,11 +518,12 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
 
 def _forward(step_fn: Callable[..., Any], x: Tensor, y: Tensor, env: distributed.DistEnv, where: dict[str, Any],
              seen: dict[str, Any]) -> Tensor:
-    """Forward pass and loss of one batch (the ``compute_loss`` of :func:`training_step`).
+    """Forward pass and loss of one batch (the ``compute_loss`` of
+    [`training_step()`][ensemblekit.training.trainer.training_step]).
 
     The loss, accuracy and loss parts summed over the processes go into
-    ``seen``; a NaN or infinite loss raises :class:`NonFiniteLossError` here,
-    before the backward pass.
+    ``seen``; a NaN or infinite loss raises
+    [`NonFiniteLossError`][ensemblekit.training.trainer.NonFiniteLossError] here, before the backward pass.
     """
     output, result = step_fn(x, y)
     loss = result.total
@@ -746,7 +748,8 @@ def write_report(report: Report, out_dir: Path, title: str, name: str = "model",
 
 
 def write_plot(reports: dict[str, Report], path: Path, title: str) -> Path:
-    """:func:`~ensemblekit.evaluation.reports.plot_accuracy_vs_flops` written atomically (temp file, then rename)."""
+    """[`plot_accuracy_vs_flops()`][ensemblekit.evaluation.reports.plot_accuracy_vs_flops] written atomically
+    (temp file, then rename)."""
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         plot_accuracy_vs_flops(reports, tmp, title=title)
@@ -758,10 +761,11 @@ def write_plot(reports: dict[str, Report], path: Path, title: str) -> Path:
 
 def run_many(configs: dict[str, RunConfig], out_dir: str | Path, *, resume: bool = False,
              log: Callable[[str], None] = print, title: str | None = None) -> dict[str, RunResult]:
-    """:func:`run` each labelled config into ``out_dir/<label>``, then plot every curve into one figure.
+    """[`run()`][ensemblekit.training.trainer.run] each labelled config into ``out_dir/<label>``, then plot
+    every curve into one figure.
 
     Returns:
-        label -> :class:`RunResult`; the figure is ``out_dir/accuracy_vs_flops.png``.
+        label -> [`RunResult`][ensemblekit.training.trainer.RunResult]; the figure is ``out_dir/accuracy_vs_flops.png``.
     """
     out_dir = Path(out_dir)
     results = {}

@@ -1,1 +1,1 @@
-"""Subcommands of the ``ensemblekit`` command line (see :mod:`ensemblekit.cli.main`)."""
+"""Subcommands of the ``ensemblekit`` command line (see `ensemblekit.cli.main`)."""

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 def show(ens, model_name: str, console: Console, input_size: tuple[int, int] | None = None) -> None:
     """Print the split, the node tree, the members and the cost of every prefix, per image of ``input_size``.
 
-    ``input_size`` defaults to the backbone's own (see :meth:`~ensemblekit.Ensemble.cost_table`).
+    ``input_size`` defaults to the backbone's own (see [`cost_table()`][ensemblekit.core.ensemble.Ensemble.cost_table]).
     """
     costs = ens.costs(input_size)
     h, w = costs.input_size

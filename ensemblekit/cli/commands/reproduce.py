@@ -1,6 +1,6 @@
 """``ensemblekit reproduce NAME``: re-run a paper's experiment; one module per experiment.
 
-Each module in :mod:`ensemblekit.reproduce` defines ``NAME`` (e.g.
+Each module in `ensemblekit.reproduce` defines ``NAME`` (e.g.
 ``"hne-table1"``), ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 and becomes a subcommand here.
 """

@@ -16,7 +16,7 @@ go on to the next exits, in practice to the last one. Without ties both
 rules give the same thresholds. The expected cost is
 ``sum_k f_k * C_k``: ``f_k`` the fraction of held-out samples that left at
 exit ``k``, ``C_k`` the cumulative FLOPs of exits ``1..k``
-(:meth:`~ensemblekit.Ensemble.cost_table` at the held-out images' size; a
+([`cost_table()`][ensemblekit.core.ensemble.Ensemble.cost_table] at the held-out images' size; a
 multiply-add is 2 FLOPs, MSDNet counts it as 1). Sweeping ``q`` traces an
 accuracy-vs-FLOPs curve; a target average cost is met by solving for ``q``.
 """
@@ -103,7 +103,7 @@ def prefix_predictions(ensemble: Any, data: Any, batch_size: int = 256) -> tuple
     Images are cast to the ensemble's device and floating-point dtype.
 
     Args:
-        ensemble: an :class:`~ensemblekit.Ensemble`.
+        ensemble: an [`Ensemble`][ensemblekit.Ensemble].
         data: a loader yielding ``(images, labels, ...)`` or an ``(images, labels)`` pair of tensors.
         batch_size: batch size used for an ``(images, labels)`` pair.
     """
@@ -112,7 +112,8 @@ def prefix_predictions(ensemble: Any, data: Any, batch_size: int = 256) -> tuple
 
 
 def _prefix_predictions(ensemble: Any, data: Any, batch_size: int) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
-    """:func:`prefix_predictions` and the image shape ``(C, H, W)`` every batch had."""
+    """[`prefix_predictions()`][ensemblekit.components.halting.budgeted.prefix_predictions] and the image shape
+    ``(C, H, W)`` every batch had."""
     weight = next(ensemble.parameters())
     was_training = ensemble.training
     ensemble.eval()
@@ -139,24 +140,24 @@ class Budgeted(HaltingPolicy):
 
     Give either ``q`` (exit distribution ``pi_k ~ q^k``) or ``flops`` (a
     target average FLOPs per sample; ``q`` is solved for on the held-out
-    data), then call :meth:`calibrate` on a held-out split (never the test
-    set); or give ``thresholds`` found earlier. Confidences are those of
-    :attr:`HaltingStep.prediction`.
+    data), then call [`calibrate()`][ensemblekit.components.halting.budgeted.Budgeted.calibrate] on a held-out
+    split (never the test set); or give ``thresholds`` found earlier. Confidences are those of
+    `HaltingStep.prediction`.
 
     FLOPs depend on the image size: a budget holds for images of the size
-    :meth:`calibrate` saw (:attr:`input_size`), and counts a multiply-add as
-    2 FLOPs (MSDNet's budgets count it as 1: pass twice their number).
+    [`calibrate()`][ensemblekit.components.halting.budgeted.Budgeted.calibrate] saw (`input_size`), and counts a
+    multiply-add as 2 FLOPs (MSDNet's budgets count it as 1: pass twice their number).
 
     Args:
         q: budget parameter ``q > 0``; small values favour early exits.
         flops: target average FLOPs per sample, at the held-out images' size.
         thresholds: calibrated thresholds, one per exit (e.g. from a saved
-            calibration); :meth:`calibrate` replaces them.
+            calibration); [`calibrate()`][ensemblekit.components.halting.budgeted.Budgeted.calibrate] replaces them.
         ties: what an exit does when tied confidences left fewer samples
             running than its quota: "early" (all of them stop there) or
             "msdnet" (none does, as in MSDNet's code); see the module docstring.
 
-    Attributes (after :meth:`calibrate`):
+    Attributes (after [`calibrate()`][ensemblekit.components.halting.budgeted.Budgeted.calibrate]):
         thresholds: one per exit ``[M]``, a buffer (in ``state_dict()`` and
             checkpoints); NaN once bound to an ensemble and not yet
             calibrated, so a calibrated state loads into a fresh policy.
@@ -198,7 +199,8 @@ class Budgeted(HaltingPolicy):
 
     @classmethod
     def example_options(cls) -> dict[str, Any]:
-        """Options for :mod:`ensemblekit.testing`'s conformance checks (four exits, already calibrated)."""
+        """Options for [`ensemblekit.testing`][ensemblekit.testing]'s conformance checks (four exits, already
+        calibrated)."""
         return {"thresholds": [0.3, 0.25, 0.2, -math.inf]}
 
     @property
@@ -234,9 +236,10 @@ class Budgeted(HaltingPolicy):
 
     def calibrate_from_predictions(self, preds: Tensor, labels: Tensor, cum_flops: Sequence[float],
                                    input_size: Sequence[int] | None = None) -> None:
-        """:meth:`calibrate` from held-out prefix predictions ``[N, M, C]`` and cumulative FLOPs ``[M]``.
+        """[`calibrate()`][ensemblekit.components.halting.budgeted.Budgeted.calibrate] from held-out prefix
+        predictions ``[N, M, C]`` and cumulative FLOPs ``[M]``.
 
-        ``input_size`` is the ``(H, W)`` ``cum_flops`` were counted at (kept as :attr:`input_size`).
+        ``input_size`` is the ``(H, W)`` ``cum_flops`` were counted at (kept as `input_size`).
         """
         conf = confidence(preds)
         correct = preds.argmax(-1) == labels[:, None]
@@ -264,7 +267,8 @@ class Budgeted(HaltingPolicy):
 
 
 def expected_flops(conf: Tensor, cum_flops: Sequence[float], q: float, ties: str = "early") -> float:
-    """Held-out expected FLOPs per sample of the thresholds fit for ``q`` (``ties``: see :func:`fit_thresholds`)."""
+    """Held-out expected FLOPs per sample of the thresholds fit for ``q`` (``ties``: see
+    [`fit_thresholds()`][ensemblekit.components.halting.budgeted.fit_thresholds])."""
     exits = exit_indices(conf, fit_thresholds(conf, exit_distribution(q, conf.shape[1]), ties))
     flops = torch.tensor(cum_flops, dtype=torch.float64)
     return float(flops[exits].mean())
@@ -274,7 +278,7 @@ def solve_q(conf: Tensor, cum_flops: Sequence[float], target: float, steps: int 
     """The ``q`` whose held-out expected FLOPs come closest to ``target`` from below.
 
     Expected FLOPs grow with ``q`` (up to the rounding of ``floor(N pi_k)``);
-    bisection on ``log q`` over :data:`Q_SEARCH_RANGE`.
+    bisection on ``log q`` over [`Q_SEARCH_RANGE`][ensemblekit.components.halting.budgeted.Q_SEARCH_RANGE].
     """
     lo, hi = (math.log(v) for v in Q_SEARCH_RANGE)
     low_cost, high_cost = (expected_flops(conf, cum_flops, math.exp(v), ties) for v in (lo, hi))

@@ -17,10 +17,10 @@ __all__ = ["Confidence", "confidence"]
 class Confidence(HaltingPolicy):
     """Stop at the first member whose prediction has max-softmax confidence ``>= threshold``.
 
-    The prediction is :attr:`HaltingStep.prediction`: the aggregated
+    The prediction is `HaltingStep.prediction`: the aggregated
     prediction of members ``0..k`` for an ensemble (a WoC cascade), the exit's
     own logits for a multi-exit chain built with
-    :func:`ensemblekit.methods.imta.recipe` (its aggregator returns the
+    [`ensemblekit.methods.imta.recipe()`][ensemblekit.methods.imta.recipe] (its aggregator returns the
     latest exit). IMTA Sec. 4: "if the current classifier is sufficiently
     confident about its prediction ... the latter classifiers are not evaluated".
 
@@ -41,7 +41,7 @@ class Confidence(HaltingPolicy):
 
     @classmethod
     def example_options(cls) -> dict[str, Any]:
-        """Options for :mod:`ensemblekit.testing`'s conformance checks."""
+        """Options for [`ensemblekit.testing`][ensemblekit.testing]'s conformance checks."""
         return {"threshold": 0.25}
 
     def build_options(self) -> dict[str, Any]:

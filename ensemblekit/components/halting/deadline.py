@@ -17,18 +17,18 @@ class Deadline(HaltingPolicy):
     """Anytime inference with a deadline, for a whole batch, as a halting policy.
 
     The rule of ``ensemble.anytime(x, deadline=seconds)``, applied by the
-    same :class:`~ensemblekit.core.timing.DeadlineTimer`: after member ``k``
+    same [`DeadlineTimer`][ensemblekit.core.timing.DeadlineTimer]: after member ``k``
     the batch goes on only if ``elapsed + rate * flops(k+1) <= seconds``,
     ``flops(k+1)`` the FLOPs member ``k+1`` adds and ``rate`` the seconds per
     FLOP of the members computed so far on this batch. As in anytime
     inference, ``rate`` counts compute time only (from a member's start to
     its prediction), while ``elapsed`` also counts the time between members
     (this policy's own steps). Every sample stops at the same step, so
-    :meth:`Ensemble.predict` drops no sample before the end.
+    [`Ensemble.predict()`][ensemblekit.core.ensemble.Ensemble.predict] drops no sample before the end.
 
     Args:
         seconds: wall-clock budget per batch, counted from the start of
-            :meth:`~ensemblekit.Ensemble.predict`'s first member.
+            [`predict()`][ensemblekit.core.ensemble.Ensemble.predict]'s first member.
 
     Examples:
         >>> result = ens.predict(x, halting=ek.halting.Deadline(0.05))  # doctest: +SKIP
@@ -45,7 +45,7 @@ class Deadline(HaltingPolicy):
 
     @classmethod
     def example_options(cls) -> dict[str, Any]:
-        """Options for :mod:`ensemblekit.testing`: a budget no test reaches (deterministic)."""
+        """Options for [`ensemblekit.testing`][ensemblekit.testing]: a budget no test reaches (deterministic)."""
         return {"seconds": 3600.0}
 
     def bind(self, ensemble) -> None:

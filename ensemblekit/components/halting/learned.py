@@ -7,18 +7,18 @@ halting probability ``h_t = Pr(z = t | z > t-1)`` (Eq. 3). From it:
 * survival ``S(t) = Pr(z >= t) = prod_{i<t} (1 - h_i)`` (Eq. 2, 4),
 * halting distribution ``p_t = h_t S(t)`` (Eq. 5),
 
-both in :mod:`ensemblekit.functional` (imported here too).
+both in [`ensemblekit.functional`][ensemblekit.functional] (imported here too).
 
 The last member always halts (``h_T = 1``), so ``p`` sums to 1. Training
 samples ``h_t`` with a binary Gumbel-softmax and binarises it with a
 straight-through estimator (Eq. 6 and below); inference thresholds ``h_t``
 and is deterministic.
 
-The policy trains with any task loss: :meth:`Learned.loss` holds IRENE's
-selector terms (Eq. 9-12), which :meth:`Ensemble.loss
-<ensemblekit.Ensemble.loss>` adds to the task loss (IRENE's own loss holds
-them already). Until it is trained (the trainer marks it, see
-:meth:`Learned.mark_trained`), ``predict()`` warns that it halts at random.
+The policy trains with any task loss: [`Learned.loss()`][ensemblekit.components.halting.learned.Learned.loss]
+holds IRENE's selector terms (Eq. 9-12), which [`Ensemble.loss`][ensemblekit.core.ensemble.Ensemble.loss] adds
+to the task loss (IRENE's own loss holds them already). Until it is trained (the trainer marks it, see
+[`Learned.mark_trained()`][ensemblekit.components.halting.learned.Learned.mark_trained]), ``predict()`` warns
+that it halts at random.
 """
 
 from __future__ import annotations
@@ -79,17 +79,17 @@ class Learned(HaltingPolicy):
     et al. 2022). The auxiliary head is a re-initialised copy of the member's
     own head (pool + linear for a ResNet: the paper's one-layer classifier);
     it reads detached features, so its losses (see
-    :class:`~ensemblekit.components.losses.IreneLoss`) train it alone.
+    [`IreneLoss`][ensemblekit.components.losses.IreneLoss]) train it alone.
 
     The policy is built when bound to an ensemble (``wrap(..., halting=...)``
     does it): the selector reads ``num_classes`` (+1 with ``aux_head``) features. Its recurrent
-    state is batch-first (``[B, hidden]``), so :meth:`Ensemble.predict` drops
+    state is batch-first (``[B, hidden]``), so [`Ensemble.predict()`][ensemblekit.core.ensemble.Ensemble.predict] drops
     halted samples from it too.
 
-    Whatever the task loss, :meth:`loss` trains the selector with IRENE's
-    terms, weighted by the ``*_weight`` options (with IRENE's own loss, the
-    loss's weights apply instead). The buffer ``trained`` records whether
-    it was trained (it goes into ``state_dict()`` and checkpoints).
+    Whatever the task loss, [`loss()`][ensemblekit.components.halting.learned.Learned.loss] trains the selector
+    with IRENE's terms, weighted by the ``*_weight`` options (with IRENE's own loss, the loss's weights apply
+    instead). The buffer ``trained`` records whether it was trained (it goes into ``state_dict()`` and
+    checkpoints).
 
     Args:
         hidden: width of the recurrent state ``d_t`` (the paper gives none; ours).
@@ -214,9 +214,9 @@ class Learned(HaltingPolicy):
 
         Returns extras ``halting_logits`` ``[B, T']``, ``halting_probabilities``
         (``h``: a straight-through Gumbel sample in training, the thresholded
-        decision in eval mode, as :meth:`step` takes it), ``aux_logits``
-        ``[B, T', C]`` and ``prefix_costs`` ``[B, T']`` (prefix FLOPs in units
-        of the first member's).
+        decision in eval mode, as [`step()`][ensemblekit.components.halting.learned.Learned.step] takes it),
+        ``aux_logits`` ``[B, T', C]`` and ``prefix_costs`` ``[B, T']`` (prefix FLOPs in units of the first
+        member's).
         """
         self._bound()
         head_inputs = output.extras["head_inputs"]
@@ -253,7 +253,7 @@ class Learned(HaltingPolicy):
         ``L_ens`` and ``L_cost`` (expected prefix FLOPs in units of the first
         member's) train the selector, ``L_rank`` the selector and the members,
         the auxiliary heads' cross-entropy and discrepancy those heads; see
-        :func:`~ensemblekit.components.losses.learned_halting.halting_terms`.
+        [`halting_terms()`][ensemblekit.components.losses.learned_halting.halting_terms].
         """
         if "halting_probabilities" not in output.extras:
             raise LearnedHaltingError(
@@ -265,7 +265,8 @@ class Learned(HaltingPolicy):
 
     @property
     def is_trained(self) -> bool:
-        """Whether :meth:`mark_trained` was called (on this policy or on the one whose state it loaded)."""
+        """Whether [`mark_trained()`][ensemblekit.components.halting.learned.Learned.mark_trained] was called
+        (on this policy or on the one whose state it loaded)."""
         return bool(self.trained)
 
     def mark_trained(self) -> None:

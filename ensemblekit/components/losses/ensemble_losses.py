@@ -4,10 +4,10 @@ Notation: ``z_1..z_N`` member logits in anytime order, ``y`` labels,
 ``ybar_k`` the ensemble's aggregator applied to the first ``k`` members,
 ``sg`` stop-gradient, ``CE`` cross-entropy averaged over the batch and
 ``KD_T(s, t) = T^2 * mean_batch KL(softmax(t / T) || softmax(s / T))``
-(:func:`ensemblekit.functional.kd_loss`; ``T`` is the ``temperature`` option).
+([`ensemblekit.functional.kd_loss()`][ensemblekit.functional.kd_loss]; ``T`` is the ``temperature`` option).
 
 The nested losses use the topology's nested sub-ensemble sizes
-(:attr:`~ensemblekit.core.interfaces.EnsembleOutput.nested_sizes`): ``1, k, k^2,
+(`nested_sizes`): ``1, k, k^2,
 .., k^B`` for a tree of branching ``k`` (HNE's sub-trees), ``1..N`` for
 chains, cascades and independent members (every prefix is a nested
 ensemble), ``1`` and ``N`` for a multi-branch network.
@@ -17,7 +17,7 @@ targets, which differs by the targets' entropy, a constant under the
 stop-gradient: gradients are the same.
 
 ``alpha`` is the weight of the distillation term in every loss that has one
-(here and in :class:`~ensemblekit.components.losses.MultiExitLoss`).
+(here and in [`MultiExitLoss`][ensemblekit.components.losses.MultiExitLoss]).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class _Distillation(LossStrategy):
 
     @property
     def T(self) -> float:  # noqa: N802  (the deprecated name)
-        """Deprecated name of :attr:`temperature`."""
+        """Deprecated name of `temperature`."""
         warnings.warn(f"{type(self).__name__}.T is deprecated; use .temperature", DeprecationWarning, stacklevel=2)
         return self.temperature
 

@@ -1,8 +1,9 @@
 """IRENE's objective (Li et al., AAAI 2023, Eq. 8-13) for a learned halting policy.
 
-:class:`IreneLoss` is the whole objective; :func:`halting_terms` its part that
-trains the selector, which :meth:`Learned.loss
-<ensemblekit.components.halting.Learned.loss>` adds to any other task loss.
+[`IreneLoss`][ensemblekit.components.losses.learned_halting.IreneLoss] is the whole objective;
+[`halting_terms()`][ensemblekit.components.losses.learned_halting.halting_terms] its part that trains the
+selector, which [`Learned.loss`][ensemblekit.components.halting.learned.Learned.loss] adds to any other task
+loss.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def halting_terms(output: EnsembleOutput, target: Tensor, steps: list[int], cost
 
     Unweighted, each averaged over the batch, summed over the 1-based
     ``steps`` (``L_cost`` once, over every member of ``output``); see
-    :class:`IreneLoss` for each term. ``ce`` is the members' cross-entropy
-    ``[B, T]`` when the caller has it already.
+    [`IreneLoss`][ensemblekit.components.losses.learned_halting.IreneLoss] for each term. ``ce`` is the members'
+    cross-entropy ``[B, T]`` when the caller has it already.
     """
     logits, extras = output.members, output.extras
     count = logits.shape[1]
@@ -107,8 +108,9 @@ class IreneLoss(LossStrategy):
     two heads' softmax outputs, maximised (its weight multiplies ``-L1``).
 
     The loss holds the selector's terms itself (``trains_halting``), so
-    :meth:`Ensemble.loss <ensemblekit.Ensemble.loss>` adds no halting terms
-    on top of it; :func:`halting_terms` computes them for both.
+    [`Ensemble.loss`][ensemblekit.core.ensemble.Ensemble.loss] adds no halting terms
+    on top of it; [`halting_terms()`][ensemblekit.components.losses.learned_halting.halting_terms] computes them
+    for both.
 
     The paper tunes ``w_ens``, ``w_cost``, ``w_rank`` by search in
     [1e-4, 0.1], [1e-5, 0.1], [1e-4, 0.1] (Table 3) without reporting the
@@ -146,7 +148,7 @@ class IreneLoss(LossStrategy):
 
     @classmethod
     def example_options(cls) -> dict[str, Any]:
-        """Options for :mod:`ensemblekit.testing`, whose checks train every member at once."""
+        """Options for [`ensemblekit.testing`][ensemblekit.testing], whose checks train every member at once."""
         return {"schedule": "joint"}
 
     def check(self, ensemble) -> None:

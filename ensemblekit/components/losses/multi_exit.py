@@ -3,7 +3,7 @@
 Notation: ``z_1..z_n`` the exits' logits in depth order, ``y`` labels,
 ``sg`` stop-gradient, ``CE`` cross-entropy averaged over the batch,
 ``KD_T(s, t) = T^2 * mean_batch KL(softmax(t / T) || softmax(s / T))``
-(:func:`ensemblekit.functional.kd_loss`).
+([`ensemblekit.functional.kd_loss()`][ensemblekit.functional.kd_loss]).
 """
 
 from __future__ import annotations

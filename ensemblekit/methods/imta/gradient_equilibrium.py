@@ -52,7 +52,8 @@ def rescale_gradient(x: Tensor, scale: float) -> Tensor:
 
 
 def rescale_state(state: Any, scale: float) -> Any:
-    """Apply :func:`rescale_gradient` to every floating-point tensor of a (tuple) state."""
+    """Apply [`rescale_gradient()`][ensemblekit.methods.imta.gradient_equilibrium.rescale_gradient] to every
+    floating-point tensor of a (tuple) state."""
     if isinstance(state, Tensor):
         return rescale_gradient(state, scale) if state.is_floating_point() else state
     if isinstance(state, tuple):
@@ -113,11 +114,11 @@ def apply_gradient_equilibrium(ensemble: nn.Module) -> list[RemovableHandle]:
     after exit ``i``'s node, so parameters, ``state_dict`` keys and outputs are
     unchanged; only gradients are rescaled. Remove them with the returned
     handles (``handle.remove()``). It is recorded in the ensemble's
-    ``build_spec``, so that :func:`ensemblekit.load` installs it again (while
+    ``build_spec``, so that [`ensemblekit.load()`][ensemblekit.load] installs it again (while
     the hooks are in place).
 
     Args:
-        ensemble: an :class:`~ensemblekit.Ensemble` built on a chain.
+        ensemble: an [`Ensemble`][ensemblekit.Ensemble] built on a chain.
 
     Returns:
         One handle per hook.
@@ -138,6 +139,8 @@ def apply_gradient_equilibrium(ensemble: nn.Module) -> list[RemovableHandle]:
 
 
 def has_gradient_equilibrium(ensemble: nn.Module) -> bool:
-    """Whether :func:`apply_gradient_equilibrium` hooks are installed on ``ensemble``."""
+    """Whether
+    [`apply_gradient_equilibrium()`][ensemblekit.methods.imta.gradient_equilibrium.apply_gradient_equilibrium]
+    hooks are installed on ``ensemble``."""
     modules = list(ensemble.heads) + list(ensemble.nodes)
     return any(isinstance(h, RescaleInputGradient) for m in modules for h in m._forward_pre_hooks.values())

@@ -7,11 +7,11 @@ the earlier exit. The authors' code projects the previous logits with
 Linear-BN-ReLU to the width of the exit's features, concatenates the two and
 applies the exit's linear classifier.
 
-:class:`ISCExit` wraps any head that ends in a linear classifier. Since
+[`ISCExit`][ensemblekit.methods.imta.isc.ISCExit] wraps any head that ends in a linear classifier. Since
 ``W [f; p] + b = (W_f f + b) + W_p p``, the concatenation is computed as the
 wrapped head's logits plus a bias-free linear map of the projected logits:
 the same function, and it works on the backbone's own head unchanged.
-An :class:`~ensemblekit.Ensemble` calls a head whose ``takes_previous_logits``
+An [`Ensemble`][ensemblekit.Ensemble] calls a head whose ``takes_previous_logits``
 is true as ``head(*state, previous=logits of member k-1)``.
 """
 
@@ -95,16 +95,17 @@ class ISCExit(nn.Module):
 
 
 def add_isc(ensemble: nn.Module, mode: str = "concat", width: int | None = None, detach: bool = True) -> None:
-    """Wrap the heads of members ``1..M-1`` of ``ensemble`` in :class:`ISCExit`, in place.
+    """Wrap the heads of members ``1..M-1`` of ``ensemble`` in
+    [`ISCExit`][ensemblekit.methods.imta.isc.ISCExit], in place.
 
     Member ``k`` then also reads member ``k-1``'s logits, in
-    :meth:`~ensemblekit.Ensemble.forward_output` as in anytime inference and
-    :meth:`~ensemblekit.Ensemble.predict`. It is recorded in the ensemble's
-    ``build_spec``, so that :func:`ensemblekit.load` adds the heads again.
+    [`forward_output()`][ensemblekit.core.ensemble.Ensemble.forward_output] as in anytime inference and
+    [`predict()`][ensemblekit.core.ensemble.Ensemble.predict]. It is recorded in the ensemble's
+    ``build_spec``, so that [`ensemblekit.load()`][ensemblekit.load] adds the heads again.
 
     Args:
-        ensemble: an :class:`~ensemblekit.Ensemble` (a chain, for IMTA).
-        mode: "concat" (the authors' projection) or "add"; see :class:`ISCExit`.
+        ensemble: an [`Ensemble`][ensemblekit.Ensemble] (a chain, for IMTA).
+        mode: "concat" (the authors' projection) or "add"; see [`ISCExit`][ensemblekit.methods.imta.isc.ISCExit].
         width: width of the projection (default: the classifier's input width).
         detach: stop the gradient into the earlier exit.
     """

@@ -4,13 +4,14 @@
 each chosen block (a ``chain``) and trains every exit with
 ``sum_k w_k CE(z_k, y)`` (IMTA Eq. 1). Each IMTA technique is switched on
 its own: Gradient Equilibrium (Sec. 3.1, Eq. 4-5,
-:mod:`ensemblekit.methods.imta.gradient_equilibrium`), Inline Subnetwork Collaboration
-(Sec. 3.2, :mod:`ensemblekit.methods.imta.isc`) and One-for-all KD (Sec. 3.3, Eq. 7-8,
-:class:`~ensemblekit.components.losses.multi_exit.MultiExitLoss`). The paper trains in
-two phases: phase I the whole network with GE; phase II
-(:func:`start_phase2`) only the exit heads and ISC modules, with ISC and OFA;
-the ``"two_phase"`` training schedule (:mod:`ensemblekit.methods.imta.schedule`)
-runs both through :func:`ensemblekit.training.trainer.train`.
+[`ensemblekit.methods.imta.gradient_equilibrium`][ensemblekit.methods.imta.gradient_equilibrium]), Inline
+Subnetwork Collaboration (Sec. 3.2, [`ensemblekit.methods.imta.isc`][ensemblekit.methods.imta.isc]) and
+One-for-all KD (Sec. 3.3, Eq. 7-8, [`MultiExitLoss`][ensemblekit.components.losses.multi_exit.MultiExitLoss]).
+The paper trains in two phases: phase I the whole network with GE; phase II
+([`start_phase2()`][ensemblekit.methods.imta.recipe.start_phase2]) only the exit heads and ISC modules, with ISC
+and OFA; the ``"two_phase"`` training schedule
+([`ensemblekit.methods.imta.schedule`][ensemblekit.methods.imta.schedule]) runs both through
+[`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train].
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def multi_exit(
     """A multi-exit network: one exit after each chosen block; members are the exits in depth order.
 
     Args:
-        backbone: a timm model (or anything :func:`ensemblekit.build` takes).
+        backbone: a timm model (or anything [`wrap()`][ensemblekit.build.wrap] takes).
         exits: 0-based blocks followed by an exit (None: every block). The
             last block's exit is the backbone's own head.
         num_blocks: blocks to cut the backbone into (None: natural stages).
@@ -69,11 +70,11 @@ def multi_exit(
         weights: per-exit loss weights ``w_k`` (default 1, as in MSDNet).
         exit_head: factory ``(in_features, num_classes, fmt, num_prefix_tokens)
             -> nn.Module`` of the early exits (default global pool + linear).
-        **wrap_options: passed to :func:`ensemblekit.build` (``num_classes``,
+        **wrap_options: passed to [`wrap()`][ensemblekit.build.wrap] (``num_classes``,
             ``halting``, ``init``, ``example_input``, ...).
 
     Returns:
-        An :class:`~ensemblekit.Ensemble` whose aggregator returns the latest
+        An [`Ensemble`][ensemblekit.Ensemble] whose aggregator returns the latest
         exit's logits (so ``predict`` and halting policies see each exit's own
         prediction) and whose loss is the multi-exit loss.
 
@@ -109,7 +110,7 @@ def start_phase2(ensemble: Ensemble) -> list[nn.Parameter]:
     Every node parameter gets ``requires_grad=False`` and every BatchNorm
     in the nodes stays in eval mode (running statistics used, never updated)
     even when ``ensemble.train()`` is called later. The ``"two_phase"``
-    schedule (:func:`ensemblekit.methods.imta.schedule.two_phase`) calls it
+    schedule ([`ensemblekit.methods.imta.schedule.two_phase()`][ensemblekit.methods.imta.schedule.two_phase]) calls it
     when phase II starts; idempotent.
 
     Returns:

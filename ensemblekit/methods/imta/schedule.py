@@ -5,11 +5,11 @@ IMTA trains a multi-exit network in two phases:
 * phase I: the whole network with the exits' weighted cross-entropy
   (Eq. 1) and, when the recipe installed it, Gradient Equilibrium (Sec. 3.1);
 * phase II: the backbone's blocks and their BatchNorm statistics frozen
-  (:func:`~ensemblekit.methods.imta.recipe.start_phase2`), only the exit
+  ([`start_phase2()`][ensemblekit.methods.imta.recipe.start_phase2]), only the exit
   heads trained, with Inline Subnetwork Collaboration (Sec. 3.2) added to
   the heads and One-for-all KD (Sec. 3.3, Eq. 7-8) switched on when asked.
 
-:func:`two_phase` returns the two :class:`~ensemblekit.core.stages.Stage`
+[`two_phase()`][ensemblekit.methods.imta.schedule.two_phase] returns the two [`Stage`][ensemblekit.core.stages.Stage]
 objects; it is registered as the ``"two_phase"`` schedule
 (``train.stages = {name = "two_phase", isc = "concat", ofa = true}``).
 Each phase gets a fresh optimizer and learning-rate schedule from the

@@ -42,10 +42,10 @@ def irene(
     """An IRENE ensemble: ``members`` base models, an LSTM selector, the paper's objective.
 
     Members are averaged in probability (Eq. 7, ``aggregator="mean_probs"``);
-    the selector is :class:`~ensemblekit.components.halting.Learned` and the loss
-    :class:`~ensemblekit.components.losses.IreneLoss` (Eq. 13). Train with
-    :func:`ensemblekit.training.trainer.train` (it runs Algorithm 1,
-    :mod:`ensemblekit.methods.irene.schedule`, when ``schedule`` is
+    the selector is [`Learned`][ensemblekit.components.halting.Learned] and the loss
+    [`IreneLoss`][ensemblekit.components.losses.IreneLoss] (Eq. 13). Train with
+    [`ensemblekit.training.trainer.train()`][ensemblekit.training.trainer.train] (it runs Algorithm 1,
+    [`ensemblekit.methods.irene.schedule`][ensemblekit.methods.irene.schedule], when ``schedule`` is
     "sequential"); predict with ``ens.predict(x)``.
 
     Args:
@@ -68,8 +68,8 @@ def irene(
         temperature: Gumbel-softmax temperature in training.
         aux_head: give each member an auxiliary head (uncertainty feature).
         halting: another policy providing ``halting_probabilities``
-            (default: a :class:`~ensemblekit.components.halting.Learned` from the options above).
-        **options: passed to :func:`ensemblekit.build` (``num_classes``,
+            (default: a [`Learned`][ensemblekit.components.halting.Learned] from the options above).
+        **options: passed to [`wrap()`][ensemblekit.build.wrap] (``num_classes``,
             ``init``, ``depth``, ``branching``, ``fork``, ``example_input``, ...).
 
     Examples:

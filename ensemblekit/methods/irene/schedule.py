@@ -1,21 +1,20 @@
 """IRENE's training schedule as trainer stages (Li et al., AAAI 2023, Algorithm 1 and App. A.1).
 
 Algorithm 1 trains the ``T`` base models one after the other: step
-``t = 1..T`` trains what member ``t`` adds (:func:`stage_modules`: its
+``t = 1..T`` trains what member ``t`` adds ([`stage_modules()`][ensemblekit.methods.irene.schedule.stage_modules]: its
 nodes, its head, its auxiliary head) and the selector, on the first ``t``
-members, with members ``1..t-1`` frozen; :class:`~ensemblekit.components.losses.IreneLoss`
+members, with members ``1..t-1`` frozen; [`IreneLoss`][ensemblekit.components.losses.IreneLoss]
 (``schedule="sequential"``) is then the objective of step ``t``. Each step
-is one :class:`~ensemblekit.core.stages.Stage` whose optimisers are created
+is one [`Stage`][ensemblekit.core.stages.Stage] whose optimisers are created
 anew (App. A.1.1): SGD with Nesterov momentum and weight decay for the
 models, Adam for the selector (App. A.1), both with the learning rate
 divided by 5 at 30%, 60% and 80% of the step's epochs (App. A.1.2: 200
 epochs, steps at 60, 120 and 160).
 
-Registered schedules: ``"sequential"`` (:func:`sequential`, what an
+Registered schedules: ``"sequential"`` ([`sequential()`][ensemblekit.methods.irene.schedule.sequential], what an
 ``IreneLoss`` with ``schedule="sequential"`` and a cascade with any loss
-train with by default) and ``"irene"`` (:func:`irene_schedule`: Algorithm 1
-or, where the default schedule is not "sequential", all members at once
-with the same optimisers).
+train with by default) and ``"irene"`` ([`irene_schedule()`][ensemblekit.methods.irene.schedule.irene_schedule]:
+Algorithm 1 or, where the default schedule is not "sequential", all members at once with the same optimisers).
 
 Examples:
     >>> import torch, ensemblekit as ek
@@ -94,11 +93,12 @@ def _measure_costs(ensemble: Any) -> None:
 
 
 def sequential(ensemble: Any, settings: ScheduleSettings, *, selector_lr: float = 1e-3) -> list[Stage]:
-    """Algorithm 1: ``T`` stages, stage ``t`` trains :func:`stage_modules` on members ``1..t``.
+    """Algorithm 1: ``T`` stages, stage ``t`` trains
+    [`stage_modules()`][ensemblekit.methods.irene.schedule.stage_modules] on members ``1..t``.
 
     With another loss than IRENE's, each step trains member ``t`` with that
-    loss, and a learned selector with its own terms (:meth:`Learned.loss
-    <ensemblekit.components.halting.Learned.loss>`).
+    loss, and a learned selector with its own terms
+    ([`Learned.loss`][ensemblekit.components.halting.learned.Learned.loss]).
 
     Args:
         ensemble: an ensemble with a loss (IRENE's: ``ek.recipes.irene``; any, for a cascade).
@@ -119,10 +119,10 @@ def irene_schedule(ensemble: Any, settings: ScheduleSettings, *, sequential_step
 
     Args:
         ensemble: an ensemble with a loss.
-        settings: as :func:`sequential`; ``epochs`` in all when joint.
+        settings: as [`sequential()`][ensemblekit.methods.irene.schedule.sequential]; ``epochs`` in all when joint.
         sequential_steps: Algorithm 1's steps; ``None``: when the default
             schedule is "sequential" (an ``IreneLoss`` or a cascade, see
-            :func:`~ensemblekit.core.stages.default_schedule`), else one joint
+            [`default_schedule()`][ensemblekit.core.stages.default_schedule]), else one joint
             stage (an average ensemble trained as IRENE's baselines are).
         selector_lr: Adam learning rate of the selector.
     """

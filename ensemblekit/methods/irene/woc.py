@@ -1,10 +1,10 @@
 """IRENE's utility metric and the WoC baseline (Li et al., AAAI 2023).
 
 IRENE's training (Algorithm 1) is a schedule of trainer stages:
-:mod:`ensemblekit.methods.irene.schedule`.
+[`ensemblekit.methods.irene.schedule`][ensemblekit.methods.irene.schedule].
 
-* :func:`utility`: the utility of Eq. 14 as Tables 1-2 report it.
-* :class:`WoC`: the confidence-threshold cascade on an average ensemble
+* [`utility()`][ensemblekit.methods.irene.woc.utility]: the utility of Eq. 14 as Tables 1-2 report it.
+* [`WoC`][ensemblekit.methods.irene.woc.WoC]: the confidence-threshold cascade on an average ensemble
   (Wang et al. 2021), threshold searched on a held-out split.
 """
 
@@ -95,8 +95,8 @@ class WoC:
     def fit(cls, members: Tensor, labels: Tensor, aggregator: Aggregator) -> WoC:
         """Search the threshold on held-out member logits ``[N, T, C]`` and labels ``[N]``.
 
-        Every threshold of :attr:`GRID` is tried; the one of highest held-out
-        :func:`utility` wins (the lowest on ties, i.e. the cheapest), the
+        Every threshold of [`GRID`][ensemblekit.methods.irene.woc.WoC.GRID] is tried; the one of highest held-out
+        [`utility()`][ensemblekit.methods.irene.woc.utility] wins (the lowest on ties, i.e. the cheapest), the
         metric the methods are compared by. If the held-out average ensemble
         is no more accurate than its first member, extra members cannot pay
         for themselves and the threshold is 0 (stop after one member). If
