@@ -249,6 +249,8 @@ CONFIG_CASES = [
      "model.topology: unknown topology 'forest'"),
     ("unknown recipe", "x.toml", '[model]\nbackbone = "r"\nrecipe = "hnet"', "model.recipe must be one of"),
     ("section of a wrong type", "x.yaml", "model: 3", "[model] must be a mapping, got int"),
+    ("YAML duplicate key", "x.yaml", "model: {backbone: r}\ntrain: {lr: 0.1, lr: 0.2}", "found duplicate key 'lr'"),
+    ("YAML duplicate section", "x.yaml", "model: {backbone: r}\nmodel: {backbone: s}", "found duplicate key 'model'"),
 ]
 
 
@@ -258,6 +260,27 @@ def test_config_file_rejects(tmp_path, what, name, text, fragment):
     path.write_text(text)
     err = check(lambda: load_config(path), ConfigError, fragment)
     assert str(path) in str(err)
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes('[model]\nbackbone = "r\xe9sn"\n'.encode("latin-1"))
+    err = check(lambda: load_config(path), ConfigError, "not UTF-8 text (byte 21); save the config as UTF-8")
+    assert str(path) in str(err)
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("in_chans", 1, "model.in_chans = 1 but dataset 'digits' has 3; set it to 3 or leave it out"),
+    ("num_classes", 5, "model.num_classes = 5 but dataset 'digits' has 10; set it to 10 or leave it out"),
+])
+def test_model_settings_that_contradict_the_dataset_are_refused(key, value, fragment):
+    from ensemblekit.training.data import load_dataset
+
+    _, info = load_dataset("digits", "test")
+    settings = {**TINY_TIMM, "num_classes": None}
+    check(lambda: ModelConfig(**{**settings, key: value}).for_dataset(info), ConfigError, fragment)
+    filled = ModelConfig(**settings).for_dataset(info)
+    assert (filled.num_classes, filled.in_chans) == (10, 3)
 
 
 def test_missing_config_file(tmp_path):

@@ -42,7 +42,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -718,8 +718,7 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     data = config.data
     train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
-    model_config = replace(config.model, num_classes=config.model.num_classes or info.num_classes,
-                           in_chans=info.in_chans, image_size=info.image_size)
+    model_config = config.model.for_dataset(info)
     seed_everything(config.train.seed)
     model = build_ensemble(model_config)
     extra = {"data": asdict(config.data)}
