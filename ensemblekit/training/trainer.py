@@ -379,6 +379,11 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
         raise ValueError(f"train.batch_size={config.batch_size} is the global batch of {env.world_size} processes: "
                          f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
                          f"{env.world_size} items")
+    per_process = min(config.batch_size, n) // env.world_size
+    if per_process < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f"batches of {per_process} sample per process (train.batch_size={config.batch_size}, "
+                         f"{n} training items, {env.world_size} processes): BatchNorm needs at least 2 samples "
+                         "per batch in training")
     drop_last = n > config.batch_size
     steps_per_epoch = n // config.batch_size if drop_last else 1
     stages = resolve_stages(model, config) if stages is None else _check_stages(stages, "stages")
@@ -453,6 +458,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     wrapped = False
     for index, stage in enumerate(stages):
         _start_stage(stage, model, device)
+        buffers = list(model.buffers())  # restored when a step fails on a non-finite loss
+        before_step = [b.clone() for b in buffers]
         if step >= bounds[index + 1]:  # done before the checkpoint resumed: only its preparation is replayed
             if index == restore_stage and restore is not None:  # the checkpoint ends this stage
                 _load_state(*restore, model, [], [], env, config.seed)
@@ -488,8 +495,13 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                         seen: dict[str, Any] = {}
                         where = {"step": step + 1, "epoch": epoch + 1, "batch": batch + 1,
                                  "steps_per_epoch": steps_per_epoch, "last_good": last_good}
-                        training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers, schedulers,
-                                      grad_clip=config.grad_clip, parameters=model.parameters())
+                        torch._foreach_copy_(before_step, buffers)
+                        try:
+                            training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers,
+                                          schedulers, grad_clip=config.grad_clip, parameters=model.parameters())
+                        except NonFiniteLossError:  # the forward pass put NaN in BatchNorm's statistics: undo it
+                            torch._foreach_copy_(buffers, before_step)
+                            raise
                         step += 1
                         totals = seen["totals"]
                         parts = {k: float(v) / env.world_size for k, v in zip(seen["parts"], totals[3:])}

@@ -310,3 +310,23 @@ def test_the_conformance_check_runs_each_stage_of_a_schedule():
         check_schedule(leaky)
     with pytest.raises(ConformanceError, match="not a non-empty list of Stage"):
         check_schedule(lambda ensemble, settings: [])
+
+
+def test_a_nan_loss_leaves_the_model_as_it_was_before_the_failing_step():
+    """The failing forward pass ran BatchNorm in training mode on NaN inputs: its statistics are undone."""
+    model = tiny_model()
+    data = Poisoned(digits(augment=False), bad=-1)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(FAST.seed * 1_000_003 + 0)).tolist()
+    data.bad = order[3]  # in the first batch
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError):
+        train(model, data, FAST)
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+
+
+def test_batches_of_one_sample_are_refused_before_training_with_batchnorm():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="batches of 1 sample per process .* BatchNorm needs at least 2"):
+        train(model, digits(augment=False), replace(FAST, batch_size=1))
