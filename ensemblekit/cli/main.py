@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 from ensemblekit.cli import commands
+from ensemblekit.errors import EnsembleKitError
 
 __all__ = ["build_parser", "main"]
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
+    except (EnsembleKitError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as err:
         print(f"ensemblekit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

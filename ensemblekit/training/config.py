@@ -266,6 +266,16 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be > 0 or omitted, got {self.grad_clip}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {self.seed}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as err:
+                raise ConfigError(f"train.device {self.device!r} is not a device: use 'auto', 'cpu', 'cuda', "
+                                  "'cuda:1' or 'mps'") from err
         if self.stages is not None:
             try:
                 STAGE_SCHEDULES.check(self.stages, context=("ensemble", "settings"))

@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -718,6 +719,26 @@ def load_split(data: DataConfig, split: str, augment: bool = False, limit: int |
     return dataset, info
 
 
+class OutputFolderError(EnsembleKitError, OSError):
+    """The output folder of a run cannot be written."""
+
+
+def check_output_folder(path: Path) -> None:
+    """Create ``path`` if needed and prove it writable, before any work (a file written and removed).
+
+    Raises:
+        OutputFolderError: ``path`` is a file, or cannot be created or written (permissions, read-only file system).
+    """
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"output folder {path} is a file; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputFolderError(f"cannot write to output folder {path}: {err.strerror or err}") from err
+
+
 def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
         log: Callable[[str], None] = print) -> RunResult:
     """Build, train and evaluate as ``config`` says; write checkpoints, a report and a plot to ``out_dir``.
@@ -727,6 +748,8 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     and under torchrun only by rank 0 (every process evaluates).
     """
     out_dir = Path(out_dir)
+    check_output_folder(out_dir)
+    select_device(config.train.device)
     data = config.data
     train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)

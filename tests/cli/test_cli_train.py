@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,27 @@ def test_reproduce_lists_its_experiments(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "-h"])
     assert "hne-table1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "read-only file system"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, where):
+    config = write(tmp_path, "tiny.toml", TOML)
+    (tmp_path / "taken").write_text("keep me")
+    out = {"file": tmp_path / "taken", "under a file": tmp_path / "taken" / "run",
+           "read-only file system": Path("/proc/ensemblekit-run")}[where]
+    assert main(["train", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr()
+    assert "ensemblekit train: error: " in err.err and "output folder" in err.err
+    assert "epoch" not in err.out + err.err  # nothing trained
+    assert (tmp_path / "taken").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ('seed = 9223372036854775807', "train.seed must be an integer in [0, 2**32), got 9223372036854775807"),
+    ('device = "gpu0"', "train.device 'gpu0' is not a device"),
+])
+def test_train_settings_are_checked_when_the_config_is_read(tmp_path, capsys, line, fragment):
+    config = write(tmp_path, "tiny.toml", TOML.replace("[train]\n", f"[train]\n{line}\n"))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
