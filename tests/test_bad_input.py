@@ -492,3 +492,11 @@ def test_a_damaged_checkpoint_stops_resume_and_is_left_as_is(tmp_path):
     check(lambda: train(checkpointed_toy(), Noisy(), RUN, out_dir=tmp_path, resume=True), CheckpointError,
           f"checkpoint file {weights} is truncated")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_timm_model_without_classifier_is_refused():
+    """num_classes=0 makes timm output pooled features: not an ensemble of 64-class classifiers."""
+    import timm
+
+    backbone = timm.create_model("resnet10t", num_classes=0, stem_width=8, channels=[8, 16, 16, 64])
+    check(lambda: ek.wrap(backbone, "tree", depth=1), SplitError, "resnet10t was created with num_classes=0")
