@@ -60,7 +60,7 @@ from ensemblekit.evaluation.reports import Report, anytime_report, collect_membe
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
 from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
-from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.training.data import SeededItems, load_dataset, make_loader
 
 __all__ = [
     "CHECKPOINTS",
@@ -480,7 +480,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                 epoch, skip = divmod(step, steps_per_epoch)
                 freeze.train()
                 sampler.set_epoch(epoch, start=skip * config.batch_size)
-                loader = make_loader(train_set, config.batch_size // env.world_size, shuffle=False,
+                items = SeededItems(train_set, config.seed, epoch)  # augmentations independent of the workers
+                loader = make_loader(items, config.batch_size // env.world_size, shuffle=False,
                                      num_workers=num_workers, seed=distributed.rank_seed(config.seed, env.rank),
                                      sampler=sampler, drop_last=drop_last)
                 epoch_start = time.perf_counter()

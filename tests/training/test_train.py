@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -330,3 +331,21 @@ def test_batches_of_one_sample_are_refused_before_training_with_batchnorm():
     model = tiny_model()
     with pytest.raises(ValueError, match="batches of 1 sample per process .* BatchNorm needs at least 2"):
         train(model, digits(augment=False), replace(FAST, batch_size=1))
+
+
+def test_a_mid_epoch_resume_with_worker_processes_is_exact(tmp_path):
+    """Random crops loaded by 2 worker processes: resuming at step 8 (mid-epoch 2) gives the same weights."""
+    config = replace(FAST, keep_checkpoints=10)
+    full = tiny_model()
+    train(full, digits(), config, out_dir=tmp_path / "full", num_workers=2)
+    checkpoints = tmp_path / "full/checkpoints"
+    for later in ("step-0000012", "step-0000006"):  # as if the run had been killed after step 8's checkpoint
+        shutil.rmtree(checkpoints / later, ignore_errors=True)
+    (checkpoints / "latest").write_text("step-0000008\n")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000004", "step-0000008"]
+
+    torch.manual_seed(123)
+    resumed = tiny_model()
+    train(resumed, digits(), config, out_dir=tmp_path / "full", resume=True, num_workers=2)
+    for (key, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), key
