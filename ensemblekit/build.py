@@ -24,7 +24,15 @@ from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.heads import ExitHead, replace_classifier
 from ensemblekit.core.initialisation import InitWarning
-from ensemblekit.core.registry import AGGREGATORS, EXECUTORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, Registry
+from ensemblekit.core.registry import (
+    AGGREGATORS,
+    EXECUTORS,
+    HALTING_POLICIES,
+    LOSSES,
+    RECIPES,
+    TOPOLOGIES,
+    Registry,
+)
 from ensemblekit.errors import EnsembleKitError
 
 __all__ = [
@@ -43,6 +51,8 @@ __all__ = [
     "to_json",
     "wrap",
 ]
+
+RECIPES.result = Ensemble  # what a recipe must return: checked by RECIPES.create (the registry cannot import it)
 
 
 def wrap(
