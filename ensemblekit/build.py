@@ -26,7 +26,15 @@ from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.graph import NodeGraph
 from ensemblekit.core.heads import ExitHead, replace_classifier
 from ensemblekit.core.initialisation import InitWarning
-from ensemblekit.core.registry import AGGREGATORS, EXECUTORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, Registry
+from ensemblekit.core.registry import (
+    AGGREGATORS,
+    EXECUTORS,
+    HALTING_POLICIES,
+    LOSSES,
+    RECIPES,
+    TOPOLOGIES,
+    Registry,
+)
 from ensemblekit.errors import EnsembleKitError
 
 __all__ = [
@@ -47,6 +55,8 @@ __all__ = [
     "to_json",
     "wrap",
 ]
+
+RECIPES.result = Ensemble  # what a recipe must return: checked by RECIPES.create (the registry cannot import it)
 
 
 def wrap(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import functools
 import inspect
 import types
 import typing
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
 
 __all__ = [
     "AGGREGATORS",
@@ -37,8 +38,10 @@ __all__ = [
     "SCHEDULES",
     "SPLITTERS",
     "TOPOLOGIES",
+    "ComponentTypeError",
     "DuplicateComponentError",
     "Entry",
+    "PluginWarning",
     "Registry",
     "SplitterRegistry",
     "UnknownComponentError",
@@ -63,6 +66,17 @@ class UnknownComponentError(EnsembleKitError, KeyError, ValueError):
 
 class DuplicateComponentError(EnsembleKitError, ValueError):
     """Two plugins registered the same name for one kind of component."""
+
+
+class ComponentTypeError(EnsembleKitError, TypeError):
+    """A plugin's factory is not of, or did not return, the kind's base class; the message names the plugin."""
+
+
+class PluginWarning(EnsembleKitWarning):
+    """A plugin, or one of its components, was skipped because it failed; the message says which and why.
+
+    Also importable as ``ensemblekit.plugins.manager.PluginWarning``.
+    """
 
 
 @dataclass(frozen=True)
@@ -104,11 +118,17 @@ class Registry:
         kind: what the components are, for messages ("topology").
         base: their base class; instances of it pass through :meth:`create`
             (``None``: components are only built from a name, like recipes).
+        result: what a factory must return (default: ``base``; ``None``: not
+            checked). A factory that is a class outside it is refused when
+            registered, and whatever a factory returns is checked by :meth:`create`;
+            both errors name the plugin. A layer above may set it later
+            (``RECIPES.result`` is set where ``Ensemble`` can be imported).
     """
 
-    def __init__(self, kind: str, base: type | None):
+    def __init__(self, kind: str, base: type | None, result: type | None = None):
         self.kind = kind
         self.base = base
+        self.result = base if result is None else result
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?", builtin: bool = False) -> None:
@@ -131,6 +151,11 @@ class Registry:
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
         if not callable(factory):
             raise TypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory must be callable, got {factory!r}")
+        cls = _factory_class(factory)
+        if self.result is not None and cls is not None and not issubclass(cls, self.result):
+            raise ComponentTypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory is the class "
+                                     f"{cls.__qualname__}, which does not derive from {self.result.__name__} (what "
+                                     f"a {self.kind} factory must build)")
         if name in self._entries:
             other = self._entries[name].plugin
             raise DuplicateComponentError(
@@ -186,7 +211,13 @@ class Registry:
         given = {k: v for k, v in (context or {}).items() if k not in options and accepts(factory, k)}
         options = {**given, **options}
         _check_kwargs(self.kind, name, factory, options, supplied=set(context or ()))
-        return factory(**options)
+        made = factory(**options)
+        if self.result is not None and not isinstance(made, self.result):
+            raise ComponentTypeError(
+                f"{self.kind} {name!r} of plugin {self._entries[name].plugin!r} is broken: its factory returned "
+                f"{_short(made)} ({type(made).__name__}) where a {self.result.__name__} was expected; fix or remove "
+                "that plugin (`ensemblekit plugins` lists them)")
+        return made
 
     def check(self, spec: Any, /, context: Iterable[str] = (), **kwargs: Any) -> None:
         """Raise the error :meth:`create` would raise for these options, without building anything.
@@ -223,6 +254,18 @@ class Registry:
             return spec, dict(kwargs)
         ready = "" if self.base is None else f", or a {self.base.__name__}"
         raise TypeError(f"{self.kind} must be a name (str), a mapping with 'name'{ready}, got {type(spec).__name__}")
+
+
+def _factory_class(factory: Callable[..., Any]) -> type | None:
+    """The class ``factory`` instantiates when it is a class (or a ``functools.partial`` of one), else ``None``."""
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return factory if isinstance(factory, type) else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
@@ -340,9 +383,12 @@ class SplitterRegistry(Registry):
 
     def ordered(self) -> list[Callable[..., Any]]:
         """Splitter functions, plugins' before the built-in ones, each in registration order."""
+        return [e.factory for e in self.ordered_entries()]
+
+    def ordered_entries(self) -> list[Entry]:
+        """The entries of :meth:`ordered`, which name the plugin of each splitter."""
         _ensure_loaded()
-        entries = sorted(self._entries.values(), key=lambda e: e.builtin)
-        return [e.factory for e in entries]
+        return sorted(self._entries.values(), key=lambda e: e.builtin)
 
 
 def _make_registries() -> dict[str, Registry]:
@@ -357,7 +403,7 @@ def _make_registries() -> dict[str, Registry]:
         "register_backbone_splitters": SplitterRegistry(),
         "register_executors": Registry("execution strategy", Executor),
         "register_recipes": Registry("recipe", None),
-        "register_schedules": Registry("schedule", None),
+        "register_schedules": Registry("schedule", None, result=list),
     }
 
 

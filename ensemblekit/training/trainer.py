@@ -365,6 +365,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     if folder is not None and getattr(model, "build_config", None) is None:
         raise ValueError("to write checkpoints the model needs a build_config: build it with "
                          "ensemblekit.training.config.build_ensemble, or pass out_dir=None")
+    if folder is not None:  # what killed saves left; a checkpoint a crash between renames hid is put back
+        ckpt.clean_up(folder)
     existing = _step_dirs(folder) if folder is not None else []
     if resume and folder is None:
         raise ValueError("resume=True needs the out_dir of the run to resume")
