@@ -114,6 +114,7 @@ __all__ = [
     "TRAINER_FILE",
     "VERSION",
     "CheckpointError",
+    "CheckpointWriteError",
     "atomic_write",
     "backbone_name",
     "clean_up",
@@ -156,6 +157,10 @@ _writing: set[str] = set()
 
 class CheckpointError(EnsembleKitError, ValueError):
     """A checkpoint that cannot be used: damaged, or made for another model. The message names the file."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, no inodes left, read-only file system)."""
 
 
 # ------------------------------------------------------------------ writing
@@ -298,6 +303,10 @@ def write_checkpoint(
         else:
             os.replace(tmp, directory)
         _fsync_dir(directory.parent)
+    except (OSError, SafetensorError) as err:
+        kept = "the previous checkpoint is kept" if directory.exists() else "nothing was written"
+        reason = getattr(err, "strerror", None) or str(err)
+        raise CheckpointWriteError(f"could not write checkpoint {directory}: {reason}; {kept}") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

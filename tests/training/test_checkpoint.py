@@ -170,7 +170,8 @@ def test_failed_overwrite_keeps_the_old_checkpoint(saved, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match="could not write checkpoint .*: No space left on device; the previous checkpoint is kept"):
         checkpoint.save(model, path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary folder left
