@@ -1,7 +1,9 @@
 """The ``ensemblekit`` command: one subcommand per module in :mod:`ensemblekit.cli.commands`.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``.
+``run(args) -> int``. An error it raises (an ``EnsembleKitError``, a
+``ValueError``, a missing or already existing file, ...) is printed on one
+line, ``ensemblekit COMMAND: error: ...``, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pkgutil
 import sys
 
 from ensemblekit.cli import commands
+from ensemblekit.errors import EnsembleKitError
 
 __all__ = ["build_parser", "main"]
 
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
+    except (EnsembleKitError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as err:
         print(f"ensemblekit {args.command}: error: {err}", file=sys.stderr)
         return 2
 
