@@ -1,7 +1,9 @@
 """The ``ensemblekit`` command: one subcommand per module in :mod:`ensemblekit.cli.commands`.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``.
+``run(args) -> int``. An error it raises (an ``EnsembleKitError``, a
+``ValueError``, a missing or already existing file, ...) is printed on one
+line, ``ensemblekit COMMAND: error: ...``, and the exit code is 2.
 """
 
 from __future__ import annotations
