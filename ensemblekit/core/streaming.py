@@ -182,6 +182,7 @@ class StreamEngine:
         self.batch_size = batch_size
         self.max_wait = max_wait
         policy.bind(ensemble)
+        self._modules = list(ensemble.modules())
         self._check_eval()
         if not policy.is_trained:
             warnings.warn(f"the {type(policy).__name__} halting policy was never trained, so it halts at random: "
@@ -273,6 +274,8 @@ class StreamEngine:
         self._prefix_flops = torch.tensor([row.flops for row in rows], dtype=torch.float64)
 
     def _check_eval(self) -> None:
+        if not any(module.training for module in self._modules):
+            return
         for name, module in self.ensemble.named_modules():
             if module.training:
                 where = f"the ensemble's module {name!r}" if name else "the ensemble"
@@ -386,7 +389,10 @@ class StreamEngine:
                                          self._aggregator_name)
         halting = concat_running_state([c.halting for c in group], sizes, policy.per_sample_state,
                                        self._policy_name)
-        batch, row, arrived = (torch.cat([getattr(c, name) for c in group]) for name in ("batch", "row", "arrived"))
+        if len(group) == 1:
+            batch, row, arrived = group[0].batch, group[0].row, group[0].arrived
+        else:
+            batch, row, arrived = (torch.cat([getattr(c, name) for c in group]) for name in ("batch", "row", "arrived"))
         z = logits if whole else logits[rows]
         aggregate = ens.aggregator.update(aggregate, z, k)
         current = ens.aggregator.value(aggregate)
