@@ -17,7 +17,7 @@ from ensemblekit.core.streaming import StreamEngine, StreamError
 from ensemblekit.core.timing import DeadlineTimer
 from ensemblekit.functional import confidence
 from tests.conftest import toy_split
-from tests.core.test_batching import prototype_split
+from tests.core.test_batching import prototype_split, rope_split
 
 TOPOLOGIES = {
     "tree": {"depth": 2},
@@ -208,10 +208,12 @@ def test_a_single_image_is_a_batch_of_one():
                                ens.predict(x, halting=ek.halting.Fixed(2)).prediction)
 
 
-def test_tuple_states_with_a_shared_side_input_are_joined():
+@pytest.mark.parametrize("split, size", [(prototype_split, 2), (rope_split, 4)])
+def test_tuple_states_with_a_shared_side_input_are_joined(split, size):
+    """A per-class parameter passed along, and a table computed from sizes in each batch (equal values)."""
     torch.manual_seed(0)
-    ens = ek.wrap(prototype_split(), "chain").eval()
-    x = torch.randn(9, 3, 2, 2)
+    ens = ek.wrap(split(), "chain").eval()
+    x = torch.randn(9, 3, size, size)
     with torch.no_grad():
         conf = confidence(ens.forward_output(x).prefixes())
     policy = ek.halting.Confidence([float(conf[:, 0].median()), 0.0])
@@ -289,3 +291,37 @@ def test_batches_unlike_the_first_are_refused():
         StreamEngine(ens, ek.halting.Fixed(1), max_wait=-1)
     with pytest.raises(ValueError, match="needs a halting policy"):
         StreamEngine(ens)
+
+
+@pytest.mark.parametrize("isc", [None, "concat"])
+def test_multi_exit_heads_that_read_the_previous_exit(isc):
+    from ensemblekit.methods.imta.recipe import multi_exit
+
+    torch.manual_seed(0)
+    ens = multi_exit(toy_split(4), isc=isc).eval()
+    x = torch.randn(13, 3, SIZE, SIZE)
+    with torch.no_grad():
+        conf = confidence(ens.forward_output(x).prefixes())
+    policy = ek.halting.Confidence(thresholds_between(conf, 0.5))
+    expected = ens.predict(x, halting=policy)
+    assert len(expected.members_used.unique()) > 1
+    got = stream_all(ens, list(x.split([5, 3, 5])), policy, batch_size=4)
+    assert torch.equal(got["members_used"], expected.members_used)
+    torch.testing.assert_close(got["prediction"], expected.prediction)
+
+
+def test_a_timm_backbone():
+    from ensemblekit.backbones import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet10t", num_classes=5, channels=(8, 8, 8, 8), stem_width=8)
+    ens = ek.wrap(model, "tree", depth=2).eval()
+    x = torch.randn(11, 3, 16, 16)
+    with torch.no_grad():
+        conf = confidence(ens.forward_output(x).prefixes())
+    policy = ek.halting.Confidence(thresholds_between(conf, 0.5))
+    expected = ens.predict(x, halting=policy)
+    got = stream_all(ens, list(x.split([4, 4, 3])), policy, batch_size=3)
+    assert len(expected.members_used.unique()) > 1
+    assert torch.equal(got["members_used"], expected.members_used)
+    torch.testing.assert_close(got["prediction"], expected.prediction)
