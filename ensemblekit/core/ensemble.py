@@ -382,9 +382,14 @@ class Ensemble(nn.Module):
 
     # ----------------------------------------------------- adaptive inference
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
-                max_members: int | None = None) -> Iterator:
-        """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.core.anytime`."""
-        return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members)
+                max_members: int | None = None, granularity: str = "member") -> Iterator:
+        """Prefix ensembles of 1, 2, ... members with their cost; see :mod:`ensemblekit.core.anytime`.
+
+        ``granularity="nested"`` computes a nested sub-ensemble (``1, k, k^2, ...``
+        members) at a time, each level's new nodes in one call, and still yields every prefix.
+        """
+        return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members,
+                       granularity=granularity)
 
     @torch.no_grad()
     def predict(self, x: Tensor, halting: HaltingPolicy | None = None) -> HaltedPrediction:
