@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import functools
+import importlib
 import inspect
 import types
 import typing
@@ -125,11 +126,26 @@ class Registry:
             (``RECIPES.result`` is set where ``Ensemble`` can be imported).
     """
 
-    def __init__(self, kind: str, base: type | None, result: type | None = None):
+    def __init__(self, kind: str, base: type | str | None, result: type | str | None = None):
         self.kind = kind
-        self.base = base
-        self.result = base if result is None else result
+        self._base = base
+        self._result = base if result is None else result
         self._entries: dict[str, Entry] = {}
+
+    @property
+    def base(self) -> type | None:
+        """The components' base class (named as ``"module:Class"`` until first needed, so torch loads late)."""
+        self._base = _resolve(self._base)
+        return self._base
+
+    @property
+    def result(self) -> type | None:
+        self._result = _resolve(self._result)
+        return self._result
+
+    @result.setter
+    def result(self, value: type | None) -> None:
+        self._result = value
 
     def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?", builtin: bool = False) -> None:
         """Add ``factory`` under ``name``; a name taken by another plugin is an error.
@@ -391,17 +407,23 @@ class SplitterRegistry(Registry):
         return sorted(self._entries.values(), key=lambda e: e.builtin)
 
 
-def _make_registries() -> dict[str, Registry]:
-    from ensemblekit.core.graph import SharingTopology
-    from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, LossStrategy
+def _resolve(cls: type | str | None) -> type | None:
+    """A class given as ``"module:Class"`` imported; a class or ``None`` as it is."""
+    if not isinstance(cls, str):
+        return cls
+    module, name = cls.split(":")
+    return getattr(importlib.import_module(module), name)
 
+
+def _make_registries() -> dict[str, Registry]:
+    interfaces = "ensemblekit.core.interfaces"
     return {
-        "register_topologies": Registry("topology", SharingTopology),
-        "register_aggregators": Registry("aggregator", Aggregator),
-        "register_losses": Registry("loss", LossStrategy),
-        "register_halting_policies": Registry("halting policy", HaltingPolicy),
+        "register_topologies": Registry("topology", "ensemblekit.core.graph:SharingTopology"),
+        "register_aggregators": Registry("aggregator", f"{interfaces}:Aggregator"),
+        "register_losses": Registry("loss", f"{interfaces}:LossStrategy"),
+        "register_halting_policies": Registry("halting policy", f"{interfaces}:HaltingPolicy"),
         "register_backbone_splitters": SplitterRegistry(),
-        "register_executors": Registry("execution strategy", Executor),
+        "register_executors": Registry("execution strategy", f"{interfaces}:Executor"),
         "register_recipes": Registry("recipe", None),
         "register_schedules": Registry("schedule", None, result=list),
     }

@@ -727,16 +727,21 @@ class OutputFolderError(EnsembleKitError, OSError):
 
 
 def check_output_folder(path: Path) -> None:
-    """Create ``path`` if needed and prove it writable, before any work (a file written and removed).
+    """Prove, before any work, that ``path`` is or can be made a writable folder (nothing is left behind).
+
+    The folder itself, or its nearest existing parent, gets a file written and removed.
 
     Raises:
-        OutputFolderError: ``path`` is a file, or cannot be created or written (permissions, read-only file system).
+        OutputFolderError: ``path`` or a parent is a file, or cannot be written (permissions, read-only file system).
     """
-    if path.exists() and not path.is_dir():
-        raise OutputFolderError(f"output folder {path} is a file; choose a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        raise OutputFolderError(f"output folder {path} {where}; choose a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as err:
         raise OutputFolderError(f"cannot write to output folder {path}: {err.strerror or err}") from err
