@@ -2,8 +2,8 @@
 
 ``wrap()`` and the recipes (`recorded_recipe()`) record how they built an
 ensemble as JSON (``ensemble.build_spec``), and `component_spec()` describes
-its components, so that [`ensemblekit.save()`][ensemblekit.save] can store it and
-[`ensemblekit.load()`][ensemblekit.load] build it again
+its components, so that [`ensemblekit.save()`][ensemblekit.training.checkpoint.save] can store it and
+[`ensemblekit.load()`][ensemblekit.training.checkpoint.load] build it again
 ([`ensemblekit.training.checkpoint`][ensemblekit.training.checkpoint]).
 """
 
@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +24,18 @@ from torch import Tensor, nn
 
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.core.graph import NodeGraph
 from ensemblekit.core.heads import ExitHead, replace_classifier
 from ensemblekit.core.initialisation import InitWarning
-from ensemblekit.core.registry import AGGREGATORS, EXECUTORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, Registry
+from ensemblekit.core.registry import (
+    AGGREGATORS,
+    EXECUTORS,
+    HALTING_POLICIES,
+    LOSSES,
+    RECIPES,
+    TOPOLOGIES,
+    Registry,
+)
 from ensemblekit.errors import EnsembleKitError
 
 __all__ = [
@@ -33,7 +43,9 @@ __all__ = [
     "COMPONENT_KINDS",
     "SPEC_ATTR",
     "BuildSpecError",
+    "EnsembleTooLargeError",
     "built_components",
+    "check_fits",
     "component_spec",
     "components",
     "from_json",
@@ -44,6 +56,8 @@ __all__ = [
     "to_json",
     "wrap",
 ]
+
+RECIPES.result = Ensemble  # what a recipe must return: checked by RECIPES.create (the registry cannot import it)
 
 
 def wrap(
@@ -99,7 +113,7 @@ def wrap(
         **topology_options: options of a topology given by name (``depth=4``).
 
     Returns:
-        An [`Ensemble`][ensemblekit.Ensemble].
+        An [`Ensemble`][ensemblekit.core.ensemble.Ensemble].
 
     Examples:
         >>> import timm, torch, ensemblekit as ek
@@ -118,7 +132,9 @@ def wrap(
         split = dataclasses.replace(split, head=replace_classifier(copy.deepcopy(split.head), split.num_classes,
                                                                    num_classes), num_classes=num_classes)
     split, init = _with_backbone_init(model, split, init)
-    context = {"num_members": topo.build(len(split)).num_members}
+    graph = topo.build(len(split))
+    check_fits(split, graph, topo)
+    context = {"num_members": graph.num_members}
     _created("topology", topology, topo, topology_options)
     agg = _created("aggregator", aggregator, AGGREGATORS.create(aggregator, context=context))
     loss_strategy = None if loss is None else _created("loss", loss, LOSSES.create(loss))
@@ -127,6 +143,33 @@ def wrap(
     ensemble = Ensemble(split, topo, agg, loss=loss_strategy, halting=policy, init=init, exit_head=exit_head,
                         execution=EXECUTORS.create(execution), node_modules=node_modules, head_modules=head_modules)
     return record_build(ensemble, build, problems)
+
+
+class EnsembleTooLargeError(EnsembleKitError, ValueError):
+    """The ensemble's weights alone would not fit in the memory of the device they are on."""
+
+
+def check_fits(split: BlockSplit, graph: NodeGraph, topology: Any) -> None:
+    """Refuse, before building, an ensemble whose weights alone exceed the memory of their device.
+
+    Counts one copy of block ``b``'s parameters per node of level ``b`` and one head per member,
+    at the blocks' element size; against the free GPU memory (CUDA) or the machine's physical memory.
+    Training needs several times more (gradients, optimizer state, activations): this guard only
+    catches what cannot work at all, such as ``tree(depth=3, branching=40)`` (64,000 members).
+    """
+    sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in split.blocks]
+    head = sum(p.numel() * p.element_size() for p in split.head.parameters())
+    total = sum(sizes[node.block] for node in graph.nodes) + head * graph.num_members
+    device = next((p.device for b in split.blocks for p in b.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"the free memory of {device}"
+    else:
+        available, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if total > available:
+        raise EnsembleTooLargeError(
+            f"{topology!r} has {graph.num_members:,} members and {graph.num_nodes:,} block copies: their weights "
+            f"alone take {total / 2**30:,.1f} GiB, more than {where} ({available / 2**30:,.1f} GiB); "
+            "choose a smaller depth or branching")
 
 
 def _with_backbone_init(model: Any, split: BlockSplit, init: Any) -> tuple[BlockSplit, Any]:

@@ -259,7 +259,8 @@ def check_halting_policy(policy: HaltingPolicy) -> None:
 
     Checked through [`predict()`][ensemblekit.core.ensemble.Ensemble.predict] on a tiny tree
     ensemble: per sample (a sample uses as many members in a permuted batch
-    or a part of it), and a training pass adds only batch-first extras. Example options should
+    or a part of it, and in [`stream()`][ensemblekit.core.ensemble.Ensemble.stream], which joins
+    samples of several batches), and a training pass adds only batch-first extras. Example options should
     make the decisions deterministic.
     """
     _expect(isinstance(policy, HaltingPolicy), f"{policy!r} is not a HaltingPolicy")
@@ -274,6 +275,11 @@ def check_halting_policy(policy: HaltingPolicy) -> None:
         _expect(torch.equal(again, used[rows]),
                 f"decisions are not per sample: members used {used.tolist()} for the batch, "
                 f"{again.tolist()} for its rows {rows.tolist()}")
+    streamed = torch.cat([r.members_used for r in ens.stream(x.split([1, BATCH - 1]), batch_size=BATCH // 2 + 1)])
+    _expect(torch.equal(streamed, used),
+            f"the streaming engine (ens.stream), which joins samples of several batches, gave members used "
+            f"{streamed.tolist()} where predict() gave {used.tolist()}: are decisions per sample, and the "
+            "policy's per-sample state declared (per_sample_state)?")
     ens.train()
     _expect_batch_first(ens.forward_output(x).extras, BATCH, "training_extras()")
 
@@ -356,7 +362,7 @@ def check_executor(executor: Executor) -> None:
 
 @_seeded()
 def check_recipe(recipe: Callable[..., Any], backbone: Any = None, **options: Any) -> None:
-    """Builds an [`Ensemble`][ensemblekit.Ensemble] from what a config passes, which predicts.
+    """Builds an [`Ensemble`][ensemblekit.core.ensemble.Ensemble] from what a config passes, which predicts.
 
     The recipe is called as a config calls it: ``recipe(backbone=...,
     init="reinit", halting=None, example_input=..., **options)``.

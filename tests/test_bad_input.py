@@ -10,6 +10,7 @@ loader: the result is a valid object or one of the documented error types.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -249,6 +250,8 @@ CONFIG_CASES = [
      "model.topology: unknown topology 'forest'"),
     ("unknown recipe", "x.toml", '[model]\nbackbone = "r"\nrecipe = "hnet"', "model.recipe must be one of"),
     ("section of a wrong type", "x.yaml", "model: 3", "[model] must be a mapping, got int"),
+    ("YAML duplicate key", "x.yaml", "model: {backbone: r}\ntrain: {lr: 0.1, lr: 0.2}", "found duplicate key 'lr'"),
+    ("YAML duplicate section", "x.yaml", "model: {backbone: r}\nmodel: {backbone: s}", "found duplicate key 'model'"),
 ]
 
 
@@ -258,6 +261,27 @@ def test_config_file_rejects(tmp_path, what, name, text, fragment):
     path.write_text(text)
     err = check(lambda: load_config(path), ConfigError, fragment)
     assert str(path) in str(err)
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes('[model]\nbackbone = "r\xe9sn"\n'.encode("latin-1"))
+    err = check(lambda: load_config(path), ConfigError, "not UTF-8 text (byte 21); save the config as UTF-8")
+    assert str(path) in str(err)
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("in_chans", 1, "model.in_chans = 1 but dataset 'digits' has 3; set it to 3 or leave it out"),
+    ("num_classes", 5, "model.num_classes = 5 but dataset 'digits' has 10; set it to 10 or leave it out"),
+])
+def test_model_settings_that_contradict_the_dataset_are_refused(key, value, fragment):
+    from ensemblekit.training.data import load_dataset
+
+    _, info = load_dataset("digits", "test")
+    settings = {**TINY_TIMM, "num_classes": None}
+    check(lambda: ModelConfig(**{**settings, key: value}).for_dataset(info), ConfigError, fragment)
+    filled = ModelConfig(**settings).for_dataset(info)
+    assert (filled.num_classes, filled.in_chans) == (10, 3)
 
 
 def test_missing_config_file(tmp_path):
@@ -273,6 +297,8 @@ BUILD_CASES = [
      "recipe 'hne' does not take leaves"),
     ("invalid recipe option", {"recipe": "hne", "recipe_options": {"depth": -2}}, "depth must be an integer >= 0"),
     ("no class count", {"num_classes": None}, "model.num_classes is not set"),
+    ("backbone option that reads a pickle", {"backbone_options": {"checkpoint_path": "w.pth"}},
+     "backbone option checkpoint_path='w.pth' is refused: timm would read that file with torch.load (pickle)"),
 ]
 
 
@@ -363,6 +389,59 @@ def test_cli_prints_errors_not_tracebacks(tmp_path, capsys):
     assert "train.optimizer must be one of 'sgd', 'adamw'; got 'adam'" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert f"checkpoint {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ checkpoints that cannot be tricked
+def _edit(path: Path, change) -> None:
+    manifest = json.loads((path / "config.json").read_text())
+    change(manifest)
+    (path / "config.json").write_text(json.dumps(manifest))
+
+
+def _point(path: Path, name: str) -> Path:
+    """A run folder whose checkpoints/latest holds ``name``, next to the checkpoint ``path`` (moved in)."""
+    run = path.parent / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.move(path, run / "checkpoints" / "step-0000001")
+    (run / "checkpoints" / "latest").write_text(name)
+    return run
+
+
+def _link_out(path: Path) -> Path:
+    run = _point(path, "linked")
+    (run / "checkpoints" / "linked").symlink_to(run / "checkpoints" / "step-0000001", target_is_directory=True)
+    shutil.move(run / "checkpoints" / "step-0000001", path.parent / "outside")
+    (run / "checkpoints" / "linked").unlink()
+    (run / "checkpoints" / "linked").symlink_to(path.parent / "outside", target_is_directory=True)
+    return run
+
+
+CHECKPOINT_CASES = [
+    ("edited aggregator", lambda p: _edit(p, lambda m: m["ensemble"]["components"].update(aggregator="vote")),
+     "config.json was changed after the checkpoint was written"),
+    ("emptied file list", lambda p: _edit(p, lambda m: m["files"].clear()),
+     "'files' does not list model.safetensors"),
+    ("file list naming a path", lambda p: _edit(p, lambda m: m["files"].update({"/etc/passwd": {}})),
+     "'files' lists '/etc/passwd', which is not a checkpoint file"),
+    ("version of a wrong type", lambda p: _edit(p, lambda m: m.update(version=[3])), "has format version [3]"),
+    ("pointer leading up", lambda p: _point(p, "../../x"), "names '../../x', refused"),
+    ("pointer with an absolute path", lambda p: _point(p, "/tmp"), "names '/tmp', refused"),
+    ("pointer through a link out", _link_out, "the checkpoint it names leads outside the run's folder"),
+]
+
+
+@pytest.mark.parametrize(("what", "damage", "fragment"), CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_tricked_checkpoints_are_refused(tmp_path, what, damage, fragment):
+    path = ek.save(toy_timm(), tmp_path / "ckpt")
+    target = damage(path) or path
+    check(lambda: ek.load(target), CheckpointError, fragment)
+
+
+def toy_timm():
+    import timm
+
+    torch.manual_seed(0)
+    return ek.wrap(timm.create_model("test_resnet", num_classes=3), "tree", depth=1)
 
 
 # ------------------------------------------------------------------ checkpoints: kills, damage, leftovers
@@ -459,6 +538,30 @@ def test_leftovers_of_a_killed_write_are_ignored(tmp_path):
     loaded = checkpointed_toy()
     ckpt.load_weights(loaded, tmp_path / "cut")
     assert torch.equal(loaded.eval()(x), model.eval()(x))
+    assert not [p.name for p in folder.iterdir() if ".tmp-" in p.name]  # the resume removed them
+
+
+def test_a_crash_between_the_renames_of_an_overwrite_hides_nothing(tmp_path):
+    """Killed after the old folder was renamed aside, before the new one took its name: resume finds it."""
+    import subprocess
+    import sys
+
+    reference = checkpointed_toy()
+    train(reference, Noisy(), RUN, out_dir=tmp_path / "reference")
+    train(checkpointed_toy(), Noisy(), replace(RUN, keep_checkpoints=2), out_dir=tmp_path / "cut")
+    folder = tmp_path / "cut/checkpoints"
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    token = f"{ckpt._HOST}-{killed.pid}"
+    shutil.copytree(folder / "step-0000002", folder / f".step-0000002.tmp-{token}-0badc0de")
+    os.replace(folder / "step-0000002", folder / f".step-0000002.old-{token}-0badc0de")
+    shutil.rmtree(folder / "step-0000004")
+    (folder / "latest").write_text("step-0000002\n")
+    model = checkpointed_toy()
+    ckpt.load_weights(model, tmp_path / "cut")  # found under its .old name
+    train(model, Noisy(), RUN, out_dir=tmp_path / "cut", resume=True)  # put back, resumed, trained on
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-0000004"]
 
 
 def test_a_damaged_checkpoint_stops_resume_and_is_left_as_is(tmp_path):
@@ -469,3 +572,11 @@ def test_a_damaged_checkpoint_stops_resume_and_is_left_as_is(tmp_path):
     check(lambda: train(checkpointed_toy(), Noisy(), RUN, out_dir=tmp_path, resume=True), CheckpointError,
           f"checkpoint file {weights} is truncated")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_timm_model_without_classifier_is_refused():
+    """num_classes=0 makes timm output pooled features: not an ensemble of 64-class classifiers."""
+    import timm
+
+    backbone = timm.create_model("resnet10t", num_classes=0, stem_width=8, channels=[8, 16, 16, 64])
+    check(lambda: ek.wrap(backbone, "tree", depth=1), SplitError, "resnet10t was created with num_classes=0")

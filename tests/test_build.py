@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import timm
 import torch
 
@@ -36,3 +37,16 @@ def test_wrap_records_a_json_build_spec():
     assert component_spec(ens.halting, "halting") == {"name": "budgeted", "q": 0.5}  # the spec it was made from
     assert component_spec(ek.halting.Budgeted(thresholds=[0.5, -float("inf")]), "halting") == {
         "name": "budgeted", "q": None, "thresholds": [0.5, {"$float": "-inf"}], "ties": "early"}
+
+
+def test_an_ensemble_whose_weights_cannot_fit_is_refused_before_it_is_built():
+    """tree(depth=3, branching=40) is 64,000 members: refused with the numbers, in well under a second."""
+    import time
+
+    import timm
+
+    backbone = timm.create_model("resnet18", num_classes=10)
+    start = time.perf_counter()
+    with pytest.raises(ek.EnsembleKitError, match=r"64,000 members and 65,641 block copies: their weights alone take"):
+        ek.wrap(backbone, {"name": "tree", "depth": 3, "branching": 40})
+    assert time.perf_counter() - start < 30

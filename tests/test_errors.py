@@ -53,6 +53,8 @@ def test_every_exception_derives_from_the_base(cls):
     ("ensemblekit.training.trainer", "NonFiniteLossError", ValueError),
     ("ensemblekit.core.registry", "UnknownComponentError", KeyError),
     ("ensemblekit.core.registry", "DuplicateComponentError", ValueError),
+    ("ensemblekit.core.registry", "ComponentTypeError", TypeError),
+    ("ensemblekit.backbones.spec", "BackboneOptionError", ValueError),
     ("ensemblekit.plugins.manager", "PluginError", RuntimeError),
     ("ensemblekit.backbones.factory", "UnknownBackboneError", ValueError),
     ("ensemblekit.testing", "ConformanceError", AssertionError),
@@ -79,3 +81,10 @@ def test_split_error_has_one_class_under_its_old_paths():
     from ensemblekit.splitting.errors import SplitError as old
 
     assert SplitError is old is importlib.import_module("ensemblekit.errors").SplitError
+
+
+def test_plugin_warning_has_one_class_under_its_old_path():
+    from ensemblekit.core.registry import PluginWarning
+    from ensemblekit.plugins.manager import PluginWarning as old
+
+    assert PluginWarning is old and issubclass(PluginWarning, EnsembleKitWarning)

@@ -9,7 +9,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from ensemblekit.backbones.spec import PRETRAINED_ATTR, SPEC_ATTR
+from ensemblekit.backbones.spec import PRETRAINED_ATTR, SPEC_ATTR, check_backbone_options
 from ensemblekit.errors import EnsembleKitError
 
 __all__ = ["UnknownBackboneError", "create_backbone"]
@@ -23,7 +23,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """The timm model ``name``, randomly initialised unless ``pretrained``.
 
     The model records its spec (``ensemblekit.backbones.spec``) and whether it
-    holds loaded weights, so that [`ensemblekit.wrap()`][ensemblekit.wrap] draws copies by the
+    holds loaded weights, so that [`ensemblekit.wrap()`][ensemblekit.build.wrap] draws copies by the
     backbone's own rule and picks ``init="pretrained"`` for loaded weights.
 
     Args:
@@ -32,9 +32,12 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
             widths, ...), among them ``pretrained``: load weights. With ``pretrained_cfg_overlay=dict(file=path)``
             (or ``state_dict=...``) they come from that file, never from the
             network; without one timm downloads the architecture's default weights.
+            ``checkpoint_path`` is refused (timm would read it with ``torch.load``):
+            give a ``.safetensors`` file through ``pretrained_cfg_overlay`` instead.
 
     Raises:
         UnknownBackboneError: ``name`` is not a timm model (close names are suggested).
+        BackboneOptionError: ``checkpoint_path`` was given.
 
     Examples:
         >>> create_backbone("resnet10t", num_classes=3).num_classes
@@ -44,6 +47,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownBackboneError(f"unknown timm model {name!r}{hint}")
+    check_backbone_options(kwargs)
     pretrained = bool(kwargs.pop("pretrained", False))
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if pretrained and overlay and (overlay.get("file") or overlay.get("state_dict") is not None):

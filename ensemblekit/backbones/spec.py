@@ -23,8 +23,9 @@ from ensemblekit.core.heads import classifier_names, copy_with_state
 from ensemblekit.errors import EnsembleKitError
 from ensemblekit.splitting.timm import img_size_attr, input_channels, is_timm_model
 
-__all__ = ["PRETRAINED_ATTR", "SPEC_ATTR", "BackboneSpecError", "backbone_spec", "build_backbone",
-           "declared_pretrained", "draw_split", "with_fresh_classifier"]
+__all__ = ["PRETRAINED_ATTR", "REFUSED_OPTIONS", "SPEC_ATTR", "BackboneOptionError", "BackboneSpecError",
+           "backbone_spec", "build_backbone", "check_backbone_options", "check_backbone_spec", "declared_pretrained",
+           "draw_split", "with_fresh_classifier"]
 
 SPEC_ATTR = "ensemblekit_spec"
 """Attribute where [`create_backbone()`][ensemblekit.backbones.create_backbone] records the spec of the model it
@@ -33,8 +34,58 @@ PRETRAINED_ATTR = "ensemblekit_pretrained"
 """Attribute where [`create_backbone()`][ensemblekit.backbones.create_backbone] records whether it loaded weights."""
 
 
+REFUSED_OPTIONS = ("checkpoint_path",)
+"""Keywords of ``timm.create_model`` ensemblekit refuses: timm would read a file with ``torch.load`` (pickle)."""
+
+
 class BackboneSpecError(EnsembleKitError, ValueError):
     """A backbone spec that does not describe a timm model."""
+
+
+class BackboneOptionError(EnsembleKitError, ValueError):
+    """A backbone option ensemblekit refuses (``checkpoint_path``); the message names it and says what to use."""
+
+
+def check_backbone_options(options: Any, where: str = "backbone option") -> None:
+    """Refuse the options of [`REFUSED_OPTIONS`][ensemblekit.backbones.spec.REFUSED_OPTIONS], from a config, a
+    spec or a checkpoint's manifest.
+
+    ensemblekit reads weights from safetensors only; timm reads a ``checkpoint_path``
+    with ``torch.load`` from anywhere on disk.
+
+    Raises:
+        BackboneOptionError: ``options`` holds one; the message names it and its value.
+    """
+    for key in REFUSED_OPTIONS:
+        if isinstance(options, dict) and key in options:
+            raise BackboneOptionError(
+                f"{where} {key}={options[key]!r} is refused: timm would read that file with torch.load (pickle), "
+                "and ensemblekit reads weights from JSON and safetensors only. Start from weights with "
+                "pretrained=True and pretrained_cfg_overlay={'file': '<weights>.safetensors'}, or continue a run "
+                "from its ensemblekit checkpoint (--resume, ek.load)")
+
+
+def check_backbone_spec(spec: Any, where: str = "backbone spec") -> str:
+    """The architecture name of a valid backbone spec (see the module docstring).
+
+    A spec rebuilds the architecture only, freshly initialised: its ``kwargs``
+    may not load weights (``pretrained``, [`REFUSED_OPTIONS`][ensemblekit.backbones.spec.REFUSED_OPTIONS]).
+
+    Raises:
+        BackboneSpecError: ``spec`` is not a timm spec.
+        BackboneOptionError: its ``kwargs`` name a refused option.
+    """
+    name = spec.get("name") if isinstance(spec, dict) else None
+    kwargs = spec.get("kwargs", {}) if isinstance(spec, dict) else None
+    if (not isinstance(spec, dict) or spec.get("kind") != "timm" or not isinstance(name, str) or not timm.is_model(name)
+            or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
+        raise BackboneSpecError(f"{where}: not a timm backbone spec: {spec!r}; expected "
+                                "{'kind': 'timm', 'name': <timm architecture>, 'kwargs': {...}}")
+    check_backbone_options(kwargs, f"{where}: option")
+    if "pretrained" in kwargs:
+        raise BackboneSpecError(f"{where}: kwargs hold pretrained={kwargs['pretrained']!r}; a spec rebuilds the "
+                                "architecture only (its weights come from elsewhere)")
+    return name
 
 
 def backbone_spec(model: nn.Module) -> dict[str, Any] | None:
@@ -73,11 +124,9 @@ def build_backbone(spec: dict[str, Any]) -> nn.Module:
 
     Raises:
         BackboneSpecError: ``spec`` is not a timm spec.
+        BackboneOptionError: its ``kwargs`` would load weights from a file.
     """
-    name = spec.get("name") if isinstance(spec, dict) else None
-    if not isinstance(spec, dict) or spec.get("kind") != "timm" or not isinstance(name, str) or not timm.is_model(name):
-        raise BackboneSpecError(f"not a timm backbone spec: {spec!r}; expected "
-                                "{'kind': 'timm', 'name': <timm architecture>, 'kwargs': {...}}")
+    name = check_backbone_spec(spec)
     return timm.create_model(name, pretrained=False, **spec.get("kwargs", {}))
 
 
@@ -108,7 +157,8 @@ def draw_split(split: BlockSplit, spec: dict[str, Any]) -> BlockSplit:
 def with_fresh_classifier(split: BlockSplit, spec: dict[str, Any]) -> BlockSplit:
     """``split`` whose head's classifier (the layers with ``num_classes`` outputs) is a fresh instance's.
 
-    [`ensemblekit.wrap()`][ensemblekit.wrap] gives a new ``num_classes`` a classifier drawn by the backbone's own rule.
+    [`ensemblekit.wrap()`][ensemblekit.build.wrap] gives a new ``num_classes`` a classifier drawn by the
+    backbone's own rule.
     """
     names = classifier_names(split.head, split.num_classes)
     fresh = build_backbone(spec).state_dict()

@@ -1,7 +1,9 @@
 """The ``ensemblekit`` command: one subcommand per module in `ensemblekit.cli.commands`.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``.
+``run(args) -> int``. An error it raises (an ``EnsembleKitError``, a
+``ValueError``, a missing or already existing file, ...) is printed on one
+line, ``ensemblekit COMMAND: error: ...``, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -10,14 +12,19 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 from ensemblekit.cli import commands
+from ensemblekit.errors import EnsembleKitError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["USER_ERRORS", "build_parser", "is_user_error", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemblekit", description="Adaptive ensembles from timm backbones.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"ensemblekit.cli.commands.{info.name}")
@@ -27,12 +34,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    """``ensemblekit X (torch Y, timm Z)``, read from the installed packages' metadata (no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ensemblekit {of('ensemblekit')} (torch {of('torch')}, timm {of('timm')})"
+
+
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+"""Builtin errors that are a user's mistake when ensemblekit's own checks raise them (the innermost frame is
+ensemblekit's); raised anywhere else (inside torch, say) they are bugs and keep their traceback."""
+
+
+def is_user_error(err: BaseException) -> bool:
+    """An [`EnsembleKitError`][ensemblekit.errors.EnsembleKitError], or a builtin error of `USER_ERRORS` raised
+    by ensemblekit's own code."""
+    if isinstance(err, EnsembleKitError):
+        return True
+    if not isinstance(err, USER_ERRORS) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parents[1]
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user's mistake prints one line and returns 2 (``--debug``: its traceback too)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
-        print(f"ensemblekit {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if args.debug or not is_user_error(err):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ensemblekit {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,21 @@ Deadline semantics (one rule, [`ensemblekit.core.timing`][ensemblekit.core.timin
 
 On CUDA or MPS the clock waits for queued work before reading the time, so
 ``seconds`` is the time at which the prediction is ready.
+
+Granularity. By default (``granularity="member"``) each step computes the
+nodes its member adds, one node per level in a tree: many small calls where
+a forward pass runs each level's nodes in one executor call (batched with
+``vmap`` or grouped convolutions). With ``granularity="nested"`` the members
+are computed a nested sub-ensemble at a time (``1, k, k^2, ...`` members of a
+``k``-ary tree, the topology's ``nested_sizes``): the nodes the next
+sub-ensemble adds are computed level by level, each level in one executor
+call, and then every member of it is yielded in turn (its head and the
+aggregation only), so every prefix is still yielded. The limits apply per
+member as before, checked when a sub-ensemble starts: its members are cut to
+those that fit ``max_members``, ``max_flops`` and the deadline (each
+predicted from the FLOPs it adds to the prefix computed so far); between its
+members only the time already past the deadline stops the iteration. A
+caller that stops in the middle of a sub-ensemble has paid for all of it.
 """
 
 from __future__ import annotations
@@ -35,7 +50,10 @@ from torch import Tensor
 from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.timing import Clock, DeadlineTimer, overruns
 
-__all__ = ["AnytimeStep", "Clock", "anytime", "overruns"]
+__all__ = ["GRANULARITIES", "AnytimeStep", "Clock", "anytime", "overruns"]
+
+GRANULARITIES = ("member", "nested")
+"""What one step of computation covers: one member, or one nested sub-ensemble (see the module docstring)."""
 
 
 @dataclass
@@ -59,7 +77,7 @@ class AnytimeStep:
 
 
 def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
-            max_members: int | None = None) -> Iterator[AnytimeStep]:
+            max_members: int | None = None, granularity: str = "member") -> Iterator[AnytimeStep]:
     """Yield [`AnytimeStep`][ensemblekit.core.anytime.AnytimeStep] for ``k = 1, 2, ...`` members until a limit
     is reached.
 
@@ -68,13 +86,16 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
     its current mode (call ``ensemble.eval()`` first for inference).
 
     Args:
-        ensemble: an [`Ensemble`][ensemblekit.Ensemble].
+        ensemble: an [`Ensemble`][ensemblekit.core.ensemble.Ensemble].
         x: images ``[B, C, H, W]``.
         deadline: wall-clock seconds; a member predicted to finish later is
             not started (see the module docstring). The first member always runs.
         max_flops: do not start a member whose prefix would exceed this many
             FLOPs per image of ``x``'s size (the first member always runs).
         max_members: stop after this many members.
+        granularity: "member" (compute one member at a time) or "nested"
+            (the nodes of a nested sub-ensemble at a time, each level in one
+            call; every prefix is still yielded): see the module docstring.
 
     Examples:
         >>> for step in ens.anytime(x, deadline=0.05):  # doctest: +SKIP
@@ -85,26 +106,51 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     if max_members is not None and (not isinstance(max_members, int) or max_members < 1):
         raise ValueError(f"max_members must be an integer >= 1, got {max_members!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got {granularity!r}")
     ensemble.check_input(x)
     prefix_flops = [row.flops for row in ensemble.cost_table(input_size=tuple(x.shape[1:]))]
     limit = ensemble.num_members if max_members is None else min(max_members, ensemble.num_members)
-    return _steps(ensemble, NodeCache(x), prefix_flops, limit, deadline, max_flops)
+    groups = _groups(ensemble.num_members, ensemble.nested_sizes if granularity == "nested" else ())
+    return _steps(ensemble, NodeCache(x), prefix_flops, limit, deadline, max_flops, groups)
+
+
+def _groups(num_members: int, nested_sizes: tuple[int, ...]) -> list[range]:
+    """The members computed together: one each, or the members each nested size adds to the one before."""
+    ends = sorted({n for n in nested_sizes if 0 < n < num_members} | {num_members}) if nested_sizes else \
+        range(1, num_members + 1)
+    starts = [0, *ends[:-1]]
+    return [range(a, b) for a, b in zip(starts, ends)]
 
 
 def _steps(ensemble, cache, prefix_flops: list[int], limit: int, deadline: float | None,
-           max_flops: float | None) -> Iterator[AnytimeStep]:
+           max_flops: float | None, groups: list[range]) -> Iterator[AnytimeStep]:
     timer = DeadlineTimer(deadline, cache.input.device)
     state = None
-    for k in range(limit):
+    for group in groups:
         begun = timer.begin()
-        if k > 0:
-            if max_flops is not None and prefix_flops[k] > max_flops:
-                return
-            if timer.overruns(begun, prefix_flops[k - 1], prefix_flops[k] - prefix_flops[k - 1]):
-                return
-        with torch.no_grad():
-            logits = ensemble.member_logits(cache, k)
-            state = ensemble.aggregator.update(state, logits, k)
-            prediction = ensemble.aggregator.value(state)
-        done = timer.end()
-        yield AnytimeStep(prediction, logits, k + 1, prefix_flops[k], done)
+        done_flops = prefix_flops[group.start - 1] if group.start > 0 else 0
+        members = []
+        for k in group:  # the members of the group that fit every limit (a prefix: FLOPs grow with k)
+            if k >= limit or (k > 0 and (
+                    (max_flops is not None and prefix_flops[k] > max_flops)
+                    or timer.overruns(begun, done_flops, prefix_flops[k] - done_flops))):
+                break
+            members.append(k)
+        if not members:
+            return
+        if len(members) > 1:
+            with torch.no_grad():
+                ensemble.compute_nodes(cache, ensemble.graph.nodes_for(members))
+        for k in members:
+            if k > members[0]:  # the nodes are computed: only the time already past the deadline stops
+                if timer.overruns(timer.begin(), prefix_flops[k - 1], 0):
+                    return
+            with torch.no_grad():
+                logits = ensemble.member_logits(cache, k)
+                state = ensemble.aggregator.update(state, logits, k)
+                prediction = ensemble.aggregator.value(state)
+            done = timer.end()
+            yield AnytimeStep(prediction, logits, k + 1, prefix_flops[k], done)
+        if len(members) < len(group):
+            return

@@ -26,7 +26,7 @@ FeatureFormat = Literal["NCHW", "NHWC", "NLC", "NC"]
 
 @dataclass
 class BlockSplit:
-    """The result of [`ensemblekit.split()`][ensemblekit.split].
+    """The result of [`ensemblekit.split()`][ensemblekit.splitting.split].
 
     Attributes:
         blocks: the stem-and-stage blocks, in order; block ``b`` maps the state
@@ -60,7 +60,7 @@ class BlockSplit:
         fresh: draws a new split of the same backbone, initialised anew by the
             backbone's own rule (independent modules with the same parameter
             names and shapes; each call a new draw from the global torch RNG).
-            [`ensemblekit.wrap()`][ensemblekit.wrap] sets it for timm backbones; ``None`` when
+            [`ensemblekit.wrap()`][ensemblekit.build.wrap] sets it for timm backbones; ``None`` when
             unknown, and then copies are redrawn by each submodule's
             ``reset_parameters`` (see ``docs/concepts.md``, "Initialisation").
     """

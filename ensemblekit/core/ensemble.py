@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,6 +31,7 @@ from ensemblekit.core.interfaces import (
     UntrainedHaltingWarning,
 )
 from ensemblekit.core.registry import EXECUTORS
+from ensemblekit.core.streaming import StreamedPrediction, StreamEngine
 from ensemblekit.core.timing import Clock
 
 __all__ = ["Ensemble", "FeatureExit", "HaltedPrediction"]
@@ -388,10 +389,15 @@ class Ensemble(nn.Module):
 
     # ----------------------------------------------------- adaptive inference
     def anytime(self, x: Tensor, deadline: float | None = None, max_flops: float | None = None,
-                max_members: int | None = None) -> Iterator:
+                max_members: int | None = None, granularity: str = "member") -> Iterator:
         """Prefix ensembles of 1, 2, ... members with their cost; see
-        [`ensemblekit.core.anytime`][ensemblekit.core.anytime]."""
-        return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members)
+        [`ensemblekit.core.anytime`][ensemblekit.core.anytime].
+
+        ``granularity="nested"`` computes a nested sub-ensemble (``1, k, k^2, ...``
+        members) at a time, each level's new nodes in one call, and still yields every prefix.
+        """
+        return anytime(self, x, deadline=deadline, max_flops=max_flops, max_members=max_members,
+                       granularity=granularity)
 
     @torch.no_grad()
     def predict(self, x: Tensor, halting: HaltingPolicy | None = None) -> HaltedPrediction:
@@ -456,6 +462,33 @@ class Ensemble(nn.Module):
                                                 f"halting policy {type(policy).__name__}")
         flops = torch.tensor(prefix_flops, dtype=torch.float64, device=x.device)[used - 1]
         return HaltedPrediction(prediction, used, flops)
+
+    def stream(self, batches: Iterable[Tensor], halting: HaltingPolicy | None = None, batch_size: int | None = None,
+               max_wait: int | None = None) -> Iterator[StreamedPrediction]:
+        """Per-sample early stopping over a stream of batches, every step on a full batch.
+
+        Samples that go on to the next member wait for that member's step with
+        samples of later batches, and a step runs when ``batch_size`` samples
+        wait for it (continuous batching); each sample gets what
+        [`predict()`][ensemblekit.core.ensemble.Ensemble.predict] would give it with a per-sample policy. Yields one
+        [`StreamedPrediction`][ensemblekit.core.streaming.StreamedPrediction] per input
+        batch, in input order, with each sample's latency. Eval mode only. See
+        [`ensemblekit.core.streaming`][ensemblekit.core.streaming].
+
+        Args:
+            batches: an iterable of images ``[B, C, H, W]`` (or single images
+                ``[C, H, W]``), all of one size, dtype and device.
+            halting: the policy (default: the one given to ``wrap()``).
+            batch_size: samples each step runs on (default: the first batch's size).
+            max_wait: latency bound in input batches: once ``max_wait`` later
+                batches were submitted, a sample's prediction is out (partial
+                steps run); ``None``: partial steps wait for the end of the stream.
+
+        Examples:
+            >>> for res in ens.stream(loader_images, halting=ek.halting.Confidence(0.9)):  # doctest: +SKIP
+            ...     res.prediction, res.members_used, res.flops, res.latency
+        """
+        return StreamEngine(self, halting, batch_size=batch_size, max_wait=max_wait).run(batches)
 
 
 def _override(modules: list[nn.Module | None], replace: dict[int, nn.Module] | None, kind: str) -> list[nn.Module]:

@@ -6,7 +6,7 @@ The modes (``docs/concepts.md``, "Initialisation"):
   initialisation. Untrained given weights are one such draw: they are the first
   copy (member 0 is the given model). Every other copy, and the first one too
   when the given weights are trained, is a new draw: with `BlockSplit.fresh` (timm backbones through
-  [`ensemblekit.wrap()`][ensemblekit.wrap]) from a fresh instance of the backbone, one instance
+  [`ensemblekit.wrap()`][ensemblekit.build.wrap]) from a fresh instance of the backbone, one instance
   per copy index serving every block and the head; without it by each
   submodule's ``reset_parameters`` (the rule that built torch's modules).
 * ``"pretrained"``: every copy starts from the given weights, except each
@@ -21,7 +21,7 @@ The modes (``docs/concepts.md``, "Initialisation"):
 * ``"auto"``: ``"pretrained"`` when the given weights are trained, else ``"reinit"``.
   They count as trained when a parameter that the backbone's initialisation
   sets to a constant (norm weights 1 and biases 0, timm's zero-initialised last
-  norms, layer scales) holds another value. [`ensemblekit.wrap()`][ensemblekit.wrap] decides
+  norms, layer scales) holds another value. [`ensemblekit.wrap()`][ensemblekit.build.wrap] decides
   from ``create_backbone(..., pretrained=)`` instead where it made the backbone.
 
 Draws come from the global torch RNG in node order, so ``torch.manual_seed``

@@ -105,7 +105,7 @@ def _check_members(members: Tensor) -> None:
 
 @dataclass
 class EnsembleOutput:
-    """What one forward pass of an [`Ensemble`][ensemblekit.Ensemble] produced.
+    """What one forward pass of an [`Ensemble`][ensemblekit.core.ensemble.Ensemble] produced.
 
     Attributes:
         members: member logits ``b m c`` in anytime order.

@@ -9,7 +9,7 @@ manager installs its loader with [`set_loader()`][ensemblekit.core.registry.set_
 every lookup by name calls that loader first (it loads the plugins once).
 
 A factory whose ``**kwargs`` go on to another callable (a recipe passing them
-to [`ensemblekit.wrap()`][ensemblekit.wrap]) names that callable in its ``passes_kwargs_to``
+to [`ensemblekit.wrap()`][ensemblekit.build.wrap]) names that callable in its ``passes_kwargs_to``
 attribute; the option checks then accept that callable's keyword-only
 parameters as the factory's own.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import functools
+import importlib
 import inspect
 import types
 import typing
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
 
 __all__ = [
     "AGGREGATORS",
@@ -37,8 +39,10 @@ __all__ = [
     "SCHEDULES",
     "SPLITTERS",
     "TOPOLOGIES",
+    "ComponentTypeError",
     "DuplicateComponentError",
     "Entry",
+    "PluginWarning",
     "Registry",
     "SplitterRegistry",
     "UnknownComponentError",
@@ -63,6 +67,17 @@ class UnknownComponentError(EnsembleKitError, KeyError, ValueError):
 
 class DuplicateComponentError(EnsembleKitError, ValueError):
     """Two plugins registered the same name for one kind of component."""
+
+
+class ComponentTypeError(EnsembleKitError, TypeError):
+    """A plugin's factory is not of, or did not return, the kind's base class; the message names the plugin."""
+
+
+class PluginWarning(EnsembleKitWarning):
+    """A plugin, or one of its components, was skipped because it failed; the message says which and why.
+
+    Also importable as ``ensemblekit.plugins.manager.PluginWarning``.
+    """
 
 
 @dataclass(frozen=True)
@@ -105,12 +120,33 @@ class Registry:
         kind: what the components are, for messages ("topology").
         base: their base class; instances of it pass through [`create()`][ensemblekit.core.registry.Registry.create]
             (``None``: components are only built from a name, like recipes).
+        result: what a factory must return (default: ``base``; ``None``: not
+            checked). A factory that is a class outside it is refused when
+            registered, and whatever a factory returns is checked by
+            [`create()`][ensemblekit.core.registry.Registry.create]; both errors name the plugin. A layer above
+            may set it later (``RECIPES.result`` is set where ``Ensemble`` can be imported).
     """
 
-    def __init__(self, kind: str, base: type | None):
+    def __init__(self, kind: str, base: type | str | None, result: type | str | None = None):
         self.kind = kind
-        self.base = base
+        self._base = base
+        self._result = base if result is None else result
         self._entries: dict[str, Entry] = {}
+
+    @property
+    def base(self) -> type | None:
+        """The components' base class (named as ``"module:Class"`` until first needed, so torch loads late)."""
+        self._base = _resolve(self._base)
+        return self._base
+
+    @property
+    def result(self) -> type | None:
+        self._result = _resolve(self._result)
+        return self._result
+
+    @result.setter
+    def result(self, value: type | None) -> None:
+        self._result = value
 
     def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?", builtin: bool = False) -> None:
         """Add ``factory`` under ``name``; a name taken by another plugin is an error.
@@ -133,6 +169,11 @@ class Registry:
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
         if not callable(factory):
             raise TypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory must be callable, got {factory!r}")
+        cls = _factory_class(factory)
+        if self.result is not None and cls is not None and not issubclass(cls, self.result):
+            raise ComponentTypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory is the class "
+                                     f"{cls.__qualname__}, which does not derive from {self.result.__name__} (what "
+                                     f"a {self.kind} factory must build)")
         if name in self._entries:
             other = self._entries[name].plugin
             raise DuplicateComponentError(
@@ -189,7 +230,13 @@ class Registry:
         given = {k: v for k, v in (context or {}).items() if k not in options and accepts(factory, k)}
         options = {**given, **options}
         _check_kwargs(self.kind, name, factory, options, supplied=set(context or ()))
-        return factory(**options)
+        made = factory(**options)
+        if self.result is not None and not isinstance(made, self.result):
+            raise ComponentTypeError(
+                f"{self.kind} {name!r} of plugin {self._entries[name].plugin!r} is broken: its factory returned "
+                f"{_short(made)} ({type(made).__name__}) where a {self.result.__name__} was expected; fix or remove "
+                "that plugin (`ensemblekit plugins` lists them)")
+        return made
 
     def check(self, spec: Any, /, context: Iterable[str] = (), **kwargs: Any) -> None:
         """Raise the error [`create()`][ensemblekit.core.registry.Registry.create] would raise for these
@@ -227,6 +274,18 @@ class Registry:
             return spec, dict(kwargs)
         ready = "" if self.base is None else f", or a {self.base.__name__}"
         raise TypeError(f"{self.kind} must be a name (str), a mapping with 'name'{ready}, got {type(spec).__name__}")
+
+
+def _factory_class(factory: Callable[..., Any]) -> type | None:
+    """The class ``factory`` instantiates when it is a class (or a ``functools.partial`` of one), else ``None``."""
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return factory if isinstance(factory, type) else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
@@ -330,7 +389,7 @@ def accepts(factory: Callable[..., Any], keyword: str) -> bool:
 
 class SplitterRegistry(Registry):
     """Backbone splitters by name; [`ordered()`][ensemblekit.core.registry.SplitterRegistry.ordered] is the
-    order [`split()`][ensemblekit.split] tries them.
+    order [`split()`][ensemblekit.splitting.split] tries them.
 
     Third-party plugins' splitters come before the built-in ones, so a plugin
     can take over a model a built-in would split.
@@ -345,24 +404,34 @@ class SplitterRegistry(Registry):
 
     def ordered(self) -> list[Callable[..., Any]]:
         """Splitter functions, plugins' before the built-in ones, each in registration order."""
+        return [e.factory for e in self.ordered_entries()]
+
+    def ordered_entries(self) -> list[Entry]:
+        """The entries of [`ordered()`][ensemblekit.core.registry.SplitterRegistry.ordered], which name the
+        plugin of each splitter."""
         _ensure_loaded()
-        entries = sorted(self._entries.values(), key=lambda e: e.builtin)
-        return [e.factory for e in entries]
+        return sorted(self._entries.values(), key=lambda e: e.builtin)
+
+
+def _resolve(cls: type | str | None) -> type | None:
+    """A class given as ``"module:Class"`` imported; a class or ``None`` as it is."""
+    if not isinstance(cls, str):
+        return cls
+    module, name = cls.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _make_registries() -> dict[str, Registry]:
-    from ensemblekit.core.graph import SharingTopology
-    from ensemblekit.core.interfaces import Aggregator, Executor, HaltingPolicy, LossStrategy
-
+    interfaces = "ensemblekit.core.interfaces"
     return {
-        "register_topologies": Registry("topology", SharingTopology),
-        "register_aggregators": Registry("aggregator", Aggregator),
-        "register_losses": Registry("loss", LossStrategy),
-        "register_halting_policies": Registry("halting policy", HaltingPolicy),
+        "register_topologies": Registry("topology", "ensemblekit.core.graph:SharingTopology"),
+        "register_aggregators": Registry("aggregator", f"{interfaces}:Aggregator"),
+        "register_losses": Registry("loss", f"{interfaces}:LossStrategy"),
+        "register_halting_policies": Registry("halting policy", f"{interfaces}:HaltingPolicy"),
         "register_backbone_splitters": SplitterRegistry(),
-        "register_executors": Registry("execution strategy", Executor),
+        "register_executors": Registry("execution strategy", f"{interfaces}:Executor"),
         "register_recipes": Registry("recipe", None),
-        "register_schedules": Registry("schedule", None),
+        "register_schedules": Registry("schedule", None, result=list),
     }
 
 

@@ -150,7 +150,7 @@ def budget_sweep(ensemble: Any, held_out: Any, test: Any, qs: Sequence[float] = 
     """Calibrate a [`Budgeted`][ensemblekit.components.halting.Budgeted] policy per ``q`` and evaluate it.
 
     Args:
-        ensemble: an [`Ensemble`][ensemblekit.Ensemble] (any topology).
+        ensemble: an [`Ensemble`][ensemblekit.core.ensemble.Ensemble] (any topology).
         held_out: held-out split for calibration: a loader or ``(images, labels)``.
         test: test split, a loader or ``(images, labels)``; held in memory
             (on the ensemble's device) so that timing excludes data loading.

@@ -97,11 +97,11 @@ def ensemblenet(
         init: how the trunk starts (see [`ensemblekit.core.initialisation`][ensemblekit.core.initialisation]).
             The narrowed branches have no given weights: each is an independent draw of the narrow model by the
             backbone's own initialisation, whatever ``init`` says, except ``"copy"`` (identical branches).
-        execution: how the nodes of a level run (see [`ensemblekit.wrap()`][ensemblekit.wrap]).
+        execution: how the nodes of a level run (see [`ensemblekit.wrap()`][ensemblekit.build.wrap]).
         example_input: an input the backbone accepts (for splitting and sizing the adapter).
 
     Returns:
-        An [`Ensemble`][ensemblekit.Ensemble] whose branch nodes are narrow blocks.
+        An [`Ensemble`][ensemblekit.core.ensemble.Ensemble] whose branch nodes are narrow blocks.
 
     Examples:
         >>> import timm

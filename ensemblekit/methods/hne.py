@@ -46,11 +46,11 @@ def hne(
         temperature: distillation temperature T (the paper: 2).
         loss: another loss for ablations (e.g. "independent"); default L_HD.
         T: deprecated name of ``temperature`` (a ``DeprecationWarning``).
-        **options: passed to [`ensemblekit.wrap()`][ensemblekit.wrap] (``num_classes``,
+        **options: passed to [`ensemblekit.wrap()`][ensemblekit.build.wrap] (``num_classes``,
             ``init``, ``halting``, ``example_input``, ...).
 
     Returns:
-        An [`Ensemble`][ensemblekit.Ensemble].
+        An [`Ensemble`][ensemblekit.core.ensemble.Ensemble].
 
     Examples:
         >>> import timm

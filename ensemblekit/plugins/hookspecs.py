@@ -116,7 +116,7 @@ def register_recipes(register: Register) -> None:
     """Register recipes: functions ``recipe(backbone, **options) -> Ensemble``.
 
     A recipe configures an ensemble as a paper did and builds it with
-    [`ensemblekit.wrap()`][ensemblekit.wrap]; configs resolve it by name (``recipe = "hne"``)
+    [`ensemblekit.wrap()`][ensemblekit.build.wrap]; configs resolve it by name (``recipe = "hne"``)
     and call ``recipe(backbone=..., init=..., halting=..., example_input=...,
     **recipe_options)``. A recipe that passes its ``**kwargs`` on to ``wrap``
     says so with ``recipe.passes_kwargs_to = ensemblekit.wrap``, so that the

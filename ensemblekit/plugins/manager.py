@@ -1,10 +1,11 @@
 """Loading plugins: ensemblekit's built-ins first, then every ``ensemblekit`` entry point.
 
 Loading is lazy (the first lookup of a component by name triggers it) and
-happens once per process. A plugin that fails to import, implements a hook
-that does not exist (a misspelt name) or whose hook raises is recorded,
-reported once with a [`PluginWarning`][ensemblekit.plugins.manager.PluginWarning] and skipped; the other plugins
-load normally. What a plugin registers is kept only if all its hooks succeed.
+happens once per process. A plugin that fails to import (``sys.exit()``
+included), implements a hook that does not exist (a misspelt name), registers
+a class of the wrong kind or whose hook raises is recorded, reported once
+with a [`PluginWarning`][ensemblekit.core.registry.PluginWarning] and skipped; the other plugins load normally.
+What a plugin registers is kept only if all its hooks succeed.
 
 Two environment variables, read when loading, choose the installed plugins
 (comma-separated entry-point names; built-in plugins always load):
@@ -34,8 +35,8 @@ from typing import Any, Literal
 
 import pluggy
 
-from ensemblekit.core.registry import REGISTRIES, Registry, set_loader
-from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
+from ensemblekit.core.registry import REGISTRIES, PluginWarning, Registry, set_loader
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.plugins import hookspecs
 
 __all__ = [
@@ -56,10 +57,6 @@ BUILTIN_PLUGINS = ("ensemblekit.plugins.builtins",)
 ENTRY_POINT_GROUP = "ensemblekit"
 BLOCK_ENV = "ENSEMBLEKIT_PLUGINS_BLOCK"
 ONLY_ENV = "ENSEMBLEKIT_PLUGINS_ONLY"
-
-
-class PluginWarning(EnsembleKitWarning):
-    """A plugin was skipped because it failed to load; the message says why."""
 
 
 class PluginError(EnsembleKitError, RuntimeError):
@@ -189,10 +186,10 @@ def _add(pm: pluggy.PluginManager, info: PluginInfo, load: Callable[[], object],
         pm.register(plugin, name=info.name)
         _check_hook_names(pm, plugin)
         staged = _run_hooks(pm, plugin, info.name)
-    except Exception as err:  # one broken plugin must not stop the others
+    except (Exception, SystemExit) as err:  # one broken plugin must not stop the others (nor end the process)
         if plugin is not None and pm.is_registered(plugin):
             pm.unregister(plugin)
-        info.status, info.error = "failed", " ".join(f"{type(err).__name__}: {err}".split())
+        info.status, info.error = "failed", _one_line(err)
         info.traceback = "".join(traceback.format_exception(err))
         if warn:
             source = f" (from {info.distribution})" if info.distribution else ""
@@ -204,6 +201,13 @@ def _add(pm: pluggy.PluginManager, info: PluginInfo, load: Callable[[], object],
         targets[hook_name].register(name, factory, plugin=info.name, builtin=info.builtin)
         info.components.setdefault(targets[hook_name].kind, []).append(name)
     return True
+
+
+def _one_line(err: BaseException) -> str:
+    """What went wrong, on one line; a ``sys.exit()`` says so (its message is only the exit code)."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit: the plugin called sys.exit({err.code!r}) while loading"
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def _check_hook_names(pm: pluggy.PluginManager, plugin: object) -> None:

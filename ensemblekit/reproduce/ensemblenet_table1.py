@@ -44,11 +44,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from ensemblekit.reproduce.runs import (
+    Claim,
+    Comparison,
+    RunStore,
+    TableError,
+    check_settings,
+    comparable,
+    default_dataset,
+    device_name,
+    get_or_train,
+    mean_std,
+    seed_range,
+    train_run,
+)
 
 __all__ = ["DEFAULTS", "FULL", "HELP", "NAME", "PAPER", "PAPER_WIDTH", "PARAMS_TOLERANCE", "ROWS", "TINY",
            "add_arguments", "claims", "configs", "model_sizes", "run", "settings", "summarise"]
@@ -158,9 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Backbone, width, image size, schedule, training split and subset that ``args`` choose."""
     if args.full and args.data not in FULL:
-        raise ValueError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
+        raise TableError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
     if not 0 < args.width <= 1:
-        raise ValueError(f"--width must be in (0, 1], got {args.width}")
+        raise TableError(f"--width must be in (0, 1], got {args.width}")
     backbone, options, size, epochs, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     chosen = {"backbone": backbone, "backbone_options": dict(options), "width": args.width, "fork": FORK,
               "branches": BRANCHES, "image_size": size, "epochs": epochs, "batch_size": batch, "lr": lr,
@@ -242,84 +257,30 @@ def _block_widths(model: Any, input_size: tuple[int, int, int]) -> list[int | No
 
 
 # ------------------------------------------------------------------ running
-def _comparable(config: Any) -> dict[str, Any]:
-    """The settings a finished run must share with this one to be reused (not device, progress, workers)."""
-    from ensemblekit.training.config import RESUMABLE_CHANGES
-
-    d = asdict(config)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "eval_batch_size")}
-    return d
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    from ensemblekit.training.trainer import select_device
-
-    d = select_device(device)
-    return f"cuda ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else d.type
-
-
-def _error(message: Any) -> int:
-    print(f"ensemblekit reproduce {NAME}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     from ensemblekit.evaluation.reports import Report
-    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
-    from ensemblekit.training import checkpoint as ckpt
-    from ensemblekit.training.config import ConfigError
-    from ensemblekit.training.trainer import run as run_one
 
     start = time.perf_counter()
     if args.data is None:
         args.data = default_dataset()
     out = args.out or Path("ensemblekit-runs") / f"ensemblenet-table1-{args.data}"
-    if args.seeds < 1:
-        return _error("--seeds must be at least 1")
-    try:
-        chosen = settings(args)
-    except ValueError as err:
-        return _error(err)
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    seeds = seed_range(args.seed, args.seeds)
+    chosen = settings(args)
+    runs = {seed: configs(args, seed) for seed in seeds}
     store = RunStore(out)
-    try:  # refuse a table of other settings before training anything
-        for seed in seeds:
-            for label, config in configs(args, seed).items():
-                store.get(seed, label, _comparable(config))
-    except SettingsMismatch as err:
-        return _error(err)
-    try:
-        sizes = model_sizes(configs(args, seeds[0]))
-    except ConfigError as err:
-        return _error(err)
+    check_settings(store, ((seed, label, comparable(config)) for seed in seeds
+                           for label, config in runs[seed].items()))
+    sizes = model_sizes(runs[seeds[0]])
     out.mkdir(parents=True, exist_ok=True)
     print(f"settings: {describe(args.data, chosen, args.full, args.tiny)}, seeds {seeds}, "
-          f"device {_device_name(args.device)}", flush=True)
+          f"device {device_name(args.device)}", flush=True)
     print(sizes_text(sizes), flush=True)
 
     accuracy: dict[int, dict[str, dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     for seed in seeds:
-        for label, config in configs(args, seed).items():
-            saved = store.get(seed, label, _comparable(config))
-            folder = store.folder(seed, label)
-            if saved is not None:
-                print(f"== {label}, seed {seed}: finished earlier, reused ({folder})", flush=True)
-            else:
-                print(f"== {label}, seed {seed}", flush=True)
-                resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-                t = time.perf_counter()
-                try:
-                    result = run_one(config, folder, resume=resume)
-                except (FileExistsError, ckpt.CheckpointError) as err:
-                    return _error(err)
-                saved = {"report": result.report.to_dict(), "seconds": time.perf_counter() - t, "resumed": resume,
-                         "history": result.train.history}
-                store.put(seed, label, _comparable(config), saved)
-                print(f"   {label}, seed {seed}: {saved['seconds']:.1f} s", flush=True)
+        for label, config in runs[seed].items():
+            saved = get_or_train(store, seed, label, comparable(config), partial(train_run, config))
             report = Report.from_dict(saved["report"])
             seconds.setdefault(label, []).append(saved["seconds"])
             accuracy.setdefault(seed, {})[label] = {"ensemble": 100 * report.prefix_accuracy[-1],
@@ -340,8 +301,6 @@ def run(args: argparse.Namespace) -> int:
 def claims(accuracy: dict[int, dict[str, dict[str, float]]]) -> list[Any]:
     """Table 1's claims on the ensemble's test accuracy, paired by seed over the seeds with every row finished:
     co-distillation (mu=3) >= lambda=0 >= the single backbone, and a negative lambda (-1.5) >= lambda=0."""
-    from ensemblekit.reproduce.runs import Claim, Comparison
-
     complete = [by_label for by_label in accuracy.values() if all(label in by_label for label in ROWS)]
     if not complete:
         return []
@@ -364,8 +323,6 @@ def summarise(accuracy: dict[int, dict[str, dict[str, float]]]) -> tuple[dict, d
         >>> mean["mu=3"]["ensemble"], round(std["mu=3"]["ensemble"], 3)
         (91.0, 1.414)
     """
-    from ensemblekit.reproduce.runs import mean_std
-
     mean: dict[str, dict[str, float]] = {}
     std: dict[str, dict[str, float]] = {}
     for label in ROWS:
@@ -432,7 +389,7 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     record = {
         "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
         "settings_text": describe(args.data, chosen, args.full, args.tiny), "seeds": seeds,
-        "device": _device_name(args.device), "torch": torch.__version__,
+        "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": len(seeds) * len(ROWS), "complete": done == len(seeds) * len(ROWS),
         "wall_seconds": time.perf_counter() - start, "run_seconds": seconds,
         "params_tolerance": PARAMS_TOLERANCE, "sizes": sizes,

@@ -38,11 +38,25 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from ensemblekit.reproduce.runs import (
+    Claim,
+    Comparison,
+    RunStore,
+    TableError,
+    check_settings,
+    comparable,
+    default_dataset,
+    device_name,
+    get_or_train,
+    seed_range,
+    train_run,
+)
 
 __all__ = [
     "AUGMENT", "DEFAULTS", "FASHION_MNIST_FULL_EPOCHS", "FULL", "HELP", "LOSSES", "NAME", "PAPER", "PAPER_COLUMNS",
@@ -179,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Backbone, options, image size, depth, epochs, batch size, lr and training split that ``args`` choose."""
     if args.full and args.data not in FULL:
-        raise ValueError(f"--full: the paper has no schedule for {args.data}; choose --data from {', '.join(FULL)}")
+        raise TableError(f"--full: the paper has no schedule for {args.data}; choose --data from {', '.join(FULL)}")
     backbone, options, size, depth, epochs, batch, lr = (FULL if args.full else DEFAULTS)[args.data]
     chosen = {"backbone": backbone, "backbone_options": dict(options), "image_size": size, "depth": depth,
               "epochs": epochs, "batch_size": batch, "lr": lr, "train_split": "trainval" if args.full else "train",
@@ -332,83 +346,38 @@ def _budget_epochs(args: argparse.Namespace, out: Path, chosen: dict, seeds: int
 
 
 # ------------------------------------------------------------------ running
-def _comparable(config: Any) -> dict[str, Any]:
-    """The settings a finished run must share with this one to be reused (not device, progress, workers)."""
-    from ensemblekit.training.config import RESUMABLE_CHANGES
-
-    d = asdict(config)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "eval_batch_size")}
-    return d
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    from ensemblekit.training.trainer import select_device
-
-    d = select_device(device)
-    return f"cuda ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else d.type
-
-
 def run(args: argparse.Namespace) -> int:
     from ensemblekit.evaluation.reports import Report
-    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
-    from ensemblekit.training import checkpoint as ckpt
-    from ensemblekit.training.trainer import run as run_one
     from ensemblekit.training.trainer import write_plot
 
     start = time.perf_counter()
     if args.data is None:
         args.data = default_dataset()
     out = args.out or Path("ensemblekit-runs") / f"hne-table1-{args.data}"
-    if args.seeds < 1:
-        print(f"ensemblekit reproduce {NAME}: error: --seeds must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        chosen = settings(args)
-    except ValueError as err:
-        print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
-        return 2
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    seeds = seed_range(args.seed, args.seeds)
+    chosen = settings(args)
     out.mkdir(parents=True, exist_ok=True)
     epochs, timing = chosen["epochs"], None
     if args.time_budget is not None and args.epochs is None:
         epochs, timing = _budget_epochs(args, out, chosen, len(seeds), start)
-    first = configs(args, seeds[0], epochs)["L_I"]
+    runs = {seed: configs(args, seed, epochs) for seed in seeds}
+    store = RunStore(out)
+    check_settings(store, ((seed, label, comparable(config)) for seed in seeds
+                           for label, config in runs[seed].items()))
+    first = runs[seeds[0]]["L_I"]
     print(f"settings: {args.data}{' --full' if args.full else ''}{' --tiny' if args.tiny else ''}: "
           f"{chosen['backbone']}({chosen['backbone_options']}) tree of {2 ** chosen['depth']} members at "
           f"{chosen['image_size']}x{chosen['image_size']}, {epochs} epochs on the {chosen['train_split']} split "
           f"{'with' if chosen['augment'] else 'without'} augmentation, "
           f"batch {chosen['batch_size']}, SGD lr {chosen['lr']} cosine, execution {args.execution}, "
-          f"seeds {seeds}, device {_device_name(args.device)}", flush=True)
+          f"seeds {seeds}, device {device_name(args.device)}", flush=True)
 
-    store = RunStore(out)
     accuracy: dict[int, dict[str, dict[int, float]]] = {}
     reports: dict[str, Report] = {}
     info: dict[str, Any] = {}
     for seed in seeds:
-        for label, config in configs(args, seed, epochs).items():
-            try:
-                saved = store.get(seed, label, _comparable(config))
-            except SettingsMismatch as err:
-                print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
-                return 2
-            if saved is not None:
-                print(f"== {label}, seed {seed}: finished earlier, reused ({store.folder(seed, label)})", flush=True)
-            else:
-                print(f"== {label}, seed {seed}", flush=True)
-                folder = store.folder(seed, label)
-                resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-                t = time.perf_counter()
-                try:
-                    result = run_one(config, folder, resume=resume)
-                except (FileExistsError, ckpt.CheckpointError) as err:
-                    print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
-                    return 2
-                saved = {"report": result.report.to_dict(), "seconds": time.perf_counter() - t, "resumed": resume,
-                         "history": result.train.history}
-                store.put(seed, label, _comparable(config), saved)
+        for label, config in runs[seed].items():
+            saved = get_or_train(store, seed, label, comparable(config), partial(train_run, config))
             report = Report.from_dict(saved["report"])
             info.setdefault("seconds", {}).setdefault(label, []).append(saved.get("seconds"))
             if seed == seeds[0]:
@@ -430,8 +399,6 @@ def run(args: argparse.Namespace) -> int:
 def claims(accuracy: dict[int, dict[str, dict[int, float]]]) -> list[Any]:
     """Table 1's claims on the runs finished so far, paired by seed: L_I+L_HD >= L_I with 1 and with 2
     members (distillation helps the small ensembles most), and L_S the worst objective with 1 member."""
-    from ensemblekit.reproduce.runs import Claim, Comparison
-
     def values(label: str, k: int) -> list[float]:
         return [by_label[label][k] for by_label in accuracy.values()
                 if all(lab in by_label for lab in LOSSES)]
@@ -479,7 +446,7 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict, first: Any
         "depth": first.model.recipe_options["depth"], "image_size": chosen["image_size"], "epochs": epochs,
         "batch_size": chosen["batch_size"], "lr": chosen["lr"], "train_split": chosen["train_split"],
         "augment": chosen["augment"],
-        "execution": args.execution, "seeds": seeds, "device": _device_name(args.device),
+        "execution": args.execution, "seeds": seeds, "device": device_name(args.device),
         "torch": torch.__version__, "runs_finished": done, "runs_total": len(seeds) * len(LOSSES),
         "complete": done == len(seeds) * len(LOSSES), "wall_seconds": time.perf_counter() - start,
         "run_seconds": info.get("seconds", {}), "calibration": timing,

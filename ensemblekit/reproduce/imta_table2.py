@@ -47,12 +47,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from ensemblekit.reproduce.runs import (
+    Claim,
+    Comparison,
+    RunStore,
+    TableError,
+    check_settings,
+    default_dataset,
+    device_name,
+    get_or_train,
+    load_splits,
+    mean_std,
+    seed_range,
+)
 
 __all__ = ["DEFAULTS", "FULL", "HELP", "LR_MILESTONES", "NAME", "PAPER", "PHASE1", "ROWS", "TINY", "add_arguments",
            "claims", "describe", "markdown", "paper_lr_schedule", "run", "settings", "summarise", "table"]
@@ -161,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a run's result depends on (not the device): model, data subset and both phases' schedules."""
     if args.full and args.data not in FULL:
-        raise ValueError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
+        raise TableError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
     backbone, options, size, epochs, phase2, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     eval_items = None
     if args.tiny:
@@ -205,41 +218,21 @@ def paper_lr_schedule(epochs: int, milestones: list[float]) -> Any:
 
 
 # ------------------------------------------------------------------ running
-def _error(message: Any) -> int:
-    print(f"ensemblekit reproduce {NAME}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    from ensemblekit.training.trainer import select_device
-
-    d = select_device(device)
-    return f"cuda ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else d.type
-
-
 class _Table:
     """The data, settings and run store of one table, and how to train and evaluate each of its runs."""
 
     def __init__(self, args: argparse.Namespace, chosen: dict[str, Any], out: Path):
-        from torch.utils.data import Subset
-
-        from ensemblekit.reproduce.runs import RunStore
-        from ensemblekit.training.data import load_dataset, make_loader
+        from ensemblekit.training.config import DataConfig
+        from ensemblekit.training.data import make_loader
         from ensemblekit.training.trainer import select_device
 
         self.args, self.chosen, self.store = args, chosen, RunStore(out)
         self.device = select_device(args.device)
-
-        def split(name: str, limit: int | None, augment: bool = False) -> Any:
-            dataset, info = load_dataset(args.data, name, root=args.root, augment=augment,
-                                         image_size=chosen["image_size"])
-            return (dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))), info
-
-        self.train_set, self.info = split("train", chosen["train_items"], chosen["augment"])
-        self.val_set = split("val", chosen["eval_items"])[0]
-        self.test_set = split("test", chosen["eval_items"])[0]
+        splits = load_splits(DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
+                                        augment=chosen["augment"], train_split=chosen["train_split"],
+                                        max_train_items=chosen["train_items"],
+                                        max_eval_items=chosen["eval_items"]))
+        self.train_set, self.val_set, self.test_set, self.info = splits.train, splits.val, splits.test, splits.info
         self.test_loader = make_loader(self.test_set, 256, shuffle=False)
 
     def run_settings(self, seed: int) -> dict[str, Any]:
@@ -276,15 +269,13 @@ class _Table:
                                           recipe_options={"num_blocks": c["num_blocks"],
                                                           "gradient_equilibrium": ge}))
 
-    def train_and_evaluate(self, seed: int, label: str) -> dict[str, Any]:
-        """Train the run ``label`` (a phase I or a row of the table) of ``seed``; its result for ``run.json``."""
+    def train_and_evaluate(self, seed: int, label: str, folder: Path, resume: bool) -> dict[str, Any]:
+        """Train the run ``label`` (a phase I or a row of the table) of ``seed`` in ``folder``; its result for
+        ``run.json``."""
         import ensemblekit as ek
         from ensemblekit.evaluation.reports import collect_members
         from ensemblekit.training.trainer import seed_everything, train
 
-        folder = self.store.folder(seed, label)
-        resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-        start = time.perf_counter()
         seed_everything(seed)
         if label in ROWS:
             ge, isc, ofa = ROWS[label]
@@ -303,7 +294,7 @@ class _Table:
         ek.save(net, folder / MODEL, overwrite=True)
         return {"top1": ((members.argmax(-1) == labels[:, None]).double().mean(0) * 100).tolist(),
                 "exit_flops": [float(r.flops) for r in net.cost_table(input_size=input_size)],
-                "seconds": time.perf_counter() - start, "resumed": resume, "history": result.history}
+                "history": result.history}
 
     def budget(self, seed: int, out: Path) -> dict[str, Any]:
         """The budgeted curve of ``seed``'s GE+ISC+OFA network (validation split for the thresholds)."""
@@ -320,53 +311,25 @@ class _Table:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
-    from ensemblekit.training import checkpoint as ckpt
-
     start = time.perf_counter()
     if args.data is None:
         args.data = default_dataset()
     out = args.out or Path("ensemblekit-runs") / f"{NAME}-{args.data}"
-    if args.seeds < 1:
-        return _error("--seeds must be at least 1")
-    try:
-        chosen = settings(args)
-    except ValueError as err:
-        return _error(err)
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    seeds = seed_range(args.seed, args.seeds)
+    chosen = settings(args)
     labels = [*PHASE1.values(), *ROWS]
-    store = RunStore(out)
-    try:  # refuse a table of other settings before training anything
-        for seed in seeds:
-            for label in labels:
-                store.get(seed, label, {**chosen, "seed": seed})
-    except SettingsMismatch as err:
-        return _error(err)
+    check_settings(RunStore(out), ((seed, label, {**chosen, "seed": seed}) for seed in seeds for label in labels))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {_device_name(args.device)}",
+    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {device_name(args.device)}",
           flush=True)
-    try:
-        table_runs = _Table(args, chosen, out)
-    except FileNotFoundError as err:  # the data is not where it is looked for; the message says what to do
-        return _error(err)
+    table_runs = _Table(args, chosen, out)
     results: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in seeds:
         for label in labels:
-            settings_of_run = table_runs.run_settings(seed)
-            saved = store.get(seed, label, settings_of_run)
-            if saved is not None:
-                print(f"== {label}, seed {seed}: finished earlier, reused ({store.folder(seed, label)})", flush=True)
-            else:
-                print(f"== {label}, seed {seed}", flush=True)
-                try:
-                    saved = table_runs.train_and_evaluate(seed, label)
-                except (FileExistsError, FileNotFoundError, ckpt.CheckpointError) as err:
-                    return _error(err)
-                store.put(seed, label, settings_of_run, saved)
-                shutil.rmtree(store.folder(seed, label) / "checkpoints", ignore_errors=True)
-                print(f"   {label}, seed {seed}: {saved['seconds']:.1f} s, top-1 per exit "
-                      + ", ".join(f"{a:.2f}" for a in saved["top1"]), flush=True)
-            results.setdefault(seed, {})[label] = saved
+            results.setdefault(seed, {})[label] = get_or_train(
+                table_runs.store, seed, label, table_runs.run_settings(seed),
+                partial(table_runs.train_and_evaluate, seed, label), keep_checkpoints=False,
+                summary=lambda saved: "top-1 per exit " + ", ".join(f"{a:.2f}" for a in saved["top1"]))
             _write_results(out, args, chosen, seeds, results, None, start)
     budget = table_runs.budget(seeds[0], out) if args.budget else None
     record = _write_results(out, args, chosen, seeds, results, budget, start)
@@ -385,8 +348,6 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ results
 def claims(results: dict[int, dict[str, dict[str, Any]]]) -> list[Any]:
     """Table 2's claim on the seeds with both rows finished, paired by seed: GE+ISC+OFA >= baseline at every exit."""
-    from ensemblekit.reproduce.runs import Claim, Comparison
-
     pairs = [(by_label["GE+ISC+OFA"]["top1"], by_label["baseline"]["top1"]) for by_label in results.values()
              if "GE+ISC+OFA" in by_label and "baseline" in by_label]
     if not pairs:
@@ -404,8 +365,6 @@ def summarise(results: dict[int, dict[str, dict[str, Any]]]) -> tuple[dict, dict
         >>> mean["GE"], std["GE"][1]
         ([51.0, 60.0], 0.0)
     """
-    from ensemblekit.reproduce.runs import mean_std
-
     mean: dict[str, list[float]] = {}
     std: dict[str, list[float]] = {}
     for label in [*PHASE1.values(), *ROWS]:
@@ -431,7 +390,7 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     record = {
         "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
         "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
-        "device": _device_name(args.device), "torch": torch.__version__,
+        "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": total, "complete": done == total,
         "wall_seconds": time.perf_counter() - start,
         "run_seconds": {label: [by_label[label]["seconds"] for by_label in results.values() if label in by_label]

@@ -46,14 +46,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ensemblekit.reproduce.runs import Comparison
+from ensemblekit.reproduce.runs import (
+    Claim,
+    Comparison,
+    RunStore,
+    TableError,
+    check_settings,
+    default_dataset,
+    device_name,
+    get_or_train,
+    load_splits,
+    mean_std,
+    seed_range,
+)
 
 __all__ = ["ACCURACY_TOLERANCE", "DEFAULTS", "FULL", "HELP", "METHODS", "NAME", "PAPER", "RUNS", "TINY",
            "add_arguments", "claims", "describe", "markdown", "per_seed_rows", "run", "settings", "summarise",
@@ -161,9 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a run's result depends on (not the device): model, data subset, schedule and IRENE's weights."""
     if args.full and args.data not in FULL:
-        raise ValueError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
+        raise TableError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
     if args.members < 2:
-        raise ValueError(f"--members must be at least 2, got {args.members}")
+        raise TableError(f"--members must be at least 2, got {args.members}")
     backbone, options, size, epochs, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     eval_items = None
     if args.tiny:
@@ -196,41 +206,23 @@ def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> 
 
 
 # ------------------------------------------------------------------ running
-def _error(message: Any) -> int:
-    print(f"ensemblekit reproduce {NAME}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    from ensemblekit.training.trainer import select_device
-
-    d = select_device(device)
-    return f"cuda ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else d.type
-
-
 class _Table:
     """The data, settings and run store of one table, and how to train and evaluate each of its runs."""
 
     def __init__(self, args: argparse.Namespace, chosen: dict[str, Any], out: Path):
-        from torch.utils.data import Subset
-
-        from ensemblekit.reproduce.runs import RunStore
-        from ensemblekit.training.data import load_dataset, make_loader
+        from ensemblekit.training.config import DataConfig
+        from ensemblekit.training.data import make_loader
         from ensemblekit.training.trainer import select_device
 
         self.args, self.chosen, self.store = args, chosen, RunStore(out)
         self.device = select_device(args.device)
-
-        def split(name: str, limit: int | None, augment: bool = False) -> Any:
-            dataset, info = load_dataset(args.data, name, root=args.root, augment=augment,
-                                         image_size=chosen["image_size"])
-            return (dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))), info
-
-        self.train_set, self.info = split("train", chosen["train_items"], chosen["augment"])
-        self.val_loader = make_loader(split("val", chosen["eval_items"])[0], 256, shuffle=False)
-        self.test_loader = make_loader(split("test", chosen["eval_items"])[0], 256, shuffle=False)
+        splits = load_splits(DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
+                                        augment=chosen["augment"], train_split=chosen["train_split"],
+                                        max_train_items=chosen["train_items"],
+                                        max_eval_items=chosen["eval_items"]))
+        self.train_set, self.info = splits.train, splits.info
+        self.val_loader = make_loader(splits.val, 256, shuffle=False)
+        self.test_loader = make_loader(splits.test, 256, shuffle=False)
 
     def run_settings(self, seed: int) -> dict[str, Any]:
         """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
@@ -251,16 +243,14 @@ class _Table:
                                            "cost_weight": c["cost_weight"], "rank_weight": c["rank_weight"],
                                            "schedule": c["schedule"]})
 
-    def train_and_evaluate(self, seed: int, label: str) -> dict[str, Any]:
-        """Train the run ``label`` of ``seed`` and evaluate the rows it gives; its result for ``run.json``."""
+    def train_and_evaluate(self, seed: int, label: str, folder: Path, resume: bool) -> dict[str, Any]:
+        """Train the run ``label`` of ``seed`` in ``folder`` and evaluate the rows it gives; its result for
+        ``run.json``."""
         import ensemblekit as ek
         from ensemblekit.training.config import TrainConfig, build_ensemble
         from ensemblekit.training.trainer import seed_everything, train
 
         c = self.chosen
-        folder = self.store.folder(seed, label)
-        resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-        start = time.perf_counter()
         seed_everything(seed)  # IRENE's first member starts from the single model's initial weights
         ensemble = build_ensemble(self.model_config(label))
         config = TrainConfig(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"],
@@ -272,7 +262,7 @@ class _Table:
         ensemble.eval()
         rows = self.evaluate_average(ensemble) if label == "average" else self.evaluate_irene(ensemble)
         ek.save(ensemble, folder / MODEL, overwrite=True)
-        return {**rows, "seconds": time.perf_counter() - start, "resumed": resume, "history": result.history}
+        return {**rows, "history": result.history}
 
     def evaluate_average(self, ensemble: Any) -> dict[str, Any]:
         """Single model, average ensemble and WoC (threshold searched on the validation split) on the test split."""
@@ -316,53 +306,25 @@ def _stops(members_used: Any, members: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
-    from ensemblekit.training import checkpoint as ckpt
-
     start = time.perf_counter()
     if args.data is None:
         args.data = default_dataset()
     out = args.out or Path("ensemblekit-runs") / f"{NAME}-{args.data}"
-    if args.seeds < 1:
-        return _error("--seeds must be at least 1")
-    try:
-        chosen = settings(args)
-    except ValueError as err:
-        return _error(err)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    store = RunStore(out)
-    try:  # refuse a table of other settings before training anything
-        for seed in seeds:
-            for label in RUNS:
-                store.get(seed, label, {**chosen, "seed": seed})
-    except SettingsMismatch as err:
-        return _error(err)
+    seeds = seed_range(args.seed, args.seeds)
+    chosen = settings(args)
+    check_settings(RunStore(out), ((seed, label, {**chosen, "seed": seed}) for seed in seeds for label in RUNS))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {_device_name(args.device)}",
+    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {device_name(args.device)}",
           flush=True)
-    try:
-        table_runs = _Table(args, chosen, out)
-    except FileNotFoundError as err:  # the data is not where it is looked for; the message says what to do
-        return _error(err)
+    table_runs = _Table(args, chosen, out)
     results: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in seeds:
         for label in RUNS:
-            settings_of_run = table_runs.run_settings(seed)
-            saved = store.get(seed, label, settings_of_run)
-            if saved is not None:
-                print(f"== {label}, seed {seed}: finished earlier, reused ({store.folder(seed, label)})", flush=True)
-            else:
-                print(f"== {label}, seed {seed}", flush=True)
-                try:
-                    saved = table_runs.train_and_evaluate(seed, label)
-                except (FileExistsError, ckpt.CheckpointError) as err:
-                    return _error(err)
-                store.put(seed, label, settings_of_run, saved)
-                shutil.rmtree(store.folder(seed, label) / "checkpoints", ignore_errors=True)
-                print(f"   {label}, seed {seed}: {saved['seconds']:.1f} s; " + "; ".join(
-                    f"{method} top-1 {row['top1']:.2f}, cost {row['cost']:.2f}"
-                    for method, row in saved["rows"].items()), flush=True)
-            results.setdefault(seed, {})[label] = saved
+            results.setdefault(seed, {})[label] = get_or_train(
+                table_runs.store, seed, label, table_runs.run_settings(seed),
+                partial(table_runs.train_and_evaluate, seed, label), keep_checkpoints=False,
+                summary=lambda saved: "; ".join(f"{method} top-1 {row['top1']:.2f}, cost {row['cost']:.2f}"
+                                                for method, row in saved["rows"].items()))
             _write_results(out, args, chosen, seeds, results, start)
     record = _write_results(out, args, chosen, seeds, results, start)
     print()
@@ -393,19 +355,9 @@ def per_seed_rows(results: dict[int, dict[str, dict[str, Any]]]) -> dict[int, di
     return rows
 
 
-@dataclass(frozen=True)
-class _MembersComparison(Comparison):
-    """A comparison of costs, in members (``runs.Claim`` words every comparison in its one unit)."""
-
-    def describe(self, unit: str = "members") -> str:
-        return super().describe("members")
-
-
 def claims(results: dict[int, dict[str, dict[str, Any]]]) -> list[Any]:
     """The paper's claim on the seeds with both runs finished, paired by seed: IRENE costs strictly less than the
     average ensemble, with top-1 at most `ACCURACY_TOLERANCE` points below it."""
-    from ensemblekit.reproduce.runs import Claim
-
     rows = list(per_seed_rows(results).values())
     if not rows:
         return []
@@ -415,19 +367,10 @@ def claims(results: dict[int, dict[str, dict[str, Any]]]) -> list[Any]:
 
     return [Claim(f"IRENE's cost < the average ensemble's cost, at accuracy within {ACCURACY_TOLERANCE} points",
                   "IRENE Tables 1-2",
-                  (_MembersComparison("Average ensemble cost", "IRENE cost", values("Average ensemble", "cost"),
-                                      values("IRENE", "cost"), strict=True),
+                  (Comparison("Average ensemble cost", "IRENE cost", values("Average ensemble", "cost"),
+                              values("IRENE", "cost"), strict=True, unit="members"),
                    Comparison("IRENE top-1", "Average ensemble top-1", values("IRENE", "top1"),
                               values("Average ensemble", "top1"), offset=-ACCURACY_TOLERANCE)))]
-
-
-def _claim_record(claim: Any) -> dict[str, Any]:
-    """``claim.to_dict()`` with the unit of each comparison (members for costs)."""
-    record: dict[str, Any] = claim.to_dict()
-    for entry, comparison in zip(record["comparisons"], claim.comparisons):
-        if isinstance(comparison, _MembersComparison):
-            entry["unit"] = "members"
-    return record
 
 
 def summarise(rows: dict[int, dict[str, dict[str, Any]]]) -> tuple[dict, dict]:
@@ -440,8 +383,6 @@ def summarise(rows: dict[int, dict[str, dict[str, Any]]]) -> tuple[dict, dict]:
         >>> mean["WoC"], std["WoC"]["cost"]
         ({'top1': 91.0, 'cost': 2.0, 'utility': 1.5}, 0.0)
     """
-    from ensemblekit.reproduce.runs import mean_std
-
     mean: dict[str, dict[str, float | None]] = {}
     std: dict[str, dict[str, float | None]] = {}
     for method in METHODS:
@@ -468,7 +409,7 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     record = {
         "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
         "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
-        "device": _device_name(args.device), "torch": torch.__version__,
+        "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": len(seeds) * len(RUNS), "complete": done == len(seeds) * len(RUNS),
         "wall_seconds": time.perf_counter() - start,
         "run_seconds": {label: [by_run[label]["seconds"] for by_run in results.values() if label in by_run]
@@ -479,7 +420,7 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
                               "IRENE": by_run["IRENE"]["irene_stops"] if "IRENE" in by_run else None}
                   for seed, by_run in results.items()},
         "paper": PAPER.get(args.data),
-        "claims": [_claim_record(claim) for claim in judged],
+        "claims": [claim.to_dict() for claim in judged],
     }
     atomic_write(out / RESULTS[0], json.dumps(record, indent=2) + "\n")
     text = markdown(record)

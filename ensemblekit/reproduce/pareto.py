@@ -52,12 +52,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from ensemblekit.reproduce.runs import (
+    RunStore,
+    TableError,
+    check_settings,
+    comparable,
+    default_dataset,
+    device_name,
+    get_or_train,
+    load_splits,
+    seed_range,
+)
 
 __all__ = [
     "BUDGET_QS",
@@ -312,24 +324,6 @@ def _data_config(args: argparse.Namespace, chosen: dict[str, Any]) -> Any:
                       max_train_items=chosen["max_train_items"], max_eval_items=chosen["max_eval_items"])
 
 
-def _comparable(config: Any) -> dict[str, Any]:
-    """The settings a finished run must share with this one to be reused (not progress or workers)."""
-    from ensemblekit.training.config import RESUMABLE_CHANGES
-
-    d = asdict(config)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "eval_batch_size")}
-    return d
-
-
-def _device_name(device: Any) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
 def _describe(chosen: dict[str, Any], seeds: list[int], train_items: int, device: str) -> str:
     """The settings in one paragraph (screen, Markdown)."""
     widths = ", ".join(f"{name} (stem {o['stem_width']}, channels {'/'.join(map(str, o['channels']))})"
@@ -411,69 +405,63 @@ def measure(method: str, label: str, model: Any, report: Any, test: tuple[Any, A
 
 # ------------------------------------------------------------------ running
 def run(args: argparse.Namespace) -> int:
-    from ensemblekit.reproduce.runs import RunStore, SettingsMismatch, default_dataset
-    from ensemblekit.training import checkpoint as ckpt
     from ensemblekit.training.config import RunConfig, TrainConfig
-    from ensemblekit.training.trainer import load_split, select_device
     from ensemblekit.training.trainer import run as run_one
 
     start = time.perf_counter()
     if args.data is None:
         args.data = "digits" if args.tiny else default_dataset()
     if args.seeds < 1 or args.latency_batch < 1 or args.latency_repeats < 1:
-        print(f"ensemblekit reproduce {NAME}: error: --seeds, --latency-batch and --latency-repeats must be at "
-              "least 1", file=sys.stderr)
-        return 2
+        raise TableError("--seeds, --latency-batch and --latency-repeats must be at least 1")
+    seeds = seed_range(args.seed, args.seeds)
     chosen = settings(args)
     out = args.out or Path("ensemblekit-runs") / f"pareto-{args.data}"
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    device = _device_name(select_device(args.device))
+    device = device_name(args.device)
     data = _data_config(args, chosen)
-    train_items = len(load_split(data, data.train_split, limit=data.max_train_items)[0])
-    test = _tensors(load_split(data, "test", limit=data.max_eval_items)[0])
-    val = _tensors(load_split(data, "val", limit=data.max_eval_items)[0])
-    description = _describe(chosen, seeds, train_items, device)
+
+    def configs(seed: int) -> dict[str, tuple[str, Any]]:
+        """Label -> (method, RunConfig) of every model trained with ``seed``."""
+        train = TrainConfig(epochs=chosen["epochs"], batch_size=chosen["batch_size"], lr=chosen["lr"], seed=seed,
+                            device=args.device, progress=args.progress)
+        return {label: (method, RunConfig(model, data, train)) for label, (method, model) in models(chosen).items()}
+
+    def kept(method: str, config: Any) -> dict[str, Any]:
+        """What a finished run of ``config`` must have been trained and measured with to be reused."""
+        measured_with = {"latency_batch": chosen["latency_batch"], "latency_repeats": chosen["latency_repeats"],
+                         "device": device, **({"budget_qs": chosen["budget_qs"]} if method == MULTI_EXIT else {})}
+        return {"run": comparable(config), "measure": measured_with}
+
+    runs_of = {seed: configs(seed) for seed in seeds}
+    store = RunStore(out)
+    check_settings(store, ((seed, label, kept(method, config)) for seed in seeds
+                           for label, (method, config) in runs_of[seed].items()))
+    splits = load_splits(data)
+    test, val = _tensors(splits.test), _tensors(splits.val)
+    description = _describe(chosen, seeds, len(splits.train), device)
     print(f"settings: {description}", flush=True)
 
-    store = RunStore(out)
+    def train(method: str, label: str, config: Any, folder: Path, resume: bool) -> dict[str, Any]:
+        t = time.perf_counter()
+        result = run_one(config, folder, resume=resume, log=lambda _: None)
+        trained = time.perf_counter() - t
+        points = measure(method, label, result.model, result.report, test, val, chosen)
+        params = result.report.prefix_params
+        return {"points": [asdict(p) for p in points], "members": result.report.num_members,
+                "params": params[-1] if params else None, "train_seconds": trained,
+                "measure_seconds": time.perf_counter() - t - trained, "history": result.train.history}
+
+    def summary(saved: dict[str, Any]) -> str:
+        accuracies = [p["accuracy"] for p in saved["points"]]
+        return (f"{len(accuracies)} point(s), accuracy {min(accuracies):.1f}-{max(accuracies):.1f}%; trained and "
+                f"evaluated in {saved['train_seconds']:.0f} s, measured in {saved['measure_seconds']:.0f} s")
+
     record: dict[str, Any] = {"settings": chosen, "description": description, "seeds": seeds, "device": device,
                               "models": {}}
     runs: dict[int, list[Point]] = {}
     for seed in seeds:
-        train = TrainConfig(epochs=chosen["epochs"], batch_size=chosen["batch_size"], lr=chosen["lr"], seed=seed,
-                            device=args.device, progress=args.progress)
-        for label, (method, model) in models(chosen).items():
-            config = RunConfig(model, data, train)
-            measured_with = {"latency_batch": chosen["latency_batch"], "latency_repeats": chosen["latency_repeats"],
-                             "device": device, **({"budget_qs": chosen["budget_qs"]} if method == MULTI_EXIT else {})}
-            kept = {"run": _comparable(config), "measure": measured_with}
-            folder = store.folder(seed, label)
-            try:
-                saved = store.get(seed, label, kept)
-            except SettingsMismatch as err:
-                print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
-                return 2
-            if saved is not None:
-                print(f"== {label}, seed {seed}: finished earlier, reused ({folder})", flush=True)
-            else:
-                print(f"== {label}, seed {seed}", flush=True)
-                resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-                t = time.perf_counter()
-                try:
-                    result = run_one(config, folder, resume=resume, log=lambda _: None)
-                except (FileExistsError, ckpt.CheckpointError) as err:
-                    print(f"ensemblekit reproduce {NAME}: error: {err}", file=sys.stderr)
-                    return 2
-                trained = time.perf_counter() - t
-                points = measure(method, label, result.model, result.report, test, val, chosen)
-                params = result.report.prefix_params
-                saved = {"points": [asdict(p) for p in points], "members": result.report.num_members,
-                         "params": params[-1] if params else None, "train_seconds": trained,
-                         "measure_seconds": time.perf_counter() - t - trained, "history": result.train.history}
-                store.put(seed, label, kept, saved)
-                print(f"   {len(points)} point(s), accuracy {min(p.accuracy for p in points):.1f}-"
-                      f"{max(p.accuracy for p in points):.1f}%; trained and evaluated in {trained:.0f} s, "
-                      f"measured in {saved['measure_seconds']:.0f} s", flush=True)
+        for label, (method, config) in runs_of[seed].items():
+            saved = get_or_train(store, seed, label, kept(method, config), partial(train, method, label, config),
+                                 summary)
             runs.setdefault(seed, []).extend(Point(**p) for p in saved["points"])
             record["models"].setdefault(label, {"method": method, "members": saved["members"],
                                                 "params": saved["params"], "seconds": []})

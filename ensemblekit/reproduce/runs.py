@@ -6,25 +6,54 @@ with, so that a table killed halfway continues from its finished runs and a
 table started with other settings is refused instead of mixed.
 `Claim` states one of a paper's orderings on paired per-seed values
 and says whether it holds, by how much, against the seed-to-seed spread.
+`get_or_train()` is the loop every table runs for each of its runs
+(reuse the stored result, or train, resuming from the last checkpoint, and
+store it); `check_settings()` refuses other settings before anything
+trains. The tables raise `TableError` and `SettingsMismatch`;
+``ensemblekit``'s ``main`` prints them on one line and exits with 2.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ensemblekit.errors import EnsembleKitError
 
-__all__ = ["Claim", "Comparison", "RunStore", "SettingsMismatch", "default_dataset", "mean_std"]
+__all__ = ["Claim", "Comparison", "RunStore", "SettingsMismatch", "Splits", "TableError", "check_settings",
+           "comparable", "default_dataset", "device_name", "get_or_train", "load_splits", "mean_std", "seed_range",
+           "train_run"]
 
 
 class SettingsMismatch(EnsembleKitError):
     """A finished run in the output folder was made with other settings than the ones asked for now."""
+
+
+class TableError(EnsembleKitError, ValueError):
+    """A table's arguments ask for what it cannot run; the message says what to choose instead."""
+
+
+def seed_range(first: int, count: int) -> list[int]:
+    """The seeds ``first .. first + count - 1`` of ``--seed first --seeds count``.
+
+    Examples:
+        >>> seed_range(0, 3)
+        [0, 1, 2]
+        >>> seed_range(0, 0)
+        Traceback (most recent call last):
+        ...
+        ensemblekit.reproduce.runs.TableError: --seeds must be at least 1
+    """
+    if count < 1:
+        raise TableError("--seeds must be at least 1")
+    return list(range(first, first + count))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -44,6 +73,51 @@ def default_dataset() -> str:
     from ensemblekit.training.data import fashion_mnist_available
 
     return "fashion-mnist" if fashion_mnist_available() else "digits"
+
+
+def device_name(device: Any) -> str:
+    """``device`` (a name such as ``"auto"``, or a ``torch.device``) as the tables show and store it:
+    ``"cuda (<GPU name>)"``, else its type and torch's thread count, e.g. ``"cpu (2 threads)"``."""
+    import torch
+
+    from ensemblekit.training.trainer import select_device
+
+    d = select_device(device) if isinstance(device, str) else device
+    if d.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(d)})"
+    return f"{d.type} ({torch.get_num_threads()} threads)"
+
+
+def comparable(config: Any) -> dict[str, Any]:
+    """The settings of a run config ([`RunConfig`][ensemblekit.training.config.RunConfig]) that a finished run must
+    share with it to be reused: all but the device, progress display, checkpoint keeping and data workers."""
+    from ensemblekit.training.config import RESUMABLE_CHANGES
+
+    d = asdict(config)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "eval_batch_size")}
+    return d
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The training, validation and test splits of a table's data, and what the dataset is (``DatasetInfo``)."""
+
+    train: Any
+    val: Any
+    test: Any
+    info: Any
+
+
+def load_splits(data: Any) -> Splits:
+    """The splits a [`DataConfig`][ensemblekit.training.config.DataConfig] describes: its training split (augmented as
+    it says, cut to ``max_train_items``), and the validation and test splits (cut to ``max_eval_items``)."""
+    from ensemblekit.training.trainer import load_split
+
+    train, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
+    val = load_split(data, "val", limit=data.max_eval_items)[0]
+    test = load_split(data, "test", limit=data.max_eval_items)[0]
+    return Splits(train, val, test, info)
 
 
 def _jsonable(value: Any) -> Any:
@@ -99,9 +173,64 @@ class RunStore:
                      json.dumps({"settings": _jsonable(settings), "result": result}, indent=2) + "\n")
 
 
+def check_settings(store: RunStore, runs: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
+    """Refuse, before anything trains, a table whose ``(seed, row, settings)`` runs differ from those finished in
+    ``store``.
+
+    Raises:
+        SettingsMismatch: a finished run was made with other settings.
+    """
+    for seed, row, settings in runs:
+        store.get(seed, row, settings)
+
+
+def train_run(config: Any, folder: Path, resume: bool) -> dict[str, Any]:
+    """Train and evaluate a [`RunConfig`][ensemblekit.training.config.RunConfig] in ``folder``
+    ([`ensemblekit.training.trainer.run()`][ensemblekit.training.trainer.run]); its report and training history,
+    for `get_or_train()`."""
+    from ensemblekit.training.trainer import run
+
+    result = run(config, folder, resume=resume)
+    return {"report": result.report.to_dict(), "history": result.train.history}
+
+
+def get_or_train(store: RunStore, seed: int, row: str, settings: dict[str, Any],
+                 train: Callable[[Path, bool], dict[str, Any]], summary: Callable[[dict[str, Any]], str] | None = None,
+                 keep_checkpoints: bool = True) -> dict[str, Any]:
+    """The result of the run ``row`` of ``seed``: the stored one, or ``train(folder, resume)``'s, then stored.
+
+    ``resume`` is whether the run's folder holds checkpoints (a run killed
+    before its record continues from its last one). The stored result is
+    ``train``'s with ``"seconds"`` (the time ``train`` took) and
+    ``"resumed"``. Prints a line when the run is reused or starts, and one
+    with its time (and ``summary(result)``) when it finishes;
+    ``keep_checkpoints=False`` removes its checkpoints once it is stored.
+
+    Raises:
+        SettingsMismatch: the run finished with other ``settings``.
+    """
+    saved = store.get(seed, row, settings)
+    folder = store.folder(seed, row)
+    if saved is not None:
+        print(f"== {row}, seed {seed}: finished earlier, reused ({folder})", flush=True)
+        return saved
+    print(f"== {row}, seed {seed}", flush=True)
+    checkpoints = folder / "checkpoints"
+    resume = checkpoints.is_dir() and any(checkpoints.iterdir())
+    start = time.perf_counter()
+    result = train(folder, resume)
+    result = {**result, "seconds": time.perf_counter() - start, "resumed": resume}
+    store.put(seed, row, settings, result)
+    if not keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    print(f"   {row}, seed {seed}: {result['seconds']:.1f} s" + (f"; {summary(result)}" if summary else ""),
+          flush=True)
+    return result
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """``left >= right + offset`` (``>`` when ``strict``) on values paired by seed.
+    """``left >= right + offset`` (``>`` when ``strict``) on values paired by seed, measured in ``unit``.
 
     ``margin`` is the mean over seeds of ``left - right - offset``; ``spread``
     the standard deviation over seeds of ``left - right`` (NaN for one seed).
@@ -118,6 +247,7 @@ class Comparison:
     right_values: Sequence[float]
     offset: float = 0.0
     strict: bool = False
+    unit: str = "points"
 
     def __post_init__(self) -> None:
         if len(self.left_values) != len(self.right_values) or not self.left_values:
@@ -145,12 +275,12 @@ class Comparison:
         """Whether the margin is larger than the seed-to-seed spread (so the verdict is not noise)."""
         return not math.isnan(self.spread) and abs(self.margin) > self.spread
 
-    def describe(self, unit: str = "points") -> str:
+    def describe(self) -> str:
         relation = (">" if self.strict else ">=") + (f" {self.right} {self.offset:+g}" if self.offset else
                                                      f" {self.right}")
         spread = "one seed, no spread" if math.isnan(self.spread) else f"seed std {self.spread:.2f}"
         noise = "" if math.isnan(self.spread) else (", clear" if self.clear else ", within noise")
-        return f"{self.left} {relation}: margin {self.margin:+.2f} {unit} ({spread}{noise})"
+        return f"{self.left} {relation}: margin {self.margin:+.2f} {self.unit} ({spread}{noise})"
 
 
 @dataclass(frozen=True)
@@ -170,7 +300,6 @@ class Claim:
     text: str
     source: str
     comparisons: tuple[Comparison, ...]
-    unit: str = "points"
 
     @property
     def holds(self) -> bool:
@@ -179,11 +308,11 @@ class Claim:
     def line(self) -> str:
         verdict = "holds" if self.holds else "does not hold"
         lines = [f"{verdict:<14} {self.text} ({self.source})"]
-        lines += [f"{'':<14} {c.describe(self.unit)}" for c in self.comparisons]
+        lines += [f"{'':<14} {c.describe()}" for c in self.comparisons]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"claim": self.text, "source": self.source, "holds": self.holds,
                 "comparisons": [{"left": c.left, "right": c.right, "offset": c.offset, "strict": c.strict,
                                  "margin": c.margin, "spread": None if math.isnan(c.spread) else c.spread,
-                                 "holds": c.holds, "clear": c.clear, "unit": self.unit} for c in self.comparisons]}
+                                 "holds": c.holds, "clear": c.clear, "unit": c.unit} for c in self.comparisons]}

@@ -5,7 +5,11 @@ that returns ``None`` for models it does not handle. [`split()`][ensemblekit.spl
 splitters added with [`register_splitter()`][ensemblekit.splitting.register_splitter] first (in registration order),
 then those registered by plugins through the ``register_backbone_splitters``
 hook: third-party ones, then the built-in ones (sequences of modules, then
-timm models). The first answer wins.
+timm models). The first answer wins. A plugin's splitter that fails (raises
+anything but [`SplitError`][ensemblekit.errors.SplitError], or returns something other than a
+``BlockSplit`` or ``None``) is skipped for that model with a
+[`PluginWarning`][ensemblekit.core.registry.PluginWarning] naming the plugin, so a broken
+plugin cannot stop the others from splitting.
 
 Examples:
     >>> import timm
@@ -115,8 +119,17 @@ def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Ten
         >>> len(s), s.names, s.num_classes
         (1, ['0..1'], 4)
     """
-    for splitter in splitters():
+    from ensemblekit.core.registry import SPLITTERS
+
+    for splitter in _registered:
         result = splitter(model, num_blocks, example_input)
+        if result is not None:
+            return result
+    for entry in SPLITTERS.ordered_entries():
+        if entry.builtin:
+            result = entry.factory(model, num_blocks, example_input)
+        else:
+            result = _plugin_split(entry, model, num_blocks, example_input)
         if result is not None:
             return result
     raise SplitError(
@@ -124,6 +137,26 @@ def split(model: Any, num_blocks: int | None = None, *, example_input: torch.Ten
         "registered splitter handles it; pass an nn.Sequential of blocks or a list of modules "
         "[block0, block1, ..., head] (the last module is the head)"
     )
+
+
+def _plugin_split(entry: Any, model: Any, num_blocks: int | None, example_input: torch.Tensor | None
+                  ) -> BlockSplit | None:
+    """What a plugin's splitter answers; ``None`` (with a warning naming the plugin) when it fails."""
+    from ensemblekit.core.registry import PluginWarning
+
+    try:
+        result = entry.factory(model, num_blocks, example_input)
+    except SplitError:  # a model it handles but cannot cut as asked: its message is the answer
+        raise
+    except Exception as err:  # noqa: BLE001 - a broken plugin must not stop the other splitters
+        problem = " ".join(f"raised {type(err).__name__}: {err}".split())
+    else:
+        if result is None or isinstance(result, BlockSplit):
+            return result
+        problem = f"returned a {type(result).__name__}, not a BlockSplit or None"
+    warnings.warn(f"splitter {entry.name!r} of plugin {entry.plugin!r} {problem}; it is skipped for this "
+                  f"{type(model).__name__} and the other splitters are tried", PluginWarning, stacklevel=3)
+    return None
 
 
 def __getattr__(name: str) -> Any:

@@ -103,6 +103,10 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
         return None
     if num_blocks is not None and num_blocks < 1:
         raise SplitError(f"num_blocks must be at least 1, got {num_blocks}")
+    if getattr(model, "num_classes", None) == 0:
+        raise SplitError(f"{model_arch(model)} was created with num_classes=0 (no classifier: it outputs pooled "
+                         "features); create it with the number of classes, e.g. "
+                         f"timm.create_model({model_arch(model)!r}, num_classes=10)")
     traced = trace_modes(model, _make_tracer)
     profile, x = _profile(traced, model, example_input)
     indexes = {mode: GraphIndex(g) for mode, g in traced.graphs.items()}

@@ -10,12 +10,13 @@ A checkpoint folder holds
   JSON-able training state;
 * ``model.safetensors``: the ensemble's ``state_dict``, halting state
   included (a calibrated [`Budgeted`][ensemblekit.components.halting.Budgeted]
-  policy's thresholds, a learned selector's weights);
+  policy's thresholds, a learned selector's weights), and in its metadata
+  the SHA-256 of the manifest (all of it but the entry of this file);
 * ``trainer.safetensors`` (training checkpoints only): optimizer tensors and
   RNG states.
 
 The build record says how the ensemble was built: the
-[`wrap()`][ensemblekit.wrap] call (the backbone's timm spec, ``num_classes``,
+`wrap()` call (the backbone's timm spec, ``num_classes``,
 ``num_blocks``, the example input's shape), the recipe and its options, or
 the ``ModelConfig``; then the preparations applied since (IMTA's ISC heads
 and gradient equilibrium, in order) and the components as they are now
@@ -26,11 +27,39 @@ hand-made ``nn.Sequential`` backbone, a custom exit head, a component object
 whose options cannot be read back) makes [`save()`][ensemblekit.training.checkpoint.save] fail before anything
 is written, saying what to do.
 
-Loading reads JSON and safetensors only, so it never runs pickled code.
+Loading reads JSON and safetensors only, so it never runs pickled code: a
+backbone option that would make timm read a file (``checkpoint_path``) is
+refused, and a ``pretrained`` backbone is rebuilt without its weights (the
+checkpoint's replace them). Before anything is built, the manifest is checked:
+
+* its types, and its file list: ``model.safetensors`` always, ``trainer.safetensors``
+  with a training state, nothing else;
+* every listed file's size and SHA-256, and the manifest's own SHA-256 recorded in
+  ``model.safetensors`` (so an edited manifest, an emptied file list included, is
+  refused; a version 1 or 2 manifest, written before that record, has none);
+* the components it names, against the registries (an unknown name or option is
+  refused before anything is built).
+
+Checksums catch damage and edits, not a forger who recomputes them: load
+checkpoints you trust. Any error is a [`CheckpointError`][ensemblekit.training.checkpoint.CheckpointError]
+naming the file.
+
 A folder is written under a temporary name (every file fsynced) and renamed
-into place in one step, so a crash leaves either the old checkpoint or the
-new one, never a mix. Any damage (a missing, truncated or altered file) is
-caught by the sizes and checksums and reported with the file's name.
+into place in one step; an overwrite first renames the old folder aside
+(``.<name>.old-...``), so a crash leaves either the old checkpoint or the new
+one, never a mix. Recovery:
+
+* a crash between the two renames of an overwrite leaves the old checkpoint
+  under its ``.old`` name: [`resolve()`][ensemblekit.training.checkpoint.resolve] (so
+  [`load()`][ensemblekit.training.checkpoint.load]) reads it there, and the next save into that folder, or a
+  resumed run, renames it back;
+* temporary folders and files of saves that were killed are removed by the next
+  save into the same folder and when a run is resumed ([`clean_up()`][ensemblekit.training.checkpoint.clean_up]); those
+  of a save still running are left alone.
+
+A run folder's ``checkpoints/latest`` pointer holds the bare name of a
+checkpoint folder next to it; one that leads outside (``../x``, an absolute
+path, a symbolic link pointing elsewhere) is refused.
 
 Examples:
     >>> ens = ek.wrap(timm.create_model("resnet10t", num_classes=10), "tree", depth=2)  # doctest: +SKIP
@@ -40,21 +69,27 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ensemblekit.backbones import check_backbone_options, check_backbone_spec
 from ensemblekit.build import (
+    COMPONENT_KINDS,
     BuildSpecError,
     built_components,
     component_spec,
@@ -74,13 +109,17 @@ __all__ = [
     "FORMAT",
     "LATEST",
     "MANIFEST",
+    "MANIFEST_DIGEST",
     "MODEL_FILE",
     "PREPARATIONS",
+    "STALE_AFTER",
     "TRAINER_FILE",
     "VERSION",
     "CheckpointError",
+    "CheckpointWriteError",
     "atomic_write",
     "backbone_name",
+    "clean_up",
     "ensemble_record",
     "fsync_write",
     "load",
@@ -95,18 +134,35 @@ __all__ = [
 ]
 
 FORMAT = "ensemblekit-checkpoint"
-VERSION = 2
-"""2: the manifest's "ensemble" build record rebuilds any ensemble; 1 (still read): a ModelConfig only."""
+VERSION = 3
+"""3: ``model.safetensors`` records the manifest's SHA-256; 2 (still read): the manifest's "ensemble" build
+record rebuilds any ensemble; 1 (still read): a ModelConfig only."""
 PREPARATIONS: dict[str, Callable[..., Any]] = {"isc": add_isc, "gradient_equilibrium": apply_gradient_equilibrium}
 """What a build record's preparations name, replayed in order after the build."""
 MANIFEST = "config.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 LATEST = "latest"
+MANIFEST_DIGEST = "ensemblekit.manifest_sha256"
+"""The key of ``model.safetensors``' metadata holding the SHA-256 of the manifest (all but that file's entry)."""
+STALE_AFTER = 3600.0
+"""Seconds after which a temporary folder written on another machine counts as left by a killed save."""
+_RESERVED = ("format", "version", "files", "model", "ensemble", "trainer")
+_FILES = (MODEL_FILE, TRAINER_FILE)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-)?[0-9a-f]{8}$")
+"""A temporary name: ``.<name>.tmp-<host>-<pid>-<random>`` while written, ``.old-`` for the folder an overwrite
+replaces (``.<name>.tmp-<random>``: an older ensemblekit's)."""
+_writing: set[str] = set()
+"""The temporary names this process is writing now (those of its own that are not here are left-overs)."""
 
 
 class CheckpointError(EnsembleKitError, ValueError):
     """A checkpoint that cannot be used: damaged, or made for another model. The message names the file."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, no inodes left, read-only file system)."""
 
 
 # ------------------------------------------------------------------ writing
@@ -130,14 +186,22 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Replace ``path`` by ``data`` atomically: temp file, fsync, ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _temp_path(path, "tmp")
     try:
         fsync_write(tmp, data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _writing.discard(tmp.name)
     _fsync_dir(path.parent)
     return path
+
+
+def _temp_path(path: Path, kind: str) -> Path:
+    """A fresh temporary name next to ``path`` (see ``_TEMP``), registered as being written by this process."""
+    temp = path.with_name(f".{path.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    _writing.add(temp.name)
+    return temp
 
 
 def _digest(path: Path) -> str:
@@ -150,6 +214,23 @@ def _digest(path: Path) -> str:
 
 def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write a safetensors file, flush it to disk; its manifest entry (size and SHA-256)."""
+    save_file(_cpu_tensors(tensors), str(path), metadata=metadata)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": _digest(path)}
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest as canonical JSON, all of it but the entry of ``model.safetensors`` (which holds it)."""
+    files = manifest.get("files")
+    covered = {**manifest, "files": {k: v for k, v in files.items() if k != MODEL_FILE} if isinstance(files, dict)
+               else files}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_checkpoint(
@@ -185,46 +266,60 @@ def write_checkpoint(
         except BuildSpecError:
             if model_config is None:
                 raise
+    clashes = sorted(set(extra or {}) & set(_RESERVED))
+    if clashes:
+        raise ValueError(f"extra manifest entries may not replace {', '.join(clashes)}")
+    clean_up(directory.parent)  # what killed saves left; a checkpoint a crash hid is renamed back first
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; choose another path or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    tmp = _temp_path(directory, "tmp")
+    old: Path | None = None
     try:
-        files = {MODEL_FILE: _cpu_tensors(model.state_dict())}
-        if trainer_tensors is not None:
-            files[TRAINER_FILE] = _cpu_tensors(trainer_tensors)
+        tmp.mkdir()
         manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "files": {}}
         if model_config is not None:
             manifest["model"] = _config_dict(model_config)
         if record is not None:
             manifest["ensemble"] = record
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-            manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
+        if trainer_tensors is not None:
+            manifest["files"][TRAINER_FILE] = _write_tensors(tmp / TRAINER_FILE, trainer_tensors)
         if trainer_state is not None:
             manifest["trainer"] = trainer_state
         manifest.update(extra or {})
+        manifest = json.loads(json.dumps(manifest, allow_nan=False))  # as it reads back (str keys, lists)
+        model_entry = _write_tensors(tmp / MODEL_FILE, model.state_dict(),
+                                     metadata={MANIFEST_DIGEST: _manifest_digest(manifest)})
+        manifest["files"] = {MODEL_FILE: model_entry, **manifest["files"]}
         fsync_write(tmp / MANIFEST, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
         _fsync_dir(tmp)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            old = _temp_path(directory, "old")
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)  # the old checkpoint back in place (a hard kill here: see resolve)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, directory)
         _fsync_dir(directory.parent)
+    except (OSError, SafetensorError) as err:
+        kept = "the previous checkpoint is kept" if directory.exists() else "nothing was written"
+        reason = getattr(err, "strerror", None) or str(err)
+        raise CheckpointWriteError(f"could not write checkpoint {directory}: {reason}; {kept}") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        _writing.discard(tmp.name)
+        if old is not None:
+            _writing.discard(old.name)
     return directory
 
 
 def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
-    """Save an ensemble that [`wrap()`][ensemblekit.wrap], a recipe or a config built to the folder ``path``.
+    """Save an ensemble that `wrap()`, a recipe or a config built to the folder ``path``.
 
     [`load()`][ensemblekit.training.checkpoint.load] gives it back with the same ``predict()`` results. Nothing
     is written when it cannot be described (see the module docstring).
@@ -275,24 +370,108 @@ def _config_dict(config: ModelConfig) -> dict[str, Any]:
     return asdict(config)
 
 
+# ------------------------------------------------------------------ recovery
+def clean_up(folder: str | Path) -> list[Path]:
+    """Finish what killed saves left in ``folder``; the paths restored or removed.
+
+    * A checkpoint that a crash between the two renames of an overwrite left
+      under its ``.old`` name, with nothing at its own name, is renamed back.
+    * Temporary folders and files of saves that were killed are removed: those
+      of this machine whose process has ended (or, of this process, that it is
+      not writing now), those of another machine after [`STALE_AFTER`][ensemblekit.training.checkpoint.STALE_AFTER]
+      seconds, and those of an older ensemblekit. A folder holding anything but
+      checkpoint files is never removed.
+
+    [`write_checkpoint()`][ensemblekit.training.checkpoint.write_checkpoint] calls it on the folder it writes
+    into, and the trainer on a run's checkpoint folder before resuming. Best effort: what cannot be removed
+    stays (a read-only folder is left as it is).
+    """
+    folder = Path(folder)
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # missing, not a folder, unreadable: nothing to do
+        return []
+    temps = [(p, m) for p in entries if (m := _TEMP.match(p.name))]
+    done = []
+    for target in sorted({m["target"] for _, m in temps if m["kind"] == "old"}):
+        hidden = _hidden(folder / target)
+        if hidden is not None and not os.path.lexists(folder / target):
+            try:
+                os.replace(hidden, folder / target)
+            except OSError:
+                continue
+            done.append(folder / target)
+    for path, match in temps:
+        if not os.path.lexists(path) or path.name in _writing or not _writer_gone(path, match):
+            continue
+        if match["kind"] == "old" and not os.path.lexists(folder / match["target"]):
+            continue  # still the only copy of that checkpoint (it could not be renamed back)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                if any(not f.is_file() or f.is_symlink() or f.name not in (MANIFEST, *_FILES) for f in path.iterdir()):
+                    continue  # not what a save writes: not ours to remove
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        done.append(path)
+    return done
+
+
+def _writer_gone(path: Path, match: re.Match[str]) -> bool:
+    """Whether the save that wrote temporary ``path`` has ended (then ``path`` is a left-over)."""
+    if match["host"] is None:
+        return True  # an older ensemblekit's name, which does not say who writes it; saves take seconds
+    if match["host"] == _HOST and os.name == "posix":
+        pid = int(match["pid"])
+        if pid == os.getpid():
+            return True  # not in _writing: this process is not writing it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, owned by another user
+            return False
+        return False
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_AFTER
+    except OSError:
+        return False
+
+
+def _hidden(target: Path) -> Path | None:
+    """The checkpoint a crash between the two renames of an overwrite of ``target`` left under its ``.old`` name."""
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return None
+    found = [p for p in entries if (m := _TEMP.match(p.name)) and m["kind"] == "old" and m["target"] == target.name
+             and (p / MANIFEST).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 # ------------------------------------------------------------------ reading
 def resolve(path: str | Path) -> Path:
     """The checkpoint folder that ``path`` names.
 
     ``path`` may be a checkpoint folder, a file inside one, or a run folder
-    whose ``checkpoints/latest`` names its newest checkpoint.
+    whose ``checkpoints/latest`` names its newest checkpoint (a bare folder
+    name next to it: a pointer that leads outside is refused). A checkpoint
+    missing after a crash between the two renames of an overwrite is found
+    under its ``.old`` name (see the module docstring).
     """
     path = Path(path)
     if not path.exists():
+        hidden = _hidden(path) if path.name else None
+        if hidden is not None:
+            return hidden
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         path = path.parent
     for pointer in (path / LATEST, path / "checkpoints" / LATEST):
         if pointer.is_file():
-            target = pointer.parent / pointer.read_text().strip()
-            if not (target / MANIFEST).exists():
-                raise CheckpointError(f"{pointer} names checkpoint {target}, which is missing or incomplete")
-            return target
+            return _follow(pointer)
     if not (path / MANIFEST).exists():
         raise FileNotFoundError(
             f"{path} is not a checkpoint: it has no {MANIFEST} (nor a checkpoints/{LATEST} pointer of a run folder)"
@@ -300,23 +479,46 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def _follow(pointer: Path) -> Path:
+    """The checkpoint folder a ``latest`` pointer names, which must lie in the pointer's own folder."""
+    folder = pointer.parent
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{pointer} cannot be read as a checkpoint name: {err}") from None
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise CheckpointError(f"{pointer} names {name!r}, refused: a {LATEST!r} pointer holds the bare name of a "
+                              f"checkpoint folder in {folder} (like 'step-0000100'), not a path")
+    home = folder.resolve()
+    target = folder / name
+    for what, place in (("the pointer", pointer), ("the checkpoint it names", target)):
+        if not place.resolve().is_relative_to(home):
+            raise CheckpointError(f"{pointer}: {what} leads outside the run's folder {folder} (to "
+                                  f"{place.resolve()}, through a symbolic link), refused")
+    if not (target / MANIFEST).exists():
+        hidden = _hidden(target)
+        if hidden is not None:
+            return hidden
+        raise CheckpointError(f"{pointer} names checkpoint {target}, which is missing or incomplete")
+    return target
+
+
 def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``(checkpoint folder, manifest)`` with every listed file checked for size and checksum."""
+    """``(checkpoint folder, manifest)``, checked as the module docstring says, before anything is built.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: a damaged, edited or invalid checkpoint (the message names the file and the entry).
+    """
     directory = resolve(path)
     manifest_path = directory / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path} is not valid JSON (truncated or corrupted): {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path} is not an ensemblekit checkpoint manifest (no format={FORMAT!r})")
-    if manifest.get("version") not in (1, VERSION):
-        raise CheckpointError(f"{manifest_path} has format version {manifest.get('version')}; "
-                              f"this ensemblekit reads versions 1 to {VERSION}")
-    rebuilt_from = "model" if manifest["version"] == 1 or "model" in manifest else "ensemble"  # config or record
-    for key in ("files", rebuilt_from):
-        if not isinstance(manifest.get(key), dict):
-            raise CheckpointError(f"{manifest_path} lacks its {key!r} entry (truncated or corrupted)")
+    except OSError as err:
+        raise CheckpointError(f"{manifest_path} cannot be read: {err}") from None
+    _check_layout(manifest, manifest_path)
     for name, info in manifest["files"].items():
         file = directory / name
         if not file.is_file():
@@ -326,7 +528,134 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
             raise CheckpointError(f"checkpoint file {file} is truncated: {size} bytes, expected {info['bytes']}")
         if size != info["bytes"] or _digest(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {file} is corrupted: its SHA-256 does not match {manifest_path}")
+    _check_digest(manifest, manifest_path, directory / MODEL_FILE)
+    _check_contents(manifest, manifest_path)
     return directory, manifest
+
+
+def _check_layout(manifest: Any, path: Path) -> None:
+    """The format, the version and the file list: what the integrity checks rely on."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ensemblekit checkpoint manifest (no format={FORMAT!r})")
+    version = manifest.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise CheckpointError(f"{path} has format version {version!r}; this ensemblekit reads versions 1 to {VERSION}")
+    rebuilt_from = "model" if version == 1 or "model" in manifest else "ensemble"  # config or record
+    for key in ("files", rebuilt_from):
+        if not isinstance(manifest.get(key), dict):
+            raise CheckpointError(f"{path} lacks its {key!r} entry (truncated or corrupted)")
+    files = manifest["files"]
+    unknown = [name for name in files if name not in _FILES]
+    if unknown:
+        raise CheckpointError(f"{path}: 'files' lists {unknown[0]!r}, which is not a checkpoint file (a checkpoint "
+                              f"holds {' and '.join(_FILES)} only)")
+    needed = [MODEL_FILE, *([TRAINER_FILE] if "trainer" in manifest else [])]
+    for name in needed:
+        if name not in files:
+            raise CheckpointError(f"{path}: 'files' does not list {name}, which every "
+                                  f"{'checkpoint' if name == MODEL_FILE else 'training checkpoint'} holds "
+                                  "(with its size and SHA-256)")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and set(info) == {"bytes", "sha256"} and type(info["bytes"]) is int
+                and info["bytes"] >= 0 and isinstance(info["sha256"], str)
+                and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])):
+            raise CheckpointError(f"{path}: files[{name!r}] is {info!r}; expected "
+                                  "{'bytes': <size>, 'sha256': <64 hexadecimal digits>}")
+
+
+def _check_digest(manifest: dict[str, Any], path: Path, weights: Path) -> None:
+    """The manifest's SHA-256 against the one its weights file recorded (version 3 on)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(MANIFEST_DIGEST)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"checkpoint file {weights} cannot be read: {err}") from None
+    if manifest["version"] < 3:
+        if recorded is not None:
+            raise CheckpointError(f"{path} says format version {manifest['version']}, but {weights} holds the "
+                                  "manifest's SHA-256, which only version 3 writes: the manifest was edited")
+        return
+    if recorded is None:
+        raise CheckpointError(f"{weights} lacks the SHA-256 of {path} that every version 3 checkpoint records in it")
+    if recorded != _manifest_digest(manifest):
+        raise CheckpointError(f"{path} was changed after the checkpoint was written: its SHA-256 differs from the one "
+                              f"recorded in {weights} (edited or damaged); restore it, or save the model again")
+
+
+def _check_contents(manifest: dict[str, Any], path: Path) -> None:
+    """The config, the build record and the training state: their types, and the components they name."""
+    if "model" in manifest:
+        try:
+            config = model_config(manifest, str(path))
+            check_backbone_options(config.backbone_options, "model.backbone_options:")
+        except EnsembleKitError as err:
+            raise CheckpointError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+    if "trainer" in manifest and not isinstance(manifest["trainer"], dict):
+        raise CheckpointError(f"{path}: 'trainer' must be a mapping, got {type(manifest['trainer']).__name__}")
+    record = manifest.get("ensemble")
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: 'ensemble' must be a mapping, got {type(record).__name__}")
+    try:
+        _check_record(record, "model" in manifest)
+    except (EnsembleKitError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _check_record(record: dict[str, Any], has_config: bool) -> None:
+    """Raise for a build record [`rebuild()`][ensemblekit.training.checkpoint.rebuild] cannot replay (the
+    message names the entry)."""
+    build, parts, preparations = record.get("build"), record.get("components", {}), record.get("preparations", [])
+    if not isinstance(parts, dict) or not isinstance(preparations, list):
+        raise ValueError("ensemble.components must be a mapping and ensemble.preparations a list")
+    if build == "config":
+        if not has_config:
+            raise ValueError("ensemble.build names a model config ('config'), but the manifest holds no 'model'")
+    elif isinstance(build, dict) and set(build) == {"wrap"} and isinstance(build["wrap"], dict):
+        args = build["wrap"]
+        check_backbone_spec(args.get("backbone"), "ensemble.build.wrap.backbone")
+        for key in ("num_classes", "num_blocks"):
+            value = args.get(key)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"ensemble.build.wrap.{key} must be an integer >= 1 or null, got {value!r}")
+        shape = args.get("example_input")
+        if shape is not None and not (isinstance(shape, list) and all(type(n) is int and n >= 1 for n in shape)):
+            raise ValueError(f"ensemble.build.wrap.example_input must be a shape (a list of sizes) or null, "
+                             f"got {shape!r}")
+        missing = [kind for kind in COMPONENT_KINDS if kind not in parts]
+        if missing:
+            raise ValueError(f"ensemble.components lacks {', '.join(missing)}, which a wrap() build names")
+    elif isinstance(build, dict) and set(build) == {"recipe"} and isinstance(build["recipe"], dict):
+        recipe = build["recipe"]
+        name, backbone, options = recipe.get("name"), recipe.get("backbone"), recipe.get("options")
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise ValueError(f"ensemble.build.recipe must hold a 'name' and 'options', got {recipe!r}")
+        check_backbone_spec({"kind": "timm", "name": backbone, "kwargs": {}} if isinstance(backbone, str)
+                            else backbone, "ensemble.build.recipe.backbone")
+        try:
+            RECIPES.check({**from_json(options), "name": name}, context=("backbone",))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"ensemble.build.recipe: {err}") from None
+    else:
+        raise ValueError(f"ensemble.build must be 'config', {{'wrap': {{...}}}} or {{'recipe': {{...}}}}, "
+                         f"got {build!r}")
+    for kind, spec in parts.items():
+        if kind not in COMPONENT_KINDS:
+            raise ValueError(f"ensemble.components names {kind!r}, which is not a component "
+                             f"({', '.join(COMPONENT_KINDS)})")
+        if spec is None and kind not in ("topology", "execution"):
+            continue
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError(f"ensemble.components.{kind} must be a spec {{'name': ..., **options}}, got {spec!r}")
+        try:
+            registry_of(kind).check(from_json(spec), context=("num_members",))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"ensemble.components.{kind}: {err}") from None
+    for i, preparation in enumerate(preparations):
+        if not isinstance(preparation, dict) or preparation.get("name") not in PREPARATIONS:
+            raise ValueError(f"ensemble.preparations[{i}] is {preparation!r}; a preparation is "
+                             f"{{'name': one of {', '.join(map(repr, PREPARATIONS))}, **options}}")
 
 
 def model_config(manifest: dict[str, Any], source: str) -> ModelConfig:
@@ -364,7 +693,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         device: where to put the ensemble.
 
     Returns:
-        The [`Ensemble`][ensemblekit.Ensemble], in eval mode.
+        The [`Ensemble`][ensemblekit.core.ensemble.Ensemble], in eval mode.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -391,7 +720,11 @@ def rebuild(record: dict[str, Any], config: ModelConfig | None = None) -> Ensemb
     if build == "config":
         if config is None:
             raise CheckpointError("this checkpoint's build record names a model config, but it holds none")
-        model = build_ensemble(config)
+        # the architecture only: its weights come from the checkpoint, never from timm's (a download or a file)
+        weightless = {k: v for k, v in config.backbone_options.items()
+                      if k not in ("pretrained", "pretrained_cfg_overlay")}
+        model = build_ensemble(dataclasses.replace(config, backbone_options=weightless))
+        model.build_config = config
     elif "wrap" in build:
         args = build["wrap"]
         shape = args["example_input"]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -83,8 +83,10 @@ class ModelConfig:
 
     Attributes:
         backbone: timm model name, created with ``pretrained=False``.
-        num_classes: classes (filled in from the dataset when omitted).
-        in_chans: input channels.
+        num_classes: classes (filled in from the dataset when omitted; a different
+            number than the dataset's is refused).
+        in_chans: input channels (filled in from the dataset when omitted; a
+            different number than the dataset's is refused).
         image_size: side of the square inputs (for splitting and FLOP counts).
         backbone_options: extra keywords of ``timm.create_model``.
         recipe: a registered recipe, e.g. "hne", "ensemblenet", "multi_exit" or
@@ -105,7 +107,7 @@ class ModelConfig:
 
     backbone: str
     num_classes: int | None = None
-    in_chans: int = 3
+    in_chans: int | None = None
     image_size: int = 32
     backbone_options: dict = field(default_factory=dict)
     recipe: str | None = None
@@ -116,6 +118,19 @@ class ModelConfig:
     halting: str | dict | None = None
     init: str = "reinit"
     num_blocks: int | None = None
+
+    def for_dataset(self, info: Any) -> ModelConfig:
+        """This config with the dataset's classes, channels and image size (a ``DatasetInfo``).
+
+        Raises:
+            ConfigError: ``num_classes`` or ``in_chans`` is set to another value than the dataset's.
+        """
+        for key, ours, theirs in (("num_classes", self.num_classes, info.num_classes),
+                                  ("in_chans", self.in_chans, info.in_chans)):
+            if ours is not None and ours != theirs:
+                raise ConfigError(f"model.{key} = {ours} but dataset {info.name!r} has {theirs}; "
+                                  f"set it to {theirs} or leave it out (it is taken from the dataset)")
+        return replace(self, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size)
 
     def __post_init__(self) -> None:
         if self.recipe is not None:
@@ -136,7 +151,8 @@ class ModelConfig:
             _component(f"model.{key}", getattr(self, key), registry, build=key in ("topology", "loss"))
         if self.num_classes is not None:
             _at_least("model.num_classes", self.num_classes, 1)
-        _at_least("model.in_chans", self.in_chans, 1)
+        if self.in_chans is not None:
+            _at_least("model.in_chans", self.in_chans, 1)
         _at_least("model.image_size", self.image_size, 1)
 
 
@@ -252,6 +268,16 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be > 0 or omitted, got {self.grad_clip}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {self.seed}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as err:
+                raise ConfigError(f"train.device {self.device!r} is not a device: use 'auto', 'cpu', 'cuda', "
+                                  "'cuda:1' or 'mps'") from err
         if self.stages is not None:
             try:
                 STAGE_SCHEDULES.check(self.stages, context=("ensemble", "settings"))
@@ -300,7 +326,10 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from err
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:
@@ -311,13 +340,32 @@ def load_config(path: str | Path) -> RunConfig:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         data = {} if data is None else data
     else:
         raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .yml")
     return RunConfig.from_dict(data, source=str(path))
+
+
+def _unique_key_loader() -> type:
+    """A YAML safe loader that refuses a key given twice in one mapping (TOML refuses it too)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def section_from_dict(cls: type, data: Any, section: str, source: str = "config") -> Any:
@@ -352,14 +400,14 @@ def build_ensemble(config: ModelConfig):
     if config.num_classes is None:
         raise ConfigError("model.num_classes is not set (it is normally taken from the dataset)")
     try:
-        backbone = create_backbone(config.backbone, num_classes=config.num_classes, in_chans=config.in_chans,
+        backbone = create_backbone(config.backbone, num_classes=config.num_classes, in_chans=config.in_chans or 3,
                                    **config.backbone_options)
     except UnknownBackboneError as err:
         raise ConfigError(f"model.backbone: {err}") from err
     except Exception as err:  # whatever timm raises for these options is a config error
         raise ConfigError(f"model.backbone_options {config.backbone_options} are not accepted by "
                           f"timm model {config.backbone!r}: {type(err).__name__}: {err}") from err
-    example = torch.zeros(1, config.in_chans, config.image_size, config.image_size)
+    example = torch.zeros(1, config.in_chans or 3, config.image_size, config.image_size)
     try:
         if config.recipe is not None:
             ensemble = RECIPES.create(config.recipe, backbone=backbone, init=config.init, halting=config.halting,

@@ -76,6 +76,7 @@ __all__ = [
     "DataNotFoundError",
     "DatasetInfo",
     "RandomPadCrop",
+    "SeededItems",
     "TensorImageDataset",
     "cache_dir",
     "fashion_mnist_available",
@@ -699,6 +700,28 @@ def load_dataset(
     if name == "imagefolder":
         return _load_imagefolder(split, root, augment, image_size or IMAGEFOLDER_SIZE)
     return _load_cifar(name, split, root, augment, image_size or 32)
+
+
+class SeededItems(Dataset):
+    """``dataset`` whose item ``i`` of epoch ``e`` draws its random augmentation from its own seed.
+
+    Each item runs under torch's global RNG seeded from ``(seed, epoch, i)`` and
+    restored afterwards, so an item's augmentation depends neither on the worker
+    process that loads it nor on the items loaded before it: a run resumed in the
+    middle of an epoch, with any number of workers, sees the same images.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+            return self.dataset[index]
 
 
 def make_loader(

@@ -40,9 +40,10 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from ensemblekit.evaluation.reports import Report, anytime_report, collect_membe
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
 from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
-from ensemblekit.training.data import load_dataset, make_loader
+from ensemblekit.training.data import SeededItems, load_dataset, make_loader
 
 __all__ = [
     "CHECKPOINTS",
@@ -311,7 +312,8 @@ def train(
     stages: Sequence[Stage] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (an [`Ensemble`][ensemblekit.Ensemble] with a loss) on ``train_set``, stage by stage.
+    """Train ``model`` (an [`Ensemble`][ensemblekit.core.ensemble.Ensemble] with a loss) on ``train_set``, stage
+    by stage.
 
     Args:
         model: the ensemble; with ``out_dir`` it needs a ``build_config``
@@ -365,6 +367,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     if folder is not None and getattr(model, "build_config", None) is None:
         raise ValueError("to write checkpoints the model needs a build_config: build it with "
                          "ensemblekit.training.config.build_ensemble, or pass out_dir=None")
+    if folder is not None:  # what killed saves left; a checkpoint a crash between renames hid is put back
+        ckpt.clean_up(folder)
     existing = _step_dirs(folder) if folder is not None else []
     if resume and folder is None:
         raise ValueError("resume=True needs the out_dir of the run to resume")
@@ -380,6 +384,11 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
         raise ValueError(f"train.batch_size={config.batch_size} is the global batch of {env.world_size} processes: "
                          f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
                          f"{env.world_size} items")
+    per_process = min(config.batch_size, n) // env.world_size
+    if per_process < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f"batches of {per_process} sample per process (train.batch_size={config.batch_size}, "
+                         f"{n} training items, {env.world_size} processes): BatchNorm needs at least 2 samples "
+                         "per batch in training")
     drop_last = n > config.batch_size
     steps_per_epoch = n // config.batch_size if drop_last else 1
     stages = resolve_stages(model, config) if stages is None else _check_stages(stages, "stages")
@@ -454,6 +463,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     wrapped = False
     for index, stage in enumerate(stages):
         _start_stage(stage, model, device)
+        buffers = list(model.buffers())  # restored when a step fails on a non-finite loss
+        before_step = [b.clone() for b in buffers]
         if step >= bounds[index + 1]:  # done before the checkpoint resumed: only its preparation is replayed
             if index == restore_stage and restore is not None:  # the checkpoint ends this stage
                 _load_state(*restore, model, [], [], env, config.seed)
@@ -473,7 +484,8 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                 epoch, skip = divmod(step, steps_per_epoch)
                 freeze.train()
                 sampler.set_epoch(epoch, start=skip * config.batch_size)
-                loader = make_loader(train_set, config.batch_size // env.world_size, shuffle=False,
+                items = SeededItems(train_set, config.seed, epoch)  # augmentations independent of the workers
+                loader = make_loader(items, config.batch_size // env.world_size, shuffle=False,
                                      num_workers=num_workers, seed=distributed.rank_seed(config.seed, env.rank),
                                      sampler=sampler, drop_last=drop_last)
                 epoch_start = time.perf_counter()
@@ -489,8 +501,13 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                         seen: dict[str, Any] = {}
                         where = {"step": step + 1, "epoch": epoch + 1, "batch": batch + 1,
                                  "steps_per_epoch": steps_per_epoch, "last_good": last_good}
-                        training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers, schedulers,
-                                      grad_clip=config.grad_clip, parameters=model.parameters())
+                        torch._foreach_copy_(before_step, buffers)
+                        try:
+                            training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers,
+                                          schedulers, grad_clip=config.grad_clip, parameters=model.parameters())
+                        except NonFiniteLossError:  # the forward pass put NaN in BatchNorm's statistics: undo it
+                            torch._foreach_copy_(buffers, before_step)
+                            raise
                         step += 1
                         totals = seen["totals"]
                         parts = {k: float(v) / env.world_size for k, v in zip(seen["parts"], totals[3:])}
@@ -708,6 +725,31 @@ def load_split(data: DataConfig, split: str, augment: bool = False, limit: int |
     return dataset, info
 
 
+class OutputFolderError(EnsembleKitError, OSError):
+    """The output folder of a run cannot be written."""
+
+
+def check_output_folder(path: Path) -> None:
+    """Prove, before any work, that ``path`` is or can be made a writable folder (nothing is left behind).
+
+    The folder itself, or its nearest existing parent, gets a file written and removed.
+
+    Raises:
+        OutputFolderError: ``path`` or a parent is a file, or cannot be written (permissions, read-only file system).
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        raise OutputFolderError(f"output folder {path} {where}; choose a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputFolderError(f"cannot write to output folder {path}: {err.strerror or err}") from err
+
+
 def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
         log: Callable[[str], None] = print) -> RunResult:
     """Build, train and evaluate as ``config`` says; write checkpoints, a report and a plot to ``out_dir``.
@@ -717,11 +759,12 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     and under torchrun only by rank 0 (every process evaluates).
     """
     out_dir = Path(out_dir)
+    check_output_folder(out_dir)
+    select_device(config.train.device)
     data = config.data
     train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
-    model_config = replace(config.model, num_classes=config.model.num_classes or info.num_classes,
-                           in_chans=info.in_chans, image_size=info.image_size)
+    model_config = config.model.for_dataset(info)
     seed_everything(config.train.seed)
     model = build_ensemble(model_config)
     extra = {"data": asdict(config.data)}

@@ -34,7 +34,17 @@ def test_quick_bench_prints_every_section_with_targets(allocator, capsys):
     judged = [line for line in lines if "(target" in line]
     assert judged and all(line.endswith(("-> met", "-> NOT MET")) or "skipped" in line for line in judged)
     assert "auto vs the best strategy" in out and "share of one model's GFLOP/s" in out
+    assert "[5] eval  stream of" in out
     assert "bench wall-clock" in out.splitlines()[-1]
+
+
+def test_stream_lines_run_on_tiny_settings():
+    out: list[str] = []
+    bench.Bench(bench.QUICK, torch.device("cpu"), out.append)._stream_lines()
+    assert len(out) == 2
+    assert out[0].startswith("[5] eval  stream of 3 batches of 4, 50% of the samples stop after member 1: engine ")
+    assert out[0].endswith(("-> met", "-> NOT MET")) and "(target >= 0.8)" in out[0]
+    assert "forward pass" in out[1] and "p50" in out[1] and "p95" in out[1]
 
 
 def test_missing_torchensemble_is_reported_as_skipped(allocator, capsys, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,12 +182,6 @@ def test_reproduce_hne_table1_tiny(tmp_path, capsys):
     differences = [record["per_seed"][s]["L_I+L_HD"]["1"] - record["per_seed"][s]["L_I"]["1"] for s in ("0", "1")]
     assert first["margin"] == pytest.approx(sum(differences) / 2)
     assert "L_I+L_HD@1 >= L_I@1: margin" in text and "margin" in (out / "hne_table1.md").read_text()
-    # resumed: every run is reused, nothing trains
-    assert main(command) == 0
-    assert capsys.readouterr().out.count("finished earlier, reused") == 8
-    # other settings in the same folder are refused
-    assert main(command + ["--lr", "0.2"]) == 2
-    assert "other settings" in capsys.readouterr().err
 
 
 def test_reproduce_table_shows_the_papers_numbers():
@@ -204,3 +199,27 @@ def test_reproduce_lists_its_experiments(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "-h"])
     assert "hne-table1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "read-only file system"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, where):
+    config = write(tmp_path, "tiny.toml", TOML)
+    (tmp_path / "taken").write_text("keep me")
+    out = {"file": tmp_path / "taken", "under a file": tmp_path / "taken" / "run",
+           "read-only file system": Path("/proc/ensemblekit-run")}[where]
+    assert main(["train", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr()
+    assert "ensemblekit train: error: " in err.err and "output folder" in err.err
+    assert "epoch" not in err.out + err.err  # nothing trained
+    assert (tmp_path / "taken").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ('seed = 9223372036854775807', "train.seed must be an integer in [0, 2**32), got 9223372036854775807"),
+    ('device = "gpu0"', "train.device 'gpu0' is not a device"),
+])
+def test_train_settings_are_checked_when_the_config_is_read(tmp_path, capsys, line, fragment):
+    config = write(tmp_path, "tiny.toml", TOML.replace("[train]\n", f"[train]\n{line}\n"))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

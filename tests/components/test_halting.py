@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ensemblekit as ek
-from ensemblekit.components.halting import Budgeted, Confidence
+from ensemblekit.components.halting import Budgeted, Confidence, Fixed
 from ensemblekit.components.halting.budgeted import (
     exit_distribution,
     exit_indices,
@@ -162,7 +162,7 @@ def test_stopped_samples_leave_the_batch():
     seen: list[int] = []
     ens.nodes[2].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     threshold = float(conf[:, 0].sort().values[6])  # 6 of 12 samples stop at exit 0
-    ens.predict(x, halting=Confidence([threshold, 2.0, 0.0]))
+    ens.predict(x, halting=Confidence([threshold, 1.0, 0.0]))
     assert seen == [6]  # the last block ran on the samples still going only
 
 
@@ -235,3 +235,18 @@ def test_calibrated_thresholds_load_into_a_fresh_policy():
     assert torch.equal(fresh.predict(x).members_used, ens.predict(x).members_used)
     with pytest.raises(ValueError, match="calibrated for 3 exits, the ensemble has 2"):
         ek.wrap(toy_split(2), "chain", halting=ens.halting)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, float("nan"), [0.5, float("nan")], [0.2, 2.0], "0.5"])
+def test_confidence_thresholds_outside_the_unit_interval_are_refused(threshold):
+    """A max-softmax confidence lies in [0, 1]: any other threshold (or NaN) is a mistake, named in the message."""
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got"):
+        Confidence(threshold)
+
+
+def test_fixed_asks_for_at_most_the_ensembles_members():
+    ens = ek.wrap(toy_split(2), "independent", members=2)
+    with pytest.raises(ValueError, match="Fixed\\(members=99\\) asks for more members than the ensemble's 2"):
+        ens.eval().predict(torch.randn(2, 3, 8, 8), halting=Fixed(99))
+    with pytest.raises(ValueError, match="members=3"):
+        ek.wrap(toy_split(2), "independent", members=2, halting={"name": "fixed", "members": 3})

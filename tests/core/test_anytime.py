@@ -256,3 +256,75 @@ def test_the_old_import_paths_of_the_clock_still_work():
     from ensemblekit.core import anytime, timing
 
     assert anytime.Clock is timing.Clock and anytime.overruns is timing.overruns
+
+
+def record_levels(ens) -> list[list[int]]:
+    """The nodes of every executor call (one call per level)."""
+    calls: list[list[int]] = []
+    run = ens.executor.run
+
+    def spy(modules, inputs):
+        calls.append([next(i for i, n in enumerate(ens.nodes) if n is m) for m in modules])
+        return run(modules, inputs)
+
+    ens.executor.run = spy
+    return calls
+
+
+@pytest.mark.parametrize("topology,options", [("tree", {"depth": 2}), ("multi_branch", {"branches": 3}),
+                                              ("independent", {"members": 3}), ("chain", {})])
+def test_nested_granularity_yields_every_prefix_as_the_member_one(topology, options):
+    ens = build(topology, **options)
+    x = torch.randn(3, 3, 8, 8)
+    by_member = list(ens.anytime(x))
+    nested = list(ens.anytime(x, granularity="nested"))
+    assert [s.members for s in nested] == [s.members for s in by_member] == list(range(1, ens.num_members + 1))
+    for a, b in zip(nested, by_member):
+        assert a.flops == b.flops
+        torch.testing.assert_close(a.prediction, b.prediction)
+        torch.testing.assert_close(a.member_logits, b.member_logits)
+
+
+def test_nested_granularity_runs_each_level_of_a_sub_ensemble_in_one_call():
+    ens = build("tree", depth=2, branching=2)  # members 0 | 1 | 2 3: nested sizes 1, 2, 4
+    x = torch.randn(2, 3, 8, 8)
+    calls = record_levels(ens)
+    steps = ens.anytime(x, granularity="nested")
+    next(steps)
+    assert calls == [[0], [1], [3]]  # member 1's own path
+    calls.clear()
+    next(steps)
+    assert calls == [[4]]
+    calls.clear()
+    next(steps)
+    assert calls == [[2], [5, 6]]  # the second subtree: its level-1 node, then both leaves in one call
+    calls.clear()
+    assert next(steps).members == 4 and calls == []  # computed with member 3: only its head runs
+    ens4 = build("tree", depth=2, branching=3)  # nested sizes 1, 3, 9
+    calls = record_levels(ens4)
+    assert [s.members for s in ens4.anytime(x, granularity="nested")] == list(range(1, 10))
+    # member 1's path; members 2-3's leaves; members 4-9: two level-1 nodes, then six leaves (per member: 13 calls)
+    assert [len(c) for c in calls] == [1, 1, 1, 2, 2, 6]
+
+
+def test_nested_granularity_cuts_a_sub_ensemble_at_the_limits(clock):
+    ens = build("tree", depth=2)
+    x = torch.randn(2, 3, 8, 8)
+    calls = record_levels(ens)
+    assert [s.members for s in ens.anytime(x, granularity="nested", max_members=3)] == [1, 2, 3]
+    assert calls[-2:] == [[2], [5]]  # member 4's leaf was never computed
+    costs = ens.cost_table()
+    assert [s.members for s in ens.anytime(x, granularity="nested", max_flops=costs[2].flops)] == [1, 2, 3]
+    slow_nodes(ens, clock)  # member 1: 3 nodes, member 2 adds 1, members 3-4 add 3
+    steps = list(ens.anytime(x, granularity="nested", deadline=6.5 * NODE))
+    assert [s.members for s in steps] == [1, 2, 3]  # members 3 and 4 would end at 7: cut to member 3 (6)
+    assert steps[-1].seconds == 6 * NODE
+    clock[0] = 0.0
+    members = []
+    for step in ens.anytime(x, granularity="nested", deadline=7 * NODE):
+        members.append(step.members)
+        if step.members == 3:
+            clock[0] += 5 * NODE  # the caller takes past the deadline: member 4's head does not run
+    assert members == [1, 2, 3]
+    with pytest.raises(ValueError, match="granularity must be one of 'member', 'nested'"):
+        ens.anytime(x, granularity="level")

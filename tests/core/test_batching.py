@@ -143,20 +143,23 @@ class RopeLike(nn.Module):
         return self.head(x * table.mean())
 
 
-def test_a_side_input_computed_from_sizes_is_shared_across_the_batch():
-    torch.manual_seed(0)
-    model = RopeLike().eval()
-    traced = trace_modes(model, PathTracer)
-    x = torch.randn(8, 3, 4, 4)  # as many samples as the table has rows
-    profile = profile_graph(traced, [x[:1]])
+def rope_split() -> BlockSplit:
+    """:class:`RopeLike` split at its two stages by the graph splitter's own functions."""
+    traced = trace_modes(RopeLike().eval(), PathTracer)
+    profile = profile_graph(traced, [torch.zeros(1, 3, 4, 4)])
     indexes = {mode: GraphIndex(g) for mode, g in traced.graphs.items()}
     cuts = locate_cuts(indexes, ["stage1", "stage2"])
     layouts = per_sample_layouts(indexes[False], profile, cuts.live[False])
     assert layouts == [(False, True), (False, True)]  # the table is shared, the features are per-sample
     blocks, head = build_blocks(traced, cuts)
-    split = BlockSplit(blocks=blocks, head=head, num_classes=CLASSES, feature_index=[1, 1],
-                       feature_format=["NCHW", "NCHW"], in_chans=3, example_size=(4, 4), per_sample=layouts)
-    ens = ek.wrap(split, "chain").eval()
+    return BlockSplit(blocks=blocks, head=head, num_classes=CLASSES, feature_index=[1, 1],
+                      feature_format=["NCHW", "NCHW"], in_chans=3, example_size=(4, 4), per_sample=layouts)
+
+
+def test_a_side_input_computed_from_sizes_is_shared_across_the_batch():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)  # as many samples as the table has rows
+    ens = ek.wrap(rope_split(), "chain").eval()
     with torch.no_grad():
         prefixes = ens.forward_output(x).prefixes()
     conf = confidence(prefixes)

@@ -1,4 +1,5 @@
-"""The CUDA paths: every execution strategy equals the loop on the GPU, predict and anytime, a bf16 training step.
+"""The CUDA paths: every execution strategy equals the loop on the GPU, predict, anytime and the streaming engine,
+a bf16 training step.
 
 Marked ``cuda`` and skipped without a CUDA device (``pytest -m cuda``). Setting
 ``ENSEMBLEKIT_TEST_DEVICE=cpu`` runs the same checks on the CPU, to test the
@@ -145,6 +146,29 @@ def test_predict_with_confidence_and_anytime(execution):
         assert all(1 <= k <= ens.num_members for k in used)
         for i, k in enumerate(used):  # each sample's prediction is the prefix it stopped at
             assert_close(mixed.prediction[i], steps[k - 1].prediction[i], f"sample {i} stopped after {k} members")
+
+
+@pytest.mark.parametrize("execution", ["loop", "grouped", "auto"])
+def test_stream_and_nested_anytime(execution):
+    """The streaming engine joins samples of several batches on the device; nested anytime batches levels."""
+    ens = tiny_tree(execution).eval()
+    x, _ = batch(10, seed=4)
+    with torch.no_grad():
+        full = ens(x)
+        steps = list(ens.anytime(x))
+    nested = list(ens.anytime(x, granularity="nested"))
+    assert [s.members for s in nested] == [s.members for s in steps]
+    for a, b in zip(nested, steps):
+        assert_close(a.prediction, b.prediction, f"nested anytime after {a.members} members")
+    assert_close(nested[-1].prediction, full, "nested anytime's last prediction vs forward")
+    results = list(ens.stream(x.split([3, 4, 3]), halting=ek.halting.Confidence(0.3), batch_size=4))
+    assert [r.index for r in results] == [0, 1, 2]
+    prediction = torch.cat([r.prediction for r in results])
+    assert prediction.device.type == DEVICE.type and prediction.shape == full.shape
+    used = torch.cat([r.members_used for r in results]).tolist()
+    for i, k in enumerate(used):  # each sample's prediction is the prefix it stopped at
+        assert_close(prediction[i], steps[k - 1].prediction[i], f"streamed sample {i} stopped after {k} members")
+    assert all(bool((r.latency >= 0).all()) for r in results)
 
 
 @pytest.mark.parametrize("execution", ["loop", "grouped", "auto"])

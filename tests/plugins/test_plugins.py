@@ -460,3 +460,125 @@ def test_config_resolves_a_plugin_recipe_by_name():
         ModelConfig(**TINY, recipe="soft_tree", recipe_options={"leaves": 2})
     with pytest.raises(ConfigError, match="model.recipe must be one of .*'soft_tree'"):
         ModelConfig(**TINY, recipe="soft_trees")
+
+
+# ------------------------------------------------ a broken plugin cannot take the others down
+def sequential_backbone() -> torch.nn.Sequential:
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), head)
+
+
+def test_a_splitter_that_raises_is_skipped_for_that_model_with_a_warning_naming_the_plugin():
+    import timm
+
+    tried = []
+
+    def crashes(model, num_blocks, example_input):
+        tried.append(type(model).__name__)
+        raise RuntimeError("my splitter is broken")
+
+    def answers_junk(model, num_blocks, example_input):
+        return "not a split"
+
+    class Broken:
+        @hookimpl
+        def register_backbone_splitters(self, register):
+            register("crashes", crashes)
+            register("junk", answers_junk)
+
+    register_plugin(Broken(), "broken_splitters")
+    with pytest.warns(PluginWarning) as record:
+        ens = ek.wrap(sequential_backbone(), "independent", members=2)  # the built-in splitter takes over
+    assert ens.num_members == 2 and tried == ["Sequential"]
+    messages = [str(w.message) for w in record]
+    assert ("splitter 'crashes' of plugin 'broken_splitters' raised RuntimeError: my splitter is broken; it is "
+            "skipped for this Sequential and the other splitters are tried") in messages
+    assert ("splitter 'junk' of plugin 'broken_splitters' returned a str, not a BlockSplit or None; it is skipped "
+            "for this Sequential") in " ".join(messages)
+    with pytest.warns(PluginWarning) as record:
+        assert ek.wrap(timm.create_model("test_resnet", num_classes=3), "tree", depth=1).num_members == 2
+    assert "'crashes' of plugin 'broken_splitters' raised RuntimeError" in str(record[0].message)
+    assert tried == ["Sequential", "ResNet"]
+
+
+def test_a_splitter_that_cannot_split_as_asked_still_says_why():
+    from ensemblekit.splitting import SplitError
+
+    def strict(model, num_blocks, example_input):
+        raise SplitError("my models come in 2 blocks only")
+
+    class Strict:
+        @hookimpl
+        def register_backbone_splitters(self, register):
+            register("strict", strict)
+
+    register_plugin(Strict(), "strict")
+    with pytest.raises(SplitError, match="my models come in 2 blocks only"):
+        ek.wrap(sequential_backbone(), "independent", members=2)
+
+
+def test_a_plugin_calling_sys_exit_at_import_is_listed_as_failed(install, capsys):
+    install("import sys\nsys.exit(3)\n", name="quitter", dist="quitter-plugin")
+    install(GOOD)
+    with pytest.warns(PluginWarning, match=r"plugin 'quitter' \(from quitter-plugin\) was skipped: SystemExit: "
+                                           r"the plugin called sys.exit\(3\) while loading"):
+        load_plugins()
+    assert info("quitter").status == "failed" and "SystemExit" in info("quitter").traceback
+    assert info("fake").status == "loaded" and "fake_mean" in AGGREGATORS.names()
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "quitter  quitter-plugin 1.2.3  FAILED\n  SystemExit: the plugin called sys.exit(3) while loading" in out
+
+
+def test_a_hook_calling_sys_exit_is_caught_too():
+    class Quits:
+        @hookimpl
+        def register_aggregators(self, register):
+            register("never", MeanLogits)
+            sys.exit("bye")
+
+    with pytest.raises(PluginError, match=r"plugin 'quits' failed to load: SystemExit: the plugin called "
+                                          r"sys.exit\('bye'\)"):
+        register_plugin(Quits(), "quits")
+    assert "never" not in AGGREGATORS.names()
+
+
+def test_a_class_of_the_wrong_kind_is_refused_at_registration_naming_the_plugin():
+    class WrongKind:
+        @hookimpl
+        def register_topologies(self, register):
+            register("mean_tree", MeanLogits)  # an aggregator registered as a topology
+
+    with pytest.raises(PluginError, match="topology 'mean_tree' of plugin 'wrong_kind': the factory is the class "
+                                          "MeanLogits, which does not derive from SharingTopology"):
+        register_plugin(WrongKind(), "wrong_kind")
+    assert "mean_tree" not in TOPOLOGIES.names() and info("wrong_kind").status == "failed"
+
+
+def test_a_factory_returning_the_wrong_type_is_refused_when_resolved_naming_the_plugin():
+    from ensemblekit.core.registry import RECIPES, ComponentTypeError
+
+    class Liar:
+        @hookimpl
+        def register_topologies(self, register):
+            register("liar_tree", lambda depth=1: "a tree, trust me")
+
+        @hookimpl
+        def register_aggregators(self, register):
+            register("liar_mean", lambda: None)
+
+        @hookimpl
+        def register_recipes(self, register):
+            register("liar_recipe", lambda backbone, **options: backbone)
+
+    register_plugin(Liar(), "liar")
+    with pytest.raises(ComponentTypeError, match=r"topology 'liar_tree' of plugin 'liar' is broken: its factory "
+                                                 r"returned 'a tree, trust me' \(str\) where a SharingTopology was "
+                                                 r"expected; fix or remove that plugin"):
+        ek.wrap(toy_split(3), "liar_tree")
+    with pytest.raises(ek.EnsembleKitError, match="aggregator 'liar_mean' of plugin 'liar' is broken: its factory "
+                                                  "returned None"):
+        ek.wrap(toy_split(3), "tree", depth=2, aggregator="liar_mean")
+    with pytest.raises(TypeError, match="recipe 'liar_recipe' of plugin 'liar' is broken: .* where a Ensemble"):
+        RECIPES.create("liar_recipe", backbone=toy_split(2))
+    assert isinstance(ek.wrap(toy_split(3), "tree", depth=2).aggregator, MeanLogits)  # the others still work

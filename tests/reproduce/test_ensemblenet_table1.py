@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -12,40 +10,21 @@ import torch
 
 import ensemblekit as ek
 from ensemblekit.backbones import create_backbone
-from ensemblekit.cli.main import main
 from ensemblekit.reproduce import ensemblenet_table1 as table1
+from tests.reproduce.conftest import run_table, table_command
 
 QUARTER = {"stem_width": 8, "channels": [16, 32, 64, 128]}
 ROW_FOLDERS = ("baseline", "lambda-0", "lambda--1.5", "mu-3")
 
 
 def command(out, *extra: str) -> list[str]:
-    return ["reproduce", "ensemblenet-table1", "--data", "digits", "--tiny", "--progress", "none", "--out", str(out),
-            *extra]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return table_command("ensemblenet-table1", out, *extra)
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_table):
     """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    out = tmp_path_factory.mktemp("ensemblenet-table1") / "t1"
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
-    return out, code, text
-
-
-@pytest.fixture
-def trains_nothing(monkeypatch):
-    """Any training run fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a run was trained")
-
-    monkeypatch.setattr("ensemblekit.training.trainer.run", refuse)
+    return tiny_table("ensemblenet-table1")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -94,32 +73,13 @@ def test_claims_are_judged_and_stored(finished):
     assert "mu=3 >= lambda=0: margin" in text and ("holds" in text or "does not hold" in text)
 
 
-def test_a_second_run_reuses_every_finished_run(finished, tmp_path, trains_nothing):
-    out = tmp_path / "t1"
-    shutil.copytree(finished[0], out)
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
-    assert code == 0 and text.count("finished earlier, reused") == 8
-
-
 def test_a_table_killed_halfway_continues_from_its_finished_runs(finished, tmp_path):
     out = tmp_path / "t1"
     shutil.copytree(finished[0], out)
     (out / "seed-1" / "mu-3" / "run.json").unlink()  # killed after its last checkpoint, before its record
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
+    code, text, _ = run_table(command(out))
     assert code == 0 and text.count("finished earlier, reused") == 7 and "== mu=3, seed 1\n" in text
     assert json.loads((out / "seed-1" / "mu-3" / "run.json").read_text())["result"]["resumed"]
-
-
-def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path, trains_nothing):
-    out = tmp_path / "t1"
-    shutil.copytree(finished[0], out)
-    code, _, err = run_cli(command(out, "--seeds", "2", "--lr", "0.2"))
-    assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
-
-
-def test_full_needs_a_dataset_with_the_papers_schedule(tmp_path):
-    code, _, err = run_cli(command(tmp_path / "t", "--full"))
-    assert code == 2 and "no paper schedule for digits" in err
 
 
 @pytest.mark.parametrize("full", [False, True])

@@ -3,47 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 
 import pytest
 import torch
 
-from ensemblekit.cli.main import main
 from ensemblekit.reproduce import imta_table2
 from ensemblekit.reproduce.runs import RunStore
+from tests.reproduce.conftest import run_table, table_command
 
 RUN_FOLDERS = ("phase1", "phase1+ge", "baseline", "ge", "isc", "ofa", "ge+isc+ofa")
 
 
 def command(out, *extra: str) -> list[str]:
-    return ["reproduce", "imta-table2", "--data", "digits", "--tiny", "--progress", "none", "--out", str(out), *extra]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return table_command("imta-table2", out, *extra)
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_table):
     """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    out = tmp_path_factory.mktemp("imta-table2") / "t2"
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
-    return out, code, text
-
-
-@pytest.fixture
-def trains_nothing(monkeypatch):
-    """Any training fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a run was trained")
-
-    monkeypatch.setattr("ensemblekit.training.trainer.train", refuse)
+    return tiny_table("imta-table2")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -95,14 +75,6 @@ def test_the_claim_is_judged_at_every_exit_and_stored(finished):
     assert "GE+ISC+OFA@E-1 >= baseline@E-1: margin" in text and ("holds" in text or "does not hold" in text)
 
 
-def test_a_second_run_reuses_every_finished_run(finished, tmp_path, trains_nothing):
-    out = tmp_path / "t2"
-    shutil.copytree(finished[0], out)
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
-    assert code == 0 and text.count("finished earlier, reused") == 14
-    assert json.loads((out / "imta_table2.json").read_text())["complete"]
-
-
 def test_a_run_killed_before_its_record_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch):
     out = tmp_path / "t2"
     shutil.copytree(finished[0], out)
@@ -116,34 +88,22 @@ def test_a_run_killed_before_its_record_resumes_from_its_checkpoint(finished, tm
 
     monkeypatch.setattr(RunStore, "put", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_cli(command(out, "--seeds", "2"))
+        run_table(command(out))
     assert any((folder / "checkpoints").iterdir())
     monkeypatch.setattr(RunStore, "put", put)
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
+    code, text, _ = run_table(command(out))
     assert code == 0 and text.count("finished earlier, reused") == 13 and "== GE+ISC+OFA, seed 1\n" in text
     assert json.loads((folder / "run.json").read_text())["result"]["resumed"]
-
-
-def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path, trains_nothing):
-    out = tmp_path / "t2"
-    shutil.copytree(finished[0], out)
-    code, _, err = run_cli(command(out, "--seeds", "2", "--alpha", "0.5"))
-    assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_budgeted_curve_of_a_finished_table(finished, tmp_path, trains_nothing):
     out = tmp_path / "t2"
     shutil.copytree(finished[0], out)
-    code, text, _ = run_cli(command(out, "--seeds", "2", "--budget", "--timing-repeats", "1"))
+    code, text, _ = run_table(command(out, "--budget", "--timing-repeats", "1"))
     assert code == 0 and "time saved %" in text
     record = json.loads((out / "imta_table2.json").read_text())
     assert record["budget"]["seed"] == 0 and len(record["budget"]["points"]) == 40
     assert (out / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_full_needs_a_dataset_with_the_papers_schedule(tmp_path):
-    code, _, err = run_cli(command(tmp_path / "t", "--full"))
-    assert code == 2 and "no paper schedule for digits" in err
 
 
 def table2_args(*argv: str) -> argparse.Namespace:
@@ -185,7 +145,7 @@ def test_the_table_prints_macs_at_the_data_size():
 
 def test_fashion_mnist_is_the_default_where_its_files_are(fashion_mnist_env, tmp_path):
     out = tmp_path / "t"
-    code, text, _ = run_cli(["reproduce", "imta-table2", "--tiny", "--seeds", "1", "--progress", "none",
+    code, text, _ = run_table(["reproduce", "imta-table2", "--tiny", "--seeds", "1", "--progress", "none",
                              "--out", str(out)])
     assert code == 0 and "settings: fashion-mnist --tiny" in text
     record = json.loads((out / "imta_table2.json").read_text())

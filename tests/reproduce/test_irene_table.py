@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import shutil
 
 import pytest
 
-from ensemblekit.cli.main import main
 from ensemblekit.methods.irene.woc import utility
 from ensemblekit.reproduce import irene_table
+from tests.reproduce.conftest import run_table, table_command
 
 
 def command(out, *extra: str) -> list[str]:
-    return ["reproduce", "irene", "--data", "digits", "--tiny", "--progress", "none", "--out", str(out), *extra]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return table_command("irene", out, *extra)
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_table):
     """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    out = tmp_path_factory.mktemp("irene-table") / "t"
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
-    return out, code, text
-
-
-@pytest.fixture
-def trains_nothing(monkeypatch):
-    """Any training fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a run was trained")
-
-    monkeypatch.setattr("ensemblekit.training.trainer.train", refuse)
+    return tiny_table("irene")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -94,25 +73,6 @@ def test_the_claim_is_judged_and_stored(finished):
     assert "Average ensemble cost > IRENE cost: margin" in text and " members (seed std" in text
 
 
-def test_a_second_run_reuses_every_finished_run(finished, tmp_path, trains_nothing):
-    out = tmp_path / "t"
-    shutil.copytree(finished[0], out)
-    code, text, _ = run_cli(command(out, "--seeds", "2"))
-    assert code == 0 and text.count("finished earlier, reused") == 4
-
-
-def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path, trains_nothing):
-    out = tmp_path / "t"
-    shutil.copytree(finished[0], out)
-    code, _, err = run_cli(command(out, "--seeds", "2", "--cost-weight", "0.3"))
-    assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
-
-
-def test_full_needs_a_dataset_with_the_papers_schedule(tmp_path):
-    code, _, err = run_cli(command(tmp_path / "t", "--full"))
-    assert code == 2 and "no paper schedule for digits" in err
-
-
 def test_default_and_full_settings():
     parser = argparse.ArgumentParser()
     irene_table.add_arguments(parser)
@@ -138,7 +98,7 @@ def test_the_table_shows_the_papers_numbers():
 
 def test_fashion_mnist_is_the_default_where_its_files_are(fashion_mnist_env, tmp_path):
     out = tmp_path / "t"
-    code, text, _ = run_cli(["reproduce", "irene", "--tiny", "--seeds", "1", "--progress", "none", "--out", str(out)])
+    code, text, _ = run_table(["reproduce", "irene", "--tiny", "--seeds", "1", "--progress", "none", "--out", str(out)])
     assert code == 0 and "settings: fashion-mnist --tiny" in text
     record = json.loads((out / "irene_table.json").read_text())
     assert record["data"] == "fashion-mnist" and record["complete"]

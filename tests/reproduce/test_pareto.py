@@ -7,7 +7,6 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ensemblekit.cli.main import main
 from ensemblekit.reproduce.pareto import METHODS, Point, band_edges, best_per_band, dominates, pareto_front, verdict
 
 costs = st.floats(min_value=1.0, max_value=1e9, allow_nan=False)
@@ -16,11 +15,9 @@ points = st.lists(st.tuples(st.sampled_from([1.0, 2.0, 4.0]) | costs, st.sampled
                   min_size=1, max_size=30)
 
 
-def test_tiny_run_writes_its_outputs_resumes_and_refuses_other_settings(tmp_path, capsys):
-    out = tmp_path / "pareto"
-    command = ["reproduce", "pareto", "--tiny", "--data", "digits", "--out", str(out), "--progress", "none"]
-    assert main(command) == 0
-    text = capsys.readouterr().out
+def test_tiny_run_writes_its_outputs(tiny_table):
+    out, code, text = tiny_table("pareto")
+    assert code == 0
     assert "settings: digits at 16x16" in text and "points by FLOPs" in text
     assert "best method per FLOPs band" in text and "best method per latency band" in text
     assert "By FLOPs, another method beats the single backbone" in text and "By latency" in text
@@ -38,13 +35,6 @@ def test_tiny_run_writes_its_outputs_resumes_and_refuses_other_settings(tmp_path
     pairs = [(p["flops"], p["accuracy"]) for p in record["points"]]
     assert {i for i, p in enumerate(record["points"]) if p["front_flops"]} == set(pareto_front(pairs))
     assert len(list(out.glob("seed-0/*/run.json"))) == 8
-    # resumed: every model is reused, nothing trains
-    assert main(command) == 0
-    assert capsys.readouterr().out.count("finished earlier, reused") == 8
-    # other settings in the same folder are refused with one line
-    assert main(command + ["--lr", "0.2"]) == 2
-    error = capsys.readouterr().err
-    assert "other settings" in error and error.count("\n") == 1
 
 
 @given(points)

@@ -170,7 +170,8 @@ def test_failed_overwrite_keeps_the_old_checkpoint(saved, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match="could not write checkpoint .*: No space left on device; the previous checkpoint is kept"):
         checkpoint.save(model, path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary folder left
@@ -330,9 +331,15 @@ def test_components_that_json_cannot_name_are_refused(tmp_path):
 
 
 def test_a_version_1_checkpoint_still_loads(saved):
+    import hashlib
+
     model, path = saved
+    weights = path / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights))  # version 1 recorded no manifest SHA-256 in the weights
     manifest = json.loads((path / "config.json").read_text())
     del manifest["ensemble"]
+    manifest["files"]["model.safetensors"] = {"bytes": weights.stat().st_size,
+                                              "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     (path / "config.json").write_text(json.dumps({**manifest, "version": 1}))
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(ek.load(path)(x), model(x))

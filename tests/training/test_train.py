@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -310,3 +311,41 @@ def test_the_conformance_check_runs_each_stage_of_a_schedule():
         check_schedule(leaky)
     with pytest.raises(ConformanceError, match="not a non-empty list of Stage"):
         check_schedule(lambda ensemble, settings: [])
+
+
+def test_a_nan_loss_leaves_the_model_as_it_was_before_the_failing_step():
+    """The failing forward pass ran BatchNorm in training mode on NaN inputs: its statistics are undone."""
+    model = tiny_model()
+    data = Poisoned(digits(augment=False), bad=-1)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(FAST.seed * 1_000_003 + 0)).tolist()
+    data.bad = order[3]  # in the first batch
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError):
+        train(model, data, FAST)
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+
+
+def test_batches_of_one_sample_are_refused_before_training_with_batchnorm():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="batches of 1 sample per process .* BatchNorm needs at least 2"):
+        train(model, digits(augment=False), replace(FAST, batch_size=1))
+
+
+def test_a_mid_epoch_resume_with_worker_processes_is_exact(tmp_path):
+    """Random crops loaded by 2 worker processes: resuming at step 8 (mid-epoch 2) gives the same weights."""
+    config = replace(FAST, keep_checkpoints=10)
+    full = tiny_model()
+    train(full, digits(), config, out_dir=tmp_path / "full", num_workers=2)
+    checkpoints = tmp_path / "full/checkpoints"
+    for later in ("step-0000012", "step-0000006"):  # as if the run had been killed after step 8's checkpoint
+        shutil.rmtree(checkpoints / later, ignore_errors=True)
+    (checkpoints / "latest").write_text("step-0000008\n")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000004", "step-0000008"]
+
+    torch.manual_seed(123)
+    resumed = tiny_model()
+    train(resumed, digits(), config, out_dir=tmp_path / "full", resume=True, num_workers=2)
+    for (key, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), key

@@ -8,10 +8,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree as RichTree
 
-from ensemblekit.core.cost import CostError
-from ensemblekit.core.flops import FLOPS_NOTE
-from ensemblekit.evaluation.formatting import format_si
-
 __all__ = ["HELP", "NAME", "TOPOLOGY_OPTIONS", "add_arguments", "run", "show"]
 
 NAME = "inspect"
@@ -39,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     import ensemblekit as ek
     from ensemblekit.backbones import create_backbone
+    from ensemblekit.core.cost import CostError
 
     options = {k: getattr(args, k) for k in TOPOLOGY_OPTIONS if getattr(args, k) is not None}
     if args.exits is not None:
@@ -61,6 +58,9 @@ def show(ens, model_name: str, console: Console, input_size: tuple[int, int] | N
 
     ``input_size`` defaults to the backbone's own (see [`cost_table()`][ensemblekit.core.ensemble.Ensemble.cost_table]).
     """
+    from ensemblekit.core.flops import FLOPS_NOTE
+    from ensemblekit.evaluation.formatting import format_si
+
     costs = ens.costs(input_size)
     h, w = costs.input_size
     console.print(f"[bold]{model_name}[/] as {ens.topology!r}: {len(ens.graph.levels)} blocks, "

@@ -103,7 +103,7 @@ def prefix_predictions(ensemble: Any, data: Any, batch_size: int = 256) -> tuple
     Images are cast to the ensemble's device and floating-point dtype.
 
     Args:
-        ensemble: an [`Ensemble`][ensemblekit.Ensemble].
+        ensemble: an [`Ensemble`][ensemblekit.core.ensemble.Ensemble].
         data: a loader yielding ``(images, labels, ...)`` or an ``(images, labels)`` pair of tensors.
         batch_size: batch size used for an ``(images, labels)`` pair.
     """

@@ -36,6 +36,9 @@ class Confidence(HaltingPolicy):
         values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
         if not values:
             raise ValueError("threshold must be a number or a non-empty list of numbers")
+        bad = [v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0]
+        if bad:
+            raise ValueError(f"confidence thresholds must be numbers in [0, 1], got {bad[0]!r}")
         self.per_member = not isinstance(threshold, (int, float))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,12 @@ class Fixed(HaltingPolicy):
         if not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be an integer >= 1, got {members!r}")
         self.members = members
+
+    def bind(self, ensemble: Any) -> None:
+        """Refuse more members than the ensemble has."""
+        if self.members > ensemble.num_members:
+            raise ValueError(f"Fixed(members={self.members}) asks for more members than the ensemble's "
+                             f"{ensemble.num_members}")
 
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:
         stop = step.index + 1 >= self.members

@@ -114,11 +114,11 @@ def apply_gradient_equilibrium(ensemble: nn.Module) -> list[RemovableHandle]:
     after exit ``i``'s node, so parameters, ``state_dict`` keys and outputs are
     unchanged; only gradients are rescaled. Remove them with the returned
     handles (``handle.remove()``). It is recorded in the ensemble's
-    ``build_spec``, so that [`ensemblekit.load()`][ensemblekit.load] installs it again (while
+    ``build_spec``, so that [`ensemblekit.load()`][ensemblekit.training.checkpoint.load] installs it again (while
     the hooks are in place).
 
     Args:
-        ensemble: an [`Ensemble`][ensemblekit.Ensemble] built on a chain.
+        ensemble: an [`Ensemble`][ensemblekit.core.ensemble.Ensemble] built on a chain.
 
     Returns:
         One handle per hook.

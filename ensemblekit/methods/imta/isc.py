@@ -11,7 +11,7 @@ applies the exit's linear classifier.
 ``W [f; p] + b = (W_f f + b) + W_p p``, the concatenation is computed as the
 wrapped head's logits plus a bias-free linear map of the projected logits:
 the same function, and it works on the backbone's own head unchanged.
-An [`Ensemble`][ensemblekit.Ensemble] calls a head whose ``takes_previous_logits``
+An [`Ensemble`][ensemblekit.core.ensemble.Ensemble] calls a head whose ``takes_previous_logits``
 is true as ``head(*state, previous=logits of member k-1)``.
 """
 
@@ -101,10 +101,10 @@ def add_isc(ensemble: nn.Module, mode: str = "concat", width: int | None = None,
     Member ``k`` then also reads member ``k-1``'s logits, in
     [`forward_output()`][ensemblekit.core.ensemble.Ensemble.forward_output] as in anytime inference and
     [`predict()`][ensemblekit.core.ensemble.Ensemble.predict]. It is recorded in the ensemble's
-    ``build_spec``, so that [`ensemblekit.load()`][ensemblekit.load] adds the heads again.
+    ``build_spec``, so that [`ensemblekit.load()`][ensemblekit.training.checkpoint.load] adds the heads again.
 
     Args:
-        ensemble: an [`Ensemble`][ensemblekit.Ensemble] (a chain, for IMTA).
+        ensemble: an [`Ensemble`][ensemblekit.core.ensemble.Ensemble] (a chain, for IMTA).
         mode: "concat" (the authors' projection) or "add"; see [`ISCExit`][ensemblekit.methods.imta.isc.ISCExit].
         width: width of the projection (default: the classifier's input width).
         detach: stop the gradient into the earlier exit.

@@ -74,7 +74,7 @@ def multi_exit(
             ``halting``, ``init``, ``example_input``, ...).
 
     Returns:
-        An [`Ensemble`][ensemblekit.Ensemble] whose aggregator returns the latest
+        An [`Ensemble`][ensemblekit.core.ensemble.Ensemble] whose aggregator returns the latest
         exit's logits (so ``predict`` and halting policies see each exit's own
         prediction) and whose loss is the multi-exit loss.
 

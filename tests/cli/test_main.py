@@ -1,0 +1,39 @@
+"""The command's conventions: --version, --help without torch, one line for a user's mistake, tracebacks for bugs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ensemblekit.cli import main as cli
+
+
+def test_version_names_ensemblekit_torch_and_timm(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ensemblekit ") and "torch " in out and "timm " in out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from ensemblekit.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_a_user_error_is_one_line_and_debug_shows_its_traceback(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path / "none.toml")]) == 2
+    assert capsys.readouterr().err == f"ensemblekit train: error: config file {tmp_path / 'none.toml'} does not exist\n"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["--debug", "train", str(tmp_path / "none.toml")])
+
+
+def test_an_error_raised_outside_ensemblekit_is_a_bug_and_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        return int("not a number")  # a ValueError raised by Python itself, not by ensemblekit's checks
+
+    monkeypatch.setattr("ensemblekit.cli.commands.plugins.run", broken)
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.main(["plugins"])
