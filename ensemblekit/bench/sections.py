@@ -528,7 +528,7 @@ class Bench:
             first = torch.cat([confidence(tree.forward_output(x, members=[0]).members[:, 0]) for x in batches])
         values = first.sort().values
         half = len(values) // 2
-        policy = ek.halting.Confidence([float(values[half - 1] + values[half]) / 2] + [2.0] * (m - 1))
+        policy = ek.halting.Confidence([float(values[half - 1] + values[half]) / 2] + [1.0] * (m - 1))
 
         def stream(halting: HaltingPolicy) -> Callable[[], list[Any]]:
             return lambda: list(tree.stream(batches, halting=halting, batch_size=s.batch_size))

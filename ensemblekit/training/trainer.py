@@ -501,12 +501,14 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                         seen: dict[str, Any] = {}
                         where = {"step": step + 1, "epoch": epoch + 1, "batch": batch + 1,
                                  "steps_per_epoch": steps_per_epoch, "last_good": last_good}
-                        torch._foreach_copy_(before_step, buffers)
+                        if buffers:
+                            torch._foreach_copy_(before_step, buffers)
                         try:
                             training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers,
                                           schedulers, grad_clip=config.grad_clip, parameters=model.parameters())
                         except NonFiniteLossError:  # the forward pass put NaN in BatchNorm's statistics: undo it
-                            torch._foreach_copy_(buffers, before_step)
+                            if buffers:
+                                torch._foreach_copy_(buffers, before_step)
                             raise
                         step += 1
                         totals = seen["totals"]

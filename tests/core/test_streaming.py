@@ -49,7 +49,7 @@ def thresholds_between(conf: Tensor, quantile: float) -> list[float]:
     for column in conf.T:
         values = column.unique()  # sorted
         if len(values) == 1:
-            out.append(float(values[0]) + 0.5)
+            out.append(min(float(values[0]) + 0.5, 1.0))  # above every confidence below 1
             continue
         j = min(int(quantile * (len(values) - 1)), len(values) - 2)
         out.append(float(values[j] + values[j + 1]) / 2)
@@ -152,7 +152,7 @@ def test_results_come_in_input_order_and_wait_for_the_flush():
 def test_every_step_runs_on_a_full_batch_until_the_flush():
     ens = ensemble("tree", "mean")
     going, stopping, threshold = split_by_confidence(ens, 12, seed=1)
-    policy = ek.halting.Confidence([threshold, 2.0, 2.0, 2.0])  # half stop after member 1, the rest use all
+    policy = ek.halting.Confidence([threshold, 1.0, 1.0, 1.0])  # half stop after member 1, the rest use all
     batches = [torch.cat([going[i:i + 3], stopping[i:i + 3]]) for i in range(0, 12, 3)]  # 4 batches of 6
     ens.cost_table(input_size=(3, SIZE, SIZE))  # FLOPs are counted before the hooks go on
     seen: dict[int, list[int]] = {}
@@ -173,7 +173,7 @@ def test_every_step_runs_on_a_full_batch_until_the_flush():
 def test_max_wait_bounds_the_latency_in_batches():
     ens = ensemble("chain", "mean")
     going, _, threshold = split_by_confidence(ens, 6, seed=2)
-    policy = ek.halting.Confidence([threshold, 2.0, 2.0])
+    policy = ek.halting.Confidence([threshold, 1.0, 1.0])
     for max_wait in (0, 1, 2):
         engine = StreamEngine(ens, policy, batch_size=64, max_wait=max_wait)
         done: list[int] = []
