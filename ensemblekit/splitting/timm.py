@@ -124,7 +124,8 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
     cuts = locate_cuts(indexes, [g[-1].path for g in groups])
     blocks, head = build_blocks(traced, cuts)
     channels = _stage_channels(model, stages)
-    features = [_feature(model, indexes[False], position, live, profile, channels[group[-1].stage])
+    features = [_feature(model, indexes[False], position, live, profile,
+                         channels[group[-1].stage] if group[-1].natural else None)  # a stage's width: at its end
                 for position, live, group in zip(cuts.positions[False], cuts.live[False], groups)]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     return BlockSplit(
