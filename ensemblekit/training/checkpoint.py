@@ -18,7 +18,7 @@ The build record says how the ensemble was built: the
 :func:`~ensemblekit.wrap` call (the backbone's timm spec, ``num_classes``,
 ``num_blocks``, the example input's shape), the recipe and its options, or
 the ``ModelConfig``; then the preparations applied since (IMTA's ISC heads
-and gradient equilibrium, in order) and the components as they are now
+and gradient equilibrium, ``reset_classifier``, in order) and the components as they are now
 (topology, aggregator, loss, halting policy, executor), each as a registry
 spec ``{"name": ..., **options}`` (see :func:`~ensemblekit.build.component_spec`).
 :func:`load` replays it, then loads the weights. What JSON cannot describe (a
@@ -97,7 +97,11 @@ __all__ = [
 FORMAT = "ensemblekit-checkpoint"
 VERSION = 2
 """2: the manifest's "ensemble" build record rebuilds any ensemble; 1 (still read): a ModelConfig only."""
-PREPARATIONS: dict[str, Callable[..., Any]] = {"isc": add_isc, "gradient_equilibrium": apply_gradient_equilibrium}
+PREPARATIONS: dict[str, Callable[..., Any]] = {
+    "isc": add_isc,
+    "gradient_equilibrium": apply_gradient_equilibrium,
+    "reset_classifier": lambda model, num_classes: model.reset_classifier(num_classes),
+}
 """What a build record's preparations name, replayed in order after the build."""
 MANIFEST = "config.json"
 MODEL_FILE = "model.safetensors"
