@@ -106,13 +106,13 @@ class Ensemble(nn.Module):
             ensemble takes; ``{}`` for a backbone without one. timm's
             ``resolve_model_data_config(ensemble)`` reads it.
         grad_checkpointing: recompute each level's nodes in the backward pass
-            instead of keeping their activations (see :meth:`set_grad_checkpointing`).
+            instead of keeping their activations (see ``set_grad_checkpointing``).
 
     Beyond ``forward``, an ensemble has timm's model API where it makes sense:
     ``pretrained_cfg``, ``forward_features`` (every member's feature map
     before its head), ``forward_head``, ``reset_classifier``,
     ``set_grad_checkpointing``, ``feature_info`` and ``num_features``, and
-    :meth:`member_embeddings` (every member's pre-logits). See ``docs/timm.md``.
+    ``member_embeddings`` (every member's pre-logits). See ``docs/timm.md``.
     """
 
     def __init__(
@@ -479,7 +479,7 @@ class Ensemble(nn.Module):
     # ------------------------------------------------------ timm's model API
     @property
     def default_cfg(self) -> dict[str, Any]:
-        """timm's older name of :attr:`pretrained_cfg` (the same dict)."""
+        """timm's older name of ``pretrained_cfg`` (the same dict)."""
         return self.pretrained_cfg
 
     @default_cfg.setter
@@ -515,7 +515,7 @@ class Ensemble(nn.Module):
         return _stack_members(features, stack, "features")
 
     def forward_head(self, x: Tensor | Sequence[Tensor], pre_logits: bool = False) -> Tensor | list[Tensor]:
-        """Member logits ``[B, M, C]`` from :meth:`forward_features`' output (timm's ``forward_head``, per member).
+        """Member logits ``[B, M, C]`` from ``forward_features``' output (timm's ``forward_head``, per member).
 
         Args:
             x: ``[B, M, ...]`` features, or a list of one ``[B, ...]`` tensor per member.
@@ -529,7 +529,7 @@ class Ensemble(nn.Module):
         Raises:
             ValueError: a member's head reads more than its feature map (a state
                 with side inputs, e.g. some exits of a chain): use
-                :meth:`forward_members` or :meth:`member_embeddings`, which
+                ``forward_members`` or ``member_embeddings``, which
                 keep the whole state.
         """
         features = list(x.unbind(1)) if isinstance(x, Tensor) else list(x)
@@ -560,13 +560,13 @@ class Ensemble(nn.Module):
 
         Each member's layer with the old number of outputs is replaced by a new
         ``nn.Linear`` drawn independently by PyTorch's default initialisation;
-        the rest of each head is kept. :attr:`num_classes` follows. An ensemble
-        built by :func:`ensemblekit.wrap` or a recipe records the change, so
-        that :func:`ensemblekit.load` makes it again.
+        the rest of each head is kept. ``num_classes`` follows. An ensemble
+        built by ``ensemblekit.wrap`` or a recipe records the change, so
+        that ``ensemblekit.load`` makes it again.
 
         Args:
             num_classes: the new number of classes (at least 1; for features,
-                use :meth:`member_embeddings`).
+                use ``member_embeddings``).
             global_pool: must be ``None``: the heads keep their pooling.
 
         Raises:
@@ -619,7 +619,7 @@ class Ensemble(nn.Module):
 
     @property
     def num_features(self) -> int:
-        """Channels of the last block's feature map (timm's ``num_features``), from :attr:`feature_info`."""
+        """Channels of the last block's feature map (timm's ``num_features``), from ``feature_info``."""
         return int(self.feature_info[-1]["num_chs"])
 
     def _exit_states(self, x: Tensor) -> list[State]:
