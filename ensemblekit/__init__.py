@@ -8,6 +8,7 @@
 
 from ensemblekit import _moved
 from ensemblekit import methods as recipes
+from ensemblekit.backbones import entrypoints as _timm_entrypoints  # noqa: F401  (registers ek_* with timm)
 from ensemblekit.build import wrap
 from ensemblekit.components import aggregators, halting, losses, topologies
 from ensemblekit.core.blocks import BlockSplit
