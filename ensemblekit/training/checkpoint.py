@@ -394,7 +394,7 @@ def rebuild(record: dict[str, Any], config: ModelConfig | None = None) -> Ensemb
     if build == "config":
         if config is None:
             raise CheckpointError("this checkpoint's build record names a model config, but it holds none")
-        model = build_ensemble(config)
+        model = build_ensemble(config, pretrained_weights=False)  # its weights are loaded next
     elif "wrap" in build:
         args = build["wrap"]
         shape = args["example_input"]

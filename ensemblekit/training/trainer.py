@@ -42,7 +42,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,14 @@ from ensemblekit.errors import EnsembleKitError
 from ensemblekit.evaluation.reports import Report, anytime_report, collect_members, plot_accuracy_vs_flops
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
-from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
+from ensemblekit.training.config import (
+    RESUMABLE_CHANGES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build_ensemble,
+)
 from ensemblekit.training.data import load_dataset, make_loader
 
 __all__ = [
@@ -595,8 +602,10 @@ def _check_resumable(directory: Path, model: nn.Module, settings: dict[str, Any]
     directory, manifest = ckpt.read_manifest(directory)
     manifest_path = directory / ckpt.MANIFEST
     ours = asdict(model.build_config)
-    diff = [f"model.{k}: checkpoint {manifest['model'].get(k)!r}, this run {v!r}"
-            for k, v in ours.items() if manifest["model"].get(k) != v]
+    defaults = {f.name: f.default for f in fields(ModelConfig)}  # a setting added since the checkpoint: its default
+    theirs_model = {k: manifest["model"].get(k, defaults.get(k)) for k in ours}
+    diff = [f"model.{k}: checkpoint {theirs_model[k]!r}, this run {v!r}"
+            for k, v in ours.items() if theirs_model[k] != v]
     for section, values in settings.items():
         theirs = manifest.get(section, {})
         diff += [f"{section}.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in values.items()
@@ -715,6 +724,7 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     and under torchrun only by rank 0 (every process evaluates).
     """
     out_dir = Path(out_dir)
+    config.model.check_files()  # before any work
     data = config.data
     train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
