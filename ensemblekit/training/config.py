@@ -185,8 +185,10 @@ class DataConfig:
     Attributes:
         name: "digits" (bundled), "cifar10", "cifar100" or "imagefolder".
         root: data folder (CIFAR, ImageFolder).
-        image_size: side of the images (None: the dataset's default).
-        augment: random crops (and flips) on the training split.
+        image_size: side of the images (None: the dataset's default; for
+            ImageFolder the backbone's input size, from timm's data config).
+        augment: random crops (and flips) on the training split (ImageFolder:
+            timm's training transform for the backbone's data config).
         train_split: split to train on ("train" or "trainval").
         eval_split: split the final report is computed on.
         num_workers: data-loading worker processes.

@@ -60,6 +60,7 @@ from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
 from ensemblekit.training.config import (
     RESUMABLE_CHANGES,
+    ConfigError,
     DataConfig,
     ModelConfig,
     RunConfig,
@@ -707,9 +708,15 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     return anytime_report(members, labels, model.aggregator, costs=costs)
 
 
-def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None):
-    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items."""
-    dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size)
+def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None,
+               data_config: dict[str, Any] | None = None):
+    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items.
+
+    ``data_config``: timm's data config of the backbone, for ImageFolder
+    transforms (see ``ensemblekit.training.data.load_dataset``).
+    """
+    dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size,
+                                 data_config=data_config)
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
     return dataset, info
@@ -726,8 +733,10 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     out_dir = Path(out_dir)
     config.model.check_files()  # before any work
     data = config.data
-    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
-    eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
+    images = backbone_data_config(config.model) if data.name == "imagefolder" else None
+    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items,
+                                 data_config=images)
+    eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items, data_config=images)
     model_config = replace(config.model, num_classes=config.model.num_classes or info.num_classes,
                            in_chans=info.in_chans, image_size=info.image_size)
     seed_everything(config.train.seed)
@@ -740,6 +749,22 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
              f"{report.num_members} members")
     files = write_report(report, out_dir, title, log=log) if distributed.detect().is_main else {}
     return RunResult(model, result, report, {"checkpoint": result.checkpoint, **files})
+
+
+def backbone_data_config(model: ModelConfig) -> dict[str, Any]:
+    """timm's data config of the backbone ``model`` names (its architecture's, at its ``img_size`` if given).
+
+    ImageFolder images are transformed as it says (input size, mean, std,
+    crop, interpolation), unless the data section sets ``image_size``.
+    """
+    from ensemblekit.backbones.transforms import data_config
+
+    size = model.backbone_options.get("img_size")
+    try:
+        return data_config(model.backbone, image_size=size if isinstance(size, (int, list, tuple)) else None)
+    except ValueError as err:
+        raise ConfigError(f"model.backbone: {err}") from err
+
 
 
 def write_report(report: Report, out_dir: Path, title: str, name: str = "model",

@@ -40,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
         config = getattr(model, "build_config", None)
         size = config.image_size if config is not None else (model.input_size or model.example_size)[0]
         data = DataConfig(name=args.data or "digits", root=args.root, image_size=size)
-    dataset, info = load_split(data, args.split, limit=args.max_items)
+    images = None
+    if data.name == "imagefolder":  # the transforms of the backbone's data config (timm's)
+        from ensemblekit.backbones.transforms import data_config
+
+        images = data_config(model)
+    dataset, info = load_split(data, args.split, limit=args.max_items, data_config=images)
     if info.num_classes != model.num_classes:
         raise ValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
                          f"predicts {model.num_classes}")
