@@ -747,7 +747,9 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     report = evaluate(model, eval_set, config.data.eval_batch_size, config.train.device, config.data.num_workers)
     title = (f"{model_config.backbone} on {info.name} ({data.eval_split}): {report.num_samples} samples, "
              f"{report.num_members} members")
-    files = write_report(report, out_dir, title, log=log) if distributed.detect().is_main else {}
+    origin = provenance(data, data.eval_split, info.source, len(eval_set), result.checkpoint,
+                        select_device(config.train.device), max_items=data.max_eval_items)
+    files = write_report(report, out_dir, title, log=log, provenance=origin) if distributed.detect().is_main else {}
     return RunResult(model, result, report, {"checkpoint": result.checkpoint, **files})
 
 
@@ -766,15 +768,48 @@ def backbone_data_config(model: ModelConfig) -> dict[str, Any]:
         raise ConfigError(f"model.backbone: {err}") from err
 
 
+def provenance(data: DataConfig, split: str, source: str, num_samples: int, checkpoint: str | Path | None,
+               device: str | torch.device, max_items: int | None = None) -> dict[str, Any]:
+    """Where a report's numbers come from, as ``report.json`` records them under ``"provenance"``.
+
+    The versions of ensemblekit, torch, timm and Python; the dataset (name,
+    split, root, the files read, samples evaluated, the limit on them); the
+    checkpoint evaluated; the device (with the GPU's name).
+    """
+    import importlib.metadata
+    import platform
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    return {
+        "versions": {"ensemblekit": version("ensemblekit"), "torch": torch.__version__, "timm": version("timm"),
+                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "dataset": {"name": data.name, "split": split, "root": None if data.root is None else str(data.root),
+                    "source": source or None, "num_samples": num_samples, "max_items": max_items,
+                    "image_size": data.image_size},
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "device": {"type": device.type, "index": device.index, "name": name},
+    }
+
 
 def write_report(report: Report, out_dir: Path, title: str, name: str = "model",
-                 log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Print the report's table and write ``report.json``, ``report.txt`` and the plot into ``out_dir``."""
+                 log: Callable[[str], None] = print, provenance: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Print the report's table and write ``report.json``, ``report.txt`` and the plot into ``out_dir``.
+
+    ``provenance`` (what the ``provenance`` function returns) is written into ``report.json`` under that key.
+    """
     table = report.table(title)
     log(table)
     files = {"report_json": out_dir / "report.json", "report_txt": out_dir / "report.txt",
              "plot": out_dir / "accuracy_vs_flops.png"}
-    ckpt.atomic_write(files["report_json"], json.dumps(report.to_dict(), indent=2) + "\n")
+    record = report.to_dict() if provenance is None else {**report.to_dict(), "provenance": provenance}
+    ckpt.atomic_write(files["report_json"], json.dumps(record, indent=2) + "\n")
     ckpt.atomic_write(files["report_txt"], table)
     write_plot({name: report}, files["plot"], title)
     return files

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ensemblekit.training import checkpoint
     from ensemblekit.training.config import DataConfig, section_from_dict
-    from ensemblekit.training.trainer import evaluate, load_split, select_device, write_report
+    from ensemblekit.training.trainer import evaluate, load_split, provenance, select_device, write_report
 
     directory, manifest = checkpoint.read_manifest(args.checkpoint)
     model = checkpoint.load(directory, device=select_device(args.device))
@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         print(report.table(title))
         return 0
-    files = write_report(report, args.out, title)
+    origin = provenance(data, args.split, info.source, len(dataset), directory, select_device(args.device),
+                        max_items=args.max_items)
+    files = write_report(report, args.out, title, provenance=origin)
     for key, path in files.items():
         print(f"{key.replace('_', ' ')}: {path}")
     return 0
