@@ -332,11 +332,12 @@ class RunConfig:
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run config.
 
+    Files the config names (``model.pretrained_file``) are checked to exist.
+
     Raises:
         FileNotFoundError: no such file.
-        ConfigError: a syntax error, unknown key or invalid value (the message
-            names the file and the key).
-    Files the config names (``model.pretrained_file``) are checked to exist.
+        ConfigError: a syntax error, unknown key or invalid value, or a
+            missing file (the message names the file and the key).
     """
     path = Path(path)
     if not path.is_file():
