@@ -129,8 +129,8 @@ def register_timm_model(recipe: str, backbone: str, name: str | None = None) -> 
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = (f"ensemblekit's {recipe} recipe on timm's {backbone}; keywords as "
                           "ensemblekit.backbones.entrypoints.build_timm_model takes them.")
-    cfgs = {f"{name}.{key.partition('.')[2]}" if "." in key else name: cfg
-            for key, cfg in get_arch_pretrained_cfgs(backbone).items()}
+    cfgs: dict[str, Any] = {f"{name}.{key.partition('.')[2]}" if "." in key else name: cfg
+                            for key, cfg in get_arch_pretrained_cfgs(backbone).items()}
     if cfgs:
         default_cfgs.update(generate_default_cfgs(cfgs))
     setattr(sys.modules[__name__], name, entrypoint)
