@@ -9,13 +9,14 @@
 from importlib import import_module
 from typing import Any
 
-from ensemblekit import _moved
+from ensemblekit import _moved, _timm_hook
 from ensemblekit.core.registry import list_components
 from ensemblekit.errors import EnsembleKitError
 from ensemblekit.plugins import manager as _plugin_manager  # noqa: F401  (installs the registries' loader)
 from ensemblekit.plugins.hookspecs import hookimpl
 
 _moved.install()
+_timm_hook.install()  # timm.create_model('ek_hne_resnet18') works once timm is imported
 
 _LAZY = {
     "Aggregator": "ensemblekit.core.interfaces",

@@ -53,7 +53,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     if pretrained and overlay and (overlay.get("file") or overlay.get("state_dict") is not None):
         overlay = {**overlay, "source": overlay.get("source") or ""}  # timm would try the hub before a file
     model = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
-    spec = {"kind": "timm", "name": name, "kwargs": kwargs}
+    spec = {"kind": "timm", "name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "cache_dir"}}
     try:
         json.dumps(spec)
     except (TypeError, ValueError):

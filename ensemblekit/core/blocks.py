@@ -63,6 +63,11 @@ class BlockSplit:
             [`ensemblekit.wrap()`][ensemblekit.build.wrap] sets it for timm backbones; ``None`` when
             unknown, and then copies are redrawn by each submodule's
             ``reset_parameters`` (see ``docs/concepts.md``, "Initialisation").
+        pretrained_cfg: the backbone's timm ``pretrained_cfg`` (input size,
+            mean, std, crop, interpolation), with ``input_size`` giving the
+            input channels and size the split takes; an ensemble carries it, so
+            that ``timm.data.resolve_model_data_config(ensemble)`` resolves the
+            backbone's data config. ``None`` when the backbone has none.
     """
 
     blocks: list[nn.Module]
@@ -78,6 +83,7 @@ class BlockSplit:
     native_size: tuple[int, int] | None = None
     per_sample: list[StateLayout] | None = None
     fresh: Callable[[], BlockSplit] | None = field(default=None, repr=False, compare=False)
+    pretrained_cfg: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.blocks)

@@ -3,6 +3,7 @@ aggregator."""
 
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 from collections.abc import Container, Iterable, Iterator, Sequence
@@ -11,6 +12,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ensemblekit.core.anytime import anytime
 from ensemblekit.core.batching import StateLayout, select_running_state
@@ -18,7 +20,7 @@ from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.cost import EnsembleCosts, PrefixCost, cost_shape, measure_costs
 from ensemblekit.core.graph import NodeGraph, SharingTopology
-from ensemblekit.core.heads import ExitHead, feature_dim
+from ensemblekit.core.heads import ExitHead, classifier_input, feature_dim, replace_classifier
 from ensemblekit.core.initialisation import MemberInit
 from ensemblekit.core.interfaces import (
     Aggregator,
@@ -102,6 +104,18 @@ class Ensemble(nn.Module):
         check_finite: make [`check_input()`][ensemblekit.core.ensemble.Ensemble.check_input] reject inputs
             holding NaN or Inf (off by default: the check reads every value and, on a GPU, waits for it; the
             trainer names a batch whose loss is not finite anyway).
+        pretrained_cfg: the backbone's timm ``pretrained_cfg`` (``default_cfg``
+            is the same dict), its ``input_size`` the channels and size the
+            ensemble takes; ``{}`` for a backbone without one. timm's
+            ``resolve_model_data_config(ensemble)`` reads it.
+        grad_checkpointing: recompute each level's nodes in the backward pass
+            instead of keeping their activations (see ``set_grad_checkpointing``).
+
+    Beyond ``forward``, an ensemble has timm's model API where it makes sense:
+    ``pretrained_cfg``, ``forward_features`` (every member's feature map
+    before its head), ``forward_head``, ``reset_classifier``,
+    ``set_grad_checkpointing``, ``feature_info`` and ``num_features``, and
+    ``member_embeddings`` (every member's pre-logits). See ``docs/timm.md``.
     """
 
     def __init__(
@@ -129,6 +143,12 @@ class Ensemble(nn.Module):
         self.block_names = list(split.names or [])
         self.state_layouts: list[StateLayout | None] = (  # per block: what is per-sample (None: not declared)
             list(split.per_sample) if split.per_sample else [None] * len(split))
+        self.pretrained_cfg: dict[str, Any] = dict(split.pretrained_cfg or {})
+        self.grad_checkpointing = False
+        self._feature_index = list(split.feature_index)
+        self._feature_format = list(split.feature_format)
+        self._num_prefix_tokens = split.num_prefix_tokens
+        self._feature_info: list[dict[str, Any]] | None = None
         copies = MemberInit(split, init)
         self.init_mode = copies.mode  # the mode applied ("auto" resolved)
         self.nodes = nn.ModuleList(_override(self._make_nodes(copies, node_modules or {}), node_modules, "node"))
@@ -250,7 +270,11 @@ class Ensemble(nn.Module):
             todo = levels[block]
             parents = [self.graph.nodes[i].parent for i in todo]
             inputs = [cache.output_of(p) for p in parents]
-            outputs = self._executor.run([self.nodes[i] for i in todo], inputs)
+            modules = [self.nodes[i] for i in todo]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                outputs = checkpoint(self._executor.run, modules, inputs, use_reentrant=False)
+            else:
+                outputs = self._executor.run(modules, inputs)
             cache.states.update(zip(todo, outputs))
             if keep is not None:
                 del inputs
@@ -269,13 +293,16 @@ class Ensemble(nn.Module):
             path = self.graph.members[member].path
             if path[-1] not in cache.states:  # its own state suffices (a forward pass drops the others)
                 self.compute_nodes(cache, path)
-            head, state = self.heads[member], cache.states[path[-1]]
-            if member > 0 and getattr(head, "takes_previous_logits", False):
-                previous = self.member_logits(cache, member - 1)
-                cache.logits[member] = head(*(state if isinstance(state, tuple) else (state,)), previous=previous)
-            else:
-                cache.logits[member] = cast(Tensor, call_block(head, state))  # a head returns the logits
+            cache.logits[member] = self._call_head(member, cache.states[path[-1]],
+                                                   lambda: self.member_logits(cache, member - 1))
         return cache.logits[member]
+
+    def _call_head(self, member: int, state: State, previous: Any) -> Tensor:
+        """Member ``member``'s head on its exit state; ``previous()`` gives member ``member - 1``'s logits."""
+        head = self.heads[member]
+        if member > 0 and getattr(head, "takes_previous_logits", False):
+            return cast(Tensor, head(*(state if isinstance(state, tuple) else (state,)), previous=previous()))
+        return cast(Tensor, call_block(head, state))  # a head returns the logits
 
     def forward_output(self, x: Tensor, members: Sequence[int] | None = None) -> EnsembleOutput:
         """Every (or the given) member's logits plus the extras losses need.
@@ -490,6 +517,206 @@ class Ensemble(nn.Module):
         """
         return StreamEngine(self, halting, batch_size=batch_size, max_wait=max_wait).run(batches)
 
+    # ------------------------------------------------------ timm's model API
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg`` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, value: dict[str, Any]) -> None:
+        self.pretrained_cfg = value
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them (timm's method).
+
+        In training, with gradients on, each level of nodes (the copies of one
+        block) runs under ``torch.utils.checkpoint``: its activations are freed
+        after the forward pass and recomputed in the backward pass; only the
+        states passed between levels stay. Outputs and gradients are the same.
+        As in timm, BatchNorm running statistics are updated again by the
+        recomputation.
+        """
+        self.grad_checkpointing = bool(enable)
+
+    def forward_features(self, x: Tensor, *, stack: bool = True) -> Tensor | list[Tensor]:
+        """Every member's feature map before its head: ``[B, M, ...]`` (timm's ``forward_features``, per member).
+
+        A member's features are the feature map of the state its head reads:
+        for a tree of ResNets ``[B, M, C, H, W]`` (``b m c h w``), for a ViT
+        ``[B, M, L, D]``. Members that exit after different blocks (a chain's
+        exits) have features of different shapes: pass ``stack=False`` for a
+        list of ``[B, ...]`` tensors in member order.
+
+        Raises:
+            ValueError: ``stack`` is on and the members' features differ in shape.
+        """
+        states = self._exit_states(x)
+        features = [self._feature_of(m, state) for m, state in enumerate(states)]
+        return _stack_members(features, stack, "features")
+
+    def forward_head(self, x: Tensor | Sequence[Tensor], pre_logits: bool = False) -> Tensor | list[Tensor]:
+        """Member logits ``[B, M, C]`` from ``forward_features``' output (timm's ``forward_head``, per member).
+
+        Args:
+            x: ``[B, M, ...]`` features, or a list of one ``[B, ...]`` tensor per member.
+            pre_logits: return each member's pre-logits (its classifier's
+                input, ``[B, M, D]``) instead of its logits, as timm does.
+
+        Returns:
+            A ``[B, M, ...]`` tensor; for pre-logits given features as a list,
+            a list (members' pre-logits may differ in width).
+
+        Raises:
+            ValueError: a member's head reads more than its feature map (a state
+                with side inputs, e.g. some exits of a chain): use
+                ``forward_members`` or ``member_embeddings``, which
+                keep the whole state.
+        """
+        features = list(x.unbind(1)) if isinstance(x, Tensor) else list(x)
+        if len(features) != self.num_members:
+            raise ValueError(f"forward_head takes the features of all {self.num_members} members "
+                             f"([B, M, ...] or a list of M tensors), got {len(features)}")
+        for m in range(self.num_members):
+            block = self.graph.nodes[self.graph.members[m].exit_node].block
+            if self._feature_index[block] is not None:
+                raise ValueError(f"member {m}'s head reads a state of several values after block {block} (its "
+                                 "feature map and side inputs), which forward_head cannot rebuild from the "
+                                 "features; use forward_members(x) or member_embeddings(x)")
+        outputs = self._head_outputs(features, pre_logits)
+        return _stack_members(outputs, isinstance(x, Tensor) or not pre_logits, "pre-logits")
+
+    def member_embeddings(self, x: Tensor, *, stack: bool = True) -> Tensor | list[Tensor]:
+        """Every member's embedding ``[B, M, D]``: the input of its classifier (timm's pre-logits).
+
+        The same as ``forward_head(forward_features(x), pre_logits=True)``
+        (pooled, after the head's norm and dropout, before the classifier),
+        for any head. ``stack=False`` gives a list of ``[B, D]`` tensors, for
+        members of different widths.
+        """
+        return _stack_members(self._head_outputs(self._exit_states(x), True), stack, "embeddings")
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Give every member a new classifier with ``num_classes`` outputs (timm's ``reset_classifier``).
+
+        Each member's layer with the old number of outputs is replaced by a new
+        ``nn.Linear`` drawn independently by PyTorch's default initialisation;
+        the rest of each head is kept. ``num_classes`` follows. An ensemble
+        built by ``ensemblekit.wrap`` or a recipe records the change, so
+        that ``ensemblekit.load`` makes it again.
+
+        Args:
+            num_classes: the new number of classes (at least 1; for features,
+                use ``member_embeddings``).
+            global_pool: must be ``None``: the heads keep their pooling.
+
+        Raises:
+            ValueError: ``num_classes`` is not a positive integer, ``global_pool``
+                is given, a head reads the previous member's logits (IMTA's ISC:
+                reset the classifier before adding those), or the halting policy
+                was built for the old classes (set ``ensemble.halting = None``
+                first, then give a new policy).
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}; an ensemble's members "
+                             "keep a classifier (for features, use member_embeddings(x))")
+        if global_pool is not None:
+            raise ValueError("an ensemble's heads keep their pooling: reset_classifier takes no global_pool")
+        if any(getattr(h, "takes_previous_logits", False) for h in self.heads):
+            raise ValueError("a head reads the previous member's logits (IMTA's inline subnetwork collaboration), "
+                             "sized by the number of classes: reset the classifier before adding those heads")
+        old_heads, old_classes = list(self.heads), self.num_classes
+        for m, head in enumerate(old_heads):
+            self.heads[m] = replace_classifier(copy.deepcopy(head), old_classes, num_classes)
+        self.num_classes = num_classes
+        try:
+            if self.halting is not None:
+                self.halting.bind(self)
+            if self.loss_strategy is not None:
+                self.loss_strategy.check(self)
+        except Exception as err:
+            for m, head in enumerate(old_heads):
+                self.heads[m] = head
+            self.num_classes = old_classes
+            raise ValueError(f"reset_classifier({num_classes}): {err}; set ensemble.halting = None (or give another "
+                             "loss) first, then give a new one") from err
+        self._costs.clear()
+        spec = vars(self).get("build_spec")  # ensemblekit.build's record: loading replays the change
+        if isinstance(spec, dict) and isinstance(spec.get("preparations"), list):
+            spec["preparations"].append({"name": "reset_classifier", "num_classes": num_classes})
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info`` of the blocks on member 0's path: one dict per block.
+
+        Each has ``num_chs`` (channels of the block's feature map), ``reduction``
+        (input size over the feature map's size), ``module`` (the node's name,
+        ``nodes.<i>``), ``block`` and ``fmt`` (the layout: "NCHW", "NHWC", "NLC"
+        or "NC"). Measured once, on a zero image of the ensemble's input size.
+        """
+        if self._feature_info is None:
+            self._feature_info = self._measure_feature_info()
+        return self._feature_info
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the last block's feature map (timm's ``num_features``), from ``feature_info``."""
+        return int(self.feature_info[-1]["num_chs"])
+
+    def _exit_states(self, x: Tensor) -> list[State]:
+        """Every member's exit state (what its head reads), in member order."""
+        self.check_input(x)
+        members = list(range(self.num_members))
+        exits = [self.graph.members[m].exit_node for m in members]
+        cache = NodeCache(x)
+        self.compute_nodes(cache, self.graph.nodes_for(members), keep=set(exits))
+        return [cache.states[e] for e in exits]
+
+    def _feature_of(self, member: int, state: State) -> Tensor:
+        index = self._feature_index[self.graph.nodes[self.graph.members[member].exit_node].block]
+        return cast(Tensor, state if index is None else state[index])
+
+    def _head_outputs(self, states: Sequence[State], pre_logits: bool) -> list[Tensor]:
+        """Each member's logits, or with ``pre_logits`` its classifier's input, from its exit state."""
+        logits: list[Tensor] = []
+        outputs: list[Tensor] = []
+        for m, state in enumerate(states):
+            if not pre_logits:
+                logits.append(self._call_head(m, state, lambda: logits[-1]))
+                continue
+            with classifier_input(self.heads[m], self.num_classes) as captured:
+                logits.append(self._call_head(m, state, lambda: logits[-1]))
+            outputs.append(captured[-1])
+        return outputs if pre_logits else logits
+
+    @torch.no_grad()
+    def _measure_feature_info(self) -> list[dict[str, Any]]:
+        weight = next(self.parameters(), None)
+        h, w = self.input_size or self.example_size
+        state: State = torch.zeros(2, self.in_chans or 3, h, w,
+                                   device=None if weight is None else weight.device,
+                                   dtype=None if weight is None or not weight.is_floating_point() else weight.dtype)
+        path = self.graph.members[0].path
+        nodes = [self.nodes[i] for i in path]
+        modes = [n.training for n in nodes]
+        info: list[dict[str, Any]] = []
+        try:
+            for node in nodes:
+                node.eval()
+            for i, node in zip(path, nodes):
+                block = self.graph.nodes[i].block
+                state = call_block(node, state)
+                index, fmt = self._feature_index[block], self._feature_format[block]
+                feature = cast(Tensor, state if index is None else state[index])
+                info.append({"num_chs": feature_dim(feature, fmt), "reduction": _reduction(feature, fmt, h, w,
+                             self._num_prefix_tokens), "module": f"nodes.{i}", "block": block, "fmt": fmt})
+        finally:
+            for node, mode in zip(nodes, modes):
+                node.train(mode)
+        for a, b in zip(info, info[1:]):  # timm's FeatureInfo wants reductions that never shrink
+            b["reduction"] = max(a["reduction"], b["reduction"])
+        return info
+
 
 def _override(modules: list[nn.Module | None], replace: dict[int, nn.Module] | None, kind: str) -> list[nn.Module]:
     """``modules`` (``None`` where not built) with the entries named in ``replace`` swapped for the given ones."""
@@ -498,6 +725,29 @@ def _override(modules: list[nn.Module | None], replace: dict[int, nn.Module] | N
         if not 0 <= index < len(modules):
             raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
     return [replace[i] if i in replace else cast(nn.Module, m) for i, m in enumerate(modules)]
+
+
+def _stack_members(values: list[Tensor], stack: bool, what: str) -> Tensor | list[Tensor]:
+    """``values`` (one per member) stacked on dim 1, or the list itself when ``stack`` is off."""
+    if not stack:
+        return values
+    shapes = {tuple(v.shape) for v in values}
+    if len(shapes) > 1:
+        raise ValueError(f"the members' {what} differ in shape ({', '.join(map(str, sorted(shapes)))}: members "
+                         "exit after different blocks); pass stack=False for a list, one tensor per member")
+    return torch.stack(values, dim=1)
+
+
+def _reduction(feature: Tensor, fmt: str, h: int, w: int, num_prefix_tokens: int) -> int:
+    """How many input pixels one feature-map position spans, along a side."""
+    if fmt == "NCHW":
+        return max(1, round(h / feature.shape[-2]))
+    if fmt == "NHWC":
+        return max(1, round(h / feature.shape[1]))
+    if fmt == "NLC":
+        tokens = max(1, feature.shape[1] - num_prefix_tokens)
+        return max(1, round((h * w / tokens) ** 0.5))
+    return max(h, w)  # "NC": pooled, one position for the whole image
 
 
 def _check_target(target: Any, members: Tensor) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from ensemblekit.errors import EnsembleKitError
 __all__ = [
     "ExitHead",
     "StateShapeError",
+    "classifier_input",
     "classifier_names",
     "copy_with_state",
     "feature_dim",
@@ -141,12 +143,18 @@ def classifier_names(head: nn.Module, num_classes: int) -> list[str]:
 
 
 def replace_classifier(head: nn.Module, old_classes: int, num_classes: int) -> nn.Module:
-    """Swap every ``nn.Linear`` of ``head`` with ``old_classes`` outputs for a new one."""
+    """Swap every ``nn.Linear`` of ``head`` with ``old_classes`` outputs for a new one.
+
+    The new layer is drawn by PyTorch's default initialisation, on the old
+    one's device and dtype, in the old one's training mode.
+    """
     replaced = 0
     for name, sub in list(head.named_modules()):
         if isinstance(sub, nn.Linear) and sub.out_features == old_classes:
             parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
-            setattr(parent, name.rpartition(".")[2], nn.Linear(sub.in_features, num_classes, bias=sub.bias is not None))
+            new = nn.Linear(sub.in_features, num_classes, bias=sub.bias is not None,
+                            device=sub.weight.device, dtype=sub.weight.dtype).train(sub.training)
+            setattr(parent, name.rpartition(".")[2], new)
             replaced += 1
     if not replaced:
         raise ValueError(
@@ -155,3 +163,36 @@ def replace_classifier(head: nn.Module, old_classes: int, num_classes: int) -> n
         )
     return head
 
+
+
+@contextlib.contextmanager
+def classifier_input(head: nn.Module, num_classes: int) -> Iterator[list[Tensor]]:
+    """Within the block, every call of ``head`` appends its classifier's input (the pre-logits) to the list yielded.
+
+    The classifier is the one layer of ``head`` with ``num_classes`` outputs
+    (``classifier_names``); in a head that reads the previous member's
+    logits (``takes_previous_logits``, IMTA's ISC) it is the wrapped head's
+    (``head.head``). A ``[B, D, 1, 1]`` input (a conv classifier) is flattened
+    to ``[B, D]``, as timm's ``forward_head(x, pre_logits=True)`` returns it.
+
+    Raises:
+        ValueError: the head has no such layer, or several (a distilled head).
+    """
+    inner = getattr(head, "head", None)
+    target = inner if getattr(head, "takes_previous_logits", False) and isinstance(inner, nn.Module) else head
+    names = classifier_names(target, num_classes)
+    if len(names) != 1:
+        found = f"{len(names)} ({', '.join(names)})" if names else "none"
+        raise ValueError(f"the pre-logits are the input of the head's classifier, its one layer with {num_classes} "
+                         f"outputs; {type(head).__name__} has {found}")
+    captured: list[Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        value = args[0]
+        captured.append(value.flatten(1) if value.ndim == 4 and value.shape[-2:] == (1, 1) else value)
+
+    handle = target.get_submodule(names[0]).register_forward_pre_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()

@@ -48,6 +48,7 @@ __all__ = [
     "UnknownComponentError",
     "accepts",
     "get_registry",
+    "keywords",
     "list_components",
     "set_loader",
 ]
@@ -385,6 +386,11 @@ def accepts(factory: Callable[..., Any], keyword: str) -> bool:
     Keywords of the callable it names in ``passes_kwargs_to`` count as its own.
     """
     return keyword in (_parameters(factory) or {})
+
+
+def keywords(factory: Callable[..., Any]) -> list[str]:
+    """The names ``factory`` takes by keyword, as ``accepts`` reads them (``[]`` when unreadable)."""
+    return list(_parameters(factory) or {})
 
 
 class SplitterRegistry(Registry):

@@ -41,6 +41,7 @@ __all__ = [
     "is_timm_model",
     "model_arch",
     "native_input_size",
+    "split_pretrained_cfg",
     "split_timm",
 ]
 
@@ -128,9 +129,11 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
     cuts = locate_cuts(indexes, [g[-1].path for g in groups])
     blocks, head = build_blocks(traced, cuts)
     channels = _stage_channels(model, stages)
-    features = [_feature(model, indexes[False], position, live, profile, channels[group[-1].stage])
+    features = [_feature(model, indexes[False], position, live, profile,
+                         channels[group[-1].stage] if group[-1].natural else None)  # a stage's width: at its end
                 for position, live, group in zip(cuts.positions[False], cuts.live[False], groups)]
     size = (int(x.shape[-2]), int(x.shape[-1]))
+    fixed = fixed_input_size(model) is not None
     return BlockSplit(
         blocks=blocks,
         head=head,
@@ -140,11 +143,41 @@ def split_timm(model: nn.Module, num_blocks: int | None = None, *,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         names=_names(groups, pieces, [_stem_label(model, indexes[False], stages[0]), *stages[1:]]),
         in_chans=int(x.shape[1]),
-        input_size=size if fixed_input_size(model) is not None else None,
+        input_size=size if fixed else None,
         example_size=size,
         native_size=native_input_size(model),
         per_sample=per_sample_layouts(indexes[False], profile, cuts.live[False]),
+        pretrained_cfg=split_pretrained_cfg(model, int(x.shape[1]), size if fixed else None),
     )
+
+
+def split_pretrained_cfg(model: nn.Module, in_chans: int, fixed: tuple[int, int] | None) -> dict[str, Any] | None:
+    """A copy of the model's ``pretrained_cfg`` whose ``input_size`` is what the model takes.
+
+    timm keeps the config of the architecture's weights; a model created with
+    another ``in_chans`` or ``img_size`` takes other inputs. The copy's
+    ``input_size`` is ``(in_chans, H, W)`` with the model's own size
+    (``native_input_size``), and a ``test_input_size`` made for another
+    size is dropped (a model of fixed size takes only that one). Mean, std,
+    crop and interpolation are the config's.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return None
+    cfg = dict(cfg)
+    size = fixed or native_input_size(model)
+    if size is None:
+        return cfg
+    original = tuple(cfg.get("input_size", (0, 0, 0))[-2:])
+    cfg["input_size"] = (in_chans, *size)
+    if cfg.get("test_input_size") is not None:
+        if fixed is not None:
+            cfg["test_input_size"] = cfg["input_size"]
+        elif tuple(size) != original:
+            del cfg["test_input_size"]
+        else:
+            cfg["test_input_size"] = (in_chans, *cfg["test_input_size"][-2:])
+    return cfg
 
 
 def model_arch(model: nn.Module) -> str:

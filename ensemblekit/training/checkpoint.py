@@ -19,7 +19,7 @@ The build record says how the ensemble was built: the
 `wrap()` call (the backbone's timm spec, ``num_classes``,
 ``num_blocks``, the example input's shape), the recipe and its options, or
 the ``ModelConfig``; then the preparations applied since (IMTA's ISC heads
-and gradient equilibrium, in order) and the components as they are now
+and gradient equilibrium, ``reset_classifier``, in order) and the components as they are now
 (topology, aggregator, loss, halting policy, executor), each as a registry
 spec ``{"name": ..., **options}`` (see `component_spec()`).
 [`load()`][ensemblekit.training.checkpoint.load] replays it, then loads the weights. What JSON cannot describe (a
@@ -69,7 +69,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -137,7 +136,11 @@ FORMAT = "ensemblekit-checkpoint"
 VERSION = 3
 """3: ``model.safetensors`` records the manifest's SHA-256; 2 (still read): the manifest's "ensemble" build
 record rebuilds any ensemble; 1 (still read): a ModelConfig only."""
-PREPARATIONS: dict[str, Callable[..., Any]] = {"isc": add_isc, "gradient_equilibrium": apply_gradient_equilibrium}
+PREPARATIONS: dict[str, Callable[..., Any]] = {
+    "isc": add_isc,
+    "gradient_equilibrium": apply_gradient_equilibrium,
+    "reset_classifier": lambda model, num_classes: model.reset_classifier(num_classes),
+}
 """What a build record's preparations name, replayed in order after the build."""
 MANIFEST = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -720,11 +723,7 @@ def rebuild(record: dict[str, Any], config: ModelConfig | None = None) -> Ensemb
     if build == "config":
         if config is None:
             raise CheckpointError("this checkpoint's build record names a model config, but it holds none")
-        # the architecture only: its weights come from the checkpoint, never from timm's (a download or a file)
-        weightless = {k: v for k, v in config.backbone_options.items()
-                      if k not in ("pretrained", "pretrained_cfg_overlay")}
-        model = build_ensemble(dataclasses.replace(config, backbone_options=weightless))
-        model.build_config = config
+        model = build_ensemble(config, pretrained_weights=False)  # its weights come from the checkpoint
     elif "wrap" in build:
         args = build["wrap"]
         shape = args["example_input"]

@@ -6,6 +6,8 @@ A config file has up to three sections; every key is optional except
     [model]
     backbone = "resnet10t"                          # a timm model name
     backbone_options = { stem_width = 16, channels = [16, 32, 64, 128] }
+    # pretrained = true                             # the backbone's weights (timm's hub), or from a local file:
+    # pretrained_file = "resnet10t.safetensors"     # then set init = "pretrained" (each member starts from them)
     topology = { name = "tree", depth = 3 }         # a name or { name = ..., options }
     aggregator = "mean"
     loss = { name = "hierarchical_distillation", alpha = 0.5, temperature = 2.0 }
@@ -82,7 +84,8 @@ class ModelConfig:
     """How to build an ensemble: a timm backbone plus a recipe or components.
 
     Attributes:
-        backbone: timm model name, created with ``pretrained=False``.
+        backbone: timm model name, randomly initialised unless ``pretrained``
+            or ``pretrained_file`` says otherwise.
         num_classes: classes (filled in from the dataset when omitted; a different
             number than the dataset's is refused).
         in_chans: input channels (filled in from the dataset when omitted; a
@@ -103,6 +106,18 @@ class ModelConfig:
             (see [`ensemblekit.core.initialisation`][ensemblekit.core.initialisation]).
         num_blocks: blocks to cut the backbone into (without a recipe; default:
             what the topology needs).
+        pretrained: load the backbone's pretrained weights from timm's hub
+            (``timm.create_model(..., pretrained=True)``; needs a network, or
+            the weights in the hub's cache).
+        pretrained_file: load them from this local file instead (``.safetensors``,
+            ``.pth`` or ``.bin``, a ``state_dict`` of the same architecture,
+            through timm's ``pretrained_cfg_overlay=dict(file=...)``); implies
+            ``pretrained``. Checked to exist before any work. As timm does, a
+            classifier of another number of classes than the weights' config
+            is not loaded. With either, ``init`` must keep the weights
+            ("pretrained", "pretrained+noise", "copy" or "auto"), not "reinit".
+            A checkpoint's model is rebuilt without reading them: its own
+            weights are loaded.
     """
 
     backbone: str
@@ -118,6 +133,20 @@ class ModelConfig:
     halting: str | dict | None = None
     init: str = "reinit"
     num_blocks: int | None = None
+    pretrained: bool = False
+    pretrained_file: str | None = None
+
+    @property
+    def loads_weights(self) -> bool:
+        """Whether the backbone is created with pretrained weights (``pretrained`` or ``pretrained_file``)."""
+        return self.pretrained or self.pretrained_file is not None
+
+    def check_files(self) -> None:
+        """Raise a ``ConfigError`` when ``pretrained_file`` is set but is not a file."""
+        if self.pretrained_file is not None and not Path(self.pretrained_file).expanduser().is_file():
+            where = Path(self.pretrained_file).expanduser().resolve()
+            raise ConfigError(f"model.pretrained_file {self.pretrained_file!r} is not a file ({where}); give the path "
+                              "of a weights file (.safetensors, .pth or .bin) of the backbone")
 
     def for_dataset(self, info: Any) -> ModelConfig:
         """This config with the dataset's classes, channels and image size (a ``DatasetInfo``).
@@ -154,6 +183,17 @@ class ModelConfig:
         if self.in_chans is not None:
             _at_least("model.in_chans", self.in_chans, 1)
         _at_least("model.image_size", self.image_size, 1)
+        _backbone_options(self.backbone_options)
+        if not isinstance(self.pretrained, bool):
+            raise ConfigError(f"model.pretrained must be true or false, got {self.pretrained!r}")
+        if self.pretrained_file is not None and not (isinstance(self.pretrained_file, str) and self.pretrained_file):
+            raise ConfigError(f"model.pretrained_file must be the path of a weights file, got {self.pretrained_file!r}")
+        if self.loads_weights and self.init == "reinit":
+            key = "model.pretrained_file" if self.pretrained_file is not None else "model.pretrained = true"
+            raise ConfigError(f"{key} loads the backbone's weights, but model.init = 'reinit' (the default) draws "
+                              "every member anew and discards them: set model.init = 'pretrained' (each member "
+                              "starts from the weights, its classifier drawn anew), 'pretrained+noise', 'copy' or "
+                              "'auto'")
 
 
 @dataclass
@@ -163,8 +203,10 @@ class DataConfig:
     Attributes:
         name: "digits" (bundled), "cifar10", "cifar100" or "imagefolder".
         root: data folder (CIFAR, ImageFolder).
-        image_size: side of the images (None: the dataset's default).
-        augment: random crops (and flips) on the training split.
+        image_size: side of the images (None: the dataset's default; for
+            ImageFolder the backbone's input size, from timm's data config).
+        augment: random crops (and flips) on the training split (ImageFolder:
+            timm's training transform for the backbone's data config).
         train_split: split to train on ("train" or "trainval").
         eval_split: split the final report is computed on.
         num_workers: data-loading worker processes.
@@ -318,10 +360,12 @@ class RunConfig:
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run config.
 
+    Files the config names (``model.pretrained_file``) are checked to exist.
+
     Raises:
         FileNotFoundError: no such file.
-        ConfigError: a syntax error, unknown key or invalid value (the message
-            names the file and the key).
+        ConfigError: a syntax error, unknown key or invalid value, or a
+            missing file (the message names the file and the key).
     """
     path = Path(path)
     if not path.is_file():
@@ -346,7 +390,12 @@ def load_config(path: str | Path) -> RunConfig:
         data = {} if data is None else data
     else:
         raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .yml")
-    return RunConfig.from_dict(data, source=str(path))
+    config = RunConfig.from_dict(data, source=str(path))
+    try:
+        config.model.check_files()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return config
 
 
 def _unique_key_loader() -> type:
@@ -386,11 +435,17 @@ def section_from_dict(cls: type, data: Any, section: str, source: str = "config"
         raise ConfigError(f"{source}: {err}") from None
 
 
-def build_ensemble(config: ModelConfig):
+def build_ensemble(config: ModelConfig, pretrained_weights: bool = True):
     """Create the timm backbone and wrap it as ``config`` says; returns an Ensemble.
 
     The ensemble remembers ``config`` (as ``ensemble.build_config``) so that
     [`ensemblekit.training.checkpoint.save()`][ensemblekit.training.checkpoint.save] can store it next to the weights.
+
+    Args:
+        config: what to build.
+        pretrained_weights: load the weights ``config.pretrained`` or
+            ``config.pretrained_file`` name (off when a checkpoint's own weights
+            are loaded next: then neither the file nor a network is needed).
     """
     import torch
 
@@ -399,12 +454,24 @@ def build_ensemble(config: ModelConfig):
 
     if config.num_classes is None:
         raise ConfigError("model.num_classes is not set (it is normally taken from the dataset)")
+    weights: dict[str, Any] = {}
+    if pretrained_weights and config.loads_weights:
+        config.check_files()
+        weights["pretrained"] = True
+        if config.pretrained_file is not None:
+            weights["pretrained_cfg_overlay"] = {"file": str(Path(config.pretrained_file).expanduser())}
     try:
         backbone = create_backbone(config.backbone, num_classes=config.num_classes, in_chans=config.in_chans or 3,
-                                   **config.backbone_options)
+                                   **config.backbone_options, **weights)
     except UnknownBackboneError as err:
         raise ConfigError(f"model.backbone: {err}") from err
     except Exception as err:  # whatever timm raises for these options is a config error
+        if weights:
+            where = (f"model.pretrained_file {config.pretrained_file!r}" if config.pretrained_file is not None else
+                     "timm's hub (model.pretrained = true; without a network, download the weights elsewhere and "
+                     "set model.pretrained_file to the file)")
+            raise ConfigError(f"timm model {config.backbone!r} (backbone_options {config.backbone_options}) with "
+                              f"pretrained weights from {where}: {type(err).__name__}: {_first_lines(err)}") from err
         raise ConfigError(f"model.backbone_options {config.backbone_options} are not accepted by "
                           f"timm model {config.backbone!r}: {type(err).__name__}: {err}") from err
     example = torch.zeros(1, config.in_chans or 3, config.image_size, config.image_size)
@@ -427,6 +494,27 @@ def build_ensemble(config: ModelConfig):
 
 
 # ------------------------------------------------------------------ checks
+def _first_lines(err: Exception, keep: int = 3) -> str:
+    """The first ``keep`` lines of an error's message on one line (a state_dict mismatch lists every tensor)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    more = f" ... ({len(lines) - keep} more)" if len(lines) > keep else ""
+    return " ".join(lines[:keep]) + more
+
+
+_OWN_KEYS = {"num_classes": "model.num_classes", "in_chans": "model.in_chans", "pretrained": "model.pretrained"}
+
+
+def _backbone_options(options: dict) -> None:
+    """Refuse backbone options that the model section sets itself (they would be given twice)."""
+    for key, own in _OWN_KEYS.items():
+        if key in options:
+            raise ConfigError(f"model.backbone_options cannot set {key}: set {own} instead")
+    overlay = options.get("pretrained_cfg_overlay")
+    if isinstance(overlay, dict) and "file" in overlay:
+        raise ConfigError("model.backbone_options.pretrained_cfg_overlay cannot name a weights file: set "
+                          "model.pretrained_file instead")
+
+
 def _summary(config: ModelConfig) -> str:
     if config.recipe is not None:
         return f"recipe={config.recipe!r}, recipe_options={config.recipe_options}"

@@ -109,6 +109,7 @@ FASHION_MNIST_STD = (0.3530,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGEFOLDER_SIZE = 224
+"""timm's default input size, an ImageFolder's when no backbone's data config is given."""
 
 
 @dataclass(frozen=True)
@@ -584,7 +585,8 @@ def _load_cifar(
 
 
 def _load_imagefolder(
-    split: Split, root: str | Path | None, augment: bool, image_size: int
+    split: Split, root: str | Path | None, augment: bool, image_size: int | None,
+    data_config: dict[str, Any] | None = None,
 ) -> tuple[Dataset, DatasetInfo]:
     layout = (
         "expected <root>/train/<class>/<image> and <root>/val/<class>/<image> "
@@ -608,7 +610,14 @@ def _load_imagefolder(
                 f"every split needs the same class folders; {layout}"
             )
     has_test = "test" in folders
-    transform = _pil_transform(augment, image_size, None, IMAGENET_MEAN, IMAGENET_STD)
+    from ensemblekit.backbones.transforms import data_config as default_config
+    from ensemblekit.backbones.transforms import image_transform
+
+    config = default_config() if data_config is None else dict(data_config)
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    config["input_size"] = (3, *config["input_size"][-2:])  # ImageFolder reads RGB images
+    transform = image_transform(config, augment)
 
     def folder(d: str) -> tv_datasets.ImageFolder:
         try:
@@ -629,9 +638,9 @@ def _load_imagefolder(
         name="imagefolder",
         num_classes=len(classes),
         in_chans=3,
-        image_size=image_size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        image_size=int(config["input_size"][-2]),
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
         classes=tuple(classes),
     )
     return dataset, info
@@ -651,6 +660,7 @@ def load_dataset(
     root: str | Path | None = None,
     augment: bool | None = None,
     image_size: int | None = None,
+    data_config: dict[str, Any] | None = None,
 ) -> tuple[Dataset, DatasetInfo]:
     """Load one split of a dataset.
 
@@ -668,11 +678,18 @@ def load_dataset(
             fixed 10% of ``train``).
         split: ``"train"``, ``"val"``, ``"trainval"`` or ``"test"``.
         root: data folder (unused for digits; optional for Fashion-MNIST).
-        augment: random pad-and-crop (and horizontal flip, except for digits);
-            ``None`` means on for ``"train"`` and ``"trainval"``.
+        augment: random pad-and-crop (and horizontal flip, except for digits;
+            for ImageFolder timm's training transform: random resized crop,
+            flip, colour jitter); ``None`` means on for ``"train"`` and ``"trainval"``.
         image_size: side of the images returned; defaults to 32 (digits,
-            CIFAR), 28 (Fashion-MNIST) or 224 (ImageFolder: resize shorter
-            side, centre crop).
+            CIFAR), 28 (Fashion-MNIST) or, for ImageFolder, the data config's
+            input size (224 without one).
+        data_config: ImageFolder only: timm's data config of the backbone
+            (``ensemblekit.backbones.transforms.data_config``, or
+            ``timm.data.resolve_model_data_config``): its input size, mean,
+            std, crop and interpolation make the transforms
+            (``timm.data.create_transform``); ``None``: timm's defaults
+            (ImageNet mean and std, 224, crop 0.875).
 
     Returns:
         ``(dataset, info)``; items are ``(image [C, S, S], label)`` with
@@ -698,7 +715,7 @@ def load_dataset(
     if name == "fashion-mnist":
         return load_fashion_mnist(split, root, augment=augment, image_size=image_size or 28)
     if name == "imagefolder":
-        return _load_imagefolder(split, root, augment, image_size or IMAGEFOLDER_SIZE)
+        return _load_imagefolder(split, root, augment, image_size, data_config)
     return _load_cifar(name, split, root, augment, image_size or 32)
 
 

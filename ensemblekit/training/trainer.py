@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,15 @@ from ensemblekit.errors import EnsembleKitError
 from ensemblekit.evaluation.reports import Report, anytime_report, collect_members, plot_accuracy_vs_flops
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
-from ensemblekit.training.config import RESUMABLE_CHANGES, DataConfig, RunConfig, TrainConfig, build_ensemble
+from ensemblekit.training.config import (
+    RESUMABLE_CHANGES,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build_ensemble,
+)
 from ensemblekit.training.data import SeededItems, load_dataset, make_loader
 
 __all__ = [
@@ -616,8 +624,10 @@ def _check_resumable(directory: Path, model: nn.Module, settings: dict[str, Any]
     directory, manifest = ckpt.read_manifest(directory)
     manifest_path = directory / ckpt.MANIFEST
     ours = asdict(model.build_config)
-    diff = [f"model.{k}: checkpoint {manifest['model'].get(k)!r}, this run {v!r}"
-            for k, v in ours.items() if manifest["model"].get(k) != v]
+    defaults = {f.name: f.default for f in fields(ModelConfig)}  # a setting added since the checkpoint: its default
+    theirs_model = {k: manifest["model"].get(k, defaults.get(k)) for k in ours}
+    diff = [f"model.{k}: checkpoint {theirs_model[k]!r}, this run {v!r}"
+            for k, v in ours.items() if theirs_model[k] != v]
     for section, values in settings.items():
         theirs = manifest.get(section, {})
         diff += [f"{section}.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in values.items()
@@ -719,9 +729,15 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     return anytime_report(members, labels, model.aggregator, costs=costs)
 
 
-def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None):
-    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items."""
-    dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size)
+def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None,
+               data_config: dict[str, Any] | None = None):
+    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items.
+
+    ``data_config``: timm's data config of the backbone, for ImageFolder
+    transforms (see ``ensemblekit.training.data.load_dataset``).
+    """
+    dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size,
+                                 data_config=data_config)
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
     return dataset, info
@@ -763,9 +779,12 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
     select_device(config.train.device)
+    config.model.check_files()  # before any work
     data = config.data
-    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
-    eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
+    images = backbone_data_config(config.model) if data.name == "imagefolder" else None
+    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items,
+                                 data_config=images)
+    eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items, data_config=images)
     model_config = config.model.for_dataset(info)
     seed_everything(config.train.seed)
     model = build_ensemble(model_config)
@@ -775,18 +794,69 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     report = evaluate(model, eval_set, config.data.eval_batch_size, config.train.device, config.data.num_workers)
     title = (f"{model_config.backbone} on {info.name} ({data.eval_split}): {report.num_samples} samples, "
              f"{report.num_members} members")
-    files = write_report(report, out_dir, title, log=log) if distributed.detect().is_main else {}
+    origin = provenance(data, data.eval_split, info.source, len(eval_set), result.checkpoint,
+                        select_device(config.train.device), max_items=data.max_eval_items)
+    files = write_report(report, out_dir, title, log=log, provenance=origin) if distributed.detect().is_main else {}
     return RunResult(model, result, report, {"checkpoint": result.checkpoint, **files})
 
 
+def backbone_data_config(model: ModelConfig) -> dict[str, Any]:
+    """timm's data config of the backbone ``model`` names (its architecture's, at its ``img_size`` if given).
+
+    ImageFolder images are transformed as it says (input size, mean, std,
+    crop, interpolation), unless the data section sets ``image_size``.
+    """
+    from ensemblekit.backbones.transforms import data_config
+
+    size = model.backbone_options.get("img_size")
+    try:
+        return data_config(model.backbone, image_size=size if isinstance(size, (int, list, tuple)) else None)
+    except ValueError as err:
+        raise ConfigError(f"model.backbone: {err}") from err
+
+
+def provenance(data: DataConfig, split: str, source: str, num_samples: int, checkpoint: str | Path | None,
+               device: str | torch.device, max_items: int | None = None) -> dict[str, Any]:
+    """Where a report's numbers come from, as ``report.json`` records them under ``"provenance"``.
+
+    The versions of ensemblekit, torch, timm and Python; the dataset (name,
+    split, root, the files read, samples evaluated, the limit on them); the
+    checkpoint evaluated; the device (with the GPU's name).
+    """
+    import importlib.metadata
+    import platform
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    return {
+        "versions": {"ensemblekit": version("ensemblekit"), "torch": torch.__version__, "timm": version("timm"),
+                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "dataset": {"name": data.name, "split": split, "root": None if data.root is None else str(data.root),
+                    "source": source or None, "num_samples": num_samples, "max_items": max_items,
+                    "image_size": data.image_size},
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "device": {"type": device.type, "index": device.index, "name": name},
+    }
+
+
 def write_report(report: Report, out_dir: Path, title: str, name: str = "model",
-                 log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Print the report's table and write ``report.json``, ``report.txt`` and the plot into ``out_dir``."""
+                 log: Callable[[str], None] = print, provenance: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Print the report's table and write ``report.json``, ``report.txt`` and the plot into ``out_dir``.
+
+    ``provenance`` (what the ``provenance`` function returns) is written into ``report.json`` under that key.
+    """
     table = report.table(title)
     log(table)
     files = {"report_json": out_dir / "report.json", "report_txt": out_dir / "report.txt",
              "plot": out_dir / "accuracy_vs_flops.png"}
-    ckpt.atomic_write(files["report_json"], json.dumps(report.to_dict(), indent=2) + "\n")
+    record = report.to_dict() if provenance is None else {**report.to_dict(), "provenance": provenance}
+    ckpt.atomic_write(files["report_json"], json.dumps(record, indent=2) + "\n")
     ckpt.atomic_write(files["report_txt"], table)
     write_plot({name: report}, files["plot"], title)
     return files

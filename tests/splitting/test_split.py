@@ -107,6 +107,16 @@ def test_split_metadata_resnet():
     assert (s.num_classes, s.in_chans, s.input_size, s.num_prefix_tokens) == (1000, 3, None, 0)
 
 
+def test_cut_inside_a_stage_is_not_read_by_the_stages_width():
+    """A cut inside the stem of a narrowed ResNet gives [B, 8, 16, 16]; the stem ends at 16 channels, so reading
+    the stage's width took the 16 at the end of the shape for channels (NHWC)."""
+    model = timm.create_model("resnet10t", num_classes=10, stem_width=8, channels=[8, 16, 32, 64])
+    s = split_timm(model, 3)
+    assert not s.names[0].startswith("stem+layer")  # the cut falls inside the stem
+    assert s.feature_format == ["NCHW"] * 3
+    assert _split("test_mambaout", 6).feature_format == ["NHWC"] * 6  # inside a stage: the model's format
+
+
 def test_split_metadata_token_and_nhwc_models():
     vit = _split("vit_tiny_patch16_224")
     assert vit.feature_format == ["NLC"] * 12 and vit.num_prefix_tokens == 1

@@ -66,6 +66,8 @@ def families() -> dict[tuple[str, str], tuple[str, ...]]:
     """Model names of every timm family: ``(defining module, leading letters of the name)``."""
     out: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name in timm.list_models():
+        if _registry.model_entrypoint(name).__module__.startswith("ensemblekit."):
+            continue  # ensemblekit's own entrypoints (ek_*) build ensembles, not backbones
         out[(_registry._model_to_module[name], re.match(r"[a-z]+", name).group(0))].append(name)
     return {family: tuple(names) for family, names in out.items()}
 

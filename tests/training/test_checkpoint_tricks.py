@@ -197,8 +197,7 @@ def test_a_pretrained_backbone_is_rebuilt_without_reading_any_weights(tmp_path, 
     """The checkpoint's weights replace the backbone's: loading never downloads nor reads another file."""
     torch.manual_seed(0)
     model = build_ensemble(ModelConfig(**TINY)).eval()
-    said = ModelConfig(**{**TINY, "backbone_options": {**TINY["backbone_options"], "pretrained": True,
-                                                        "pretrained_cfg_overlay": {"file": "/nowhere/w.pth"}}})
+    said = ModelConfig(**{**TINY, "pretrained_file": "/nowhere/w.pth", "init": "auto"})
     path = ckpt.write_checkpoint(tmp_path / "ckpt", model, said)
 
     def refuse(*args, **kwargs):

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ensemblekit.training import checkpoint
     from ensemblekit.training.config import DataConfig, section_from_dict
-    from ensemblekit.training.trainer import evaluate, load_split, select_device, write_report
+    from ensemblekit.training.trainer import evaluate, load_split, provenance, select_device, write_report
 
     directory, manifest = checkpoint.read_manifest(args.checkpoint)
     model = checkpoint.load(directory, device=select_device(args.device))
@@ -40,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
         config = getattr(model, "build_config", None)
         size = config.image_size if config is not None else (model.input_size or model.example_size)[0]
         data = DataConfig(name=args.data or "digits", root=args.root, image_size=size)
-    dataset, info = load_split(data, args.split, limit=args.max_items)
+    images = None
+    if data.name == "imagefolder":  # the transforms of the backbone's data config (timm's)
+        from ensemblekit.backbones.transforms import data_config
+
+        images = data_config(model)
+    dataset, info = load_split(data, args.split, limit=args.max_items, data_config=images)
     if info.num_classes != model.num_classes:
         raise ValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
                          f"predicts {model.num_classes}")
@@ -51,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         print(report.table(title))
         return 0
-    files = write_report(report, args.out, title)
+    origin = provenance(data, args.split, info.source, len(dataset), directory, select_device(args.device),
+                        max_items=args.max_items)
+    files = write_report(report, args.out, title, provenance=origin)
     for key, path in files.items():
         print(f"{key.replace('_', ' ')}: {path}")
     return 0

@@ -1,0 +1,62 @@
+"""report.json records where its numbers come from: versions, dataset and split, checkpoint, device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from ensemblekit.cli.main import main
+
+TOML = """
+[model]
+backbone = "resnet10t"
+backbone_options = { stem_width = 8, channels = [8, 16, 32, 64] }
+topology = { name = "tree", depth = 1 }
+
+[data]
+name = "digits"
+image_size = 16
+max_train_items = 32
+max_eval_items = 32
+
+[train]
+epochs = 1
+batch_size = 32
+progress = "none"
+device = "cpu"
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_and_evaluate_record_provenance(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TOML)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    origin = json.loads((run / "report.json").read_text())["provenance"]
+    versions = origin["versions"]
+    assert versions["torch"] == torch.__version__ and versions["timm"] == timm.__version__
+    assert versions["ensemblekit"] and versions["python"]
+    assert origin["dataset"] == {"name": "digits", "split": "test", "root": None, "source": None,
+                                 "num_samples": 32, "max_items": 32, "image_size": 16}
+    checkpoint = str((run / "checkpoints/step-0000001").resolve())
+    assert origin["checkpoint"] == checkpoint
+    assert origin["device"] == {"type": "cpu", "index": None, "name": None}
+
+    assert main(["evaluate", str(run), "--split", "val", "--max-items", "16", "--device", "cpu",
+                 "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval/report.json").read_text())
+    assert report["num_samples"] == 16
+    origin = report["provenance"]
+    assert origin["dataset"]["split"] == "val" and origin["dataset"]["num_samples"] == 16
+    assert origin["dataset"]["max_items"] == 16 and origin["checkpoint"] == checkpoint
