@@ -19,6 +19,7 @@ from ensemblekit.core.batching import StateLayout, select_running_state
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.cost import EnsembleCosts, PrefixCost, cost_shape, measure_costs
+from ensemblekit.core.decision import decide
 from ensemblekit.core.graph import NodeGraph, SharingTopology
 from ensemblekit.core.heads import ExitHead, classifier_input, feature_dim, replace_classifier
 from ensemblekit.core.initialisation import MemberInit
@@ -27,7 +28,6 @@ from ensemblekit.core.interfaces import (
     EnsembleOutput,
     Executor,
     HaltingPolicy,
-    HaltingStep,
     LossResult,
     LossStrategy,
     UntrainedHaltingWarning,
@@ -452,7 +452,6 @@ class Ensemble(nn.Module):
                           "train it (ensemblekit.training.trainer.train marks it trained; in your own loop "
                           "ens.loss() trains it, then call ens.halting.mark_trained())",
                           UntrainedHaltingWarning, stacklevel=3)
-        needs = policy.step_inputs
         b, m_total = x.shape[0], self.num_members
         prefix_flops = [row.flops for row in self.cost_table(input_size=tuple(x.shape[1:]))]
         active = torch.arange(b, device=x.device)
@@ -462,17 +461,10 @@ class Ensemble(nn.Module):
         clock = Clock(x.device)
         for m in range(m_total):
             logits = self.member_logits(cache, m)
-            agg_state = self.aggregator.update(agg_state, logits, m)
-            current = self.aggregator.value(agg_state)
-            extras = {}
-            if "head_input" in needs:
-                extras["head_input"] = cache.states[self.graph.members[m].exit_node]
-            if "seconds" in needs:
-                extras["seconds"] = torch.full(active.shape, clock(), dtype=torch.float64)
-            step = HaltingStep(m, m_total, logits, current, prefix_flops[m], extras)
-            stop, policy_state = policy.step(step, policy_state)
-            if m == m_total - 1:
-                stop = torch.ones_like(stop)
+            stop, current, agg_state, policy_state = decide(
+                self, policy, m, logits, agg_state, policy_state, prefix_flops[m],
+                head_input=lambda: cache.states[self.graph.members[m].exit_node],  # noqa: B023 (called at once)
+                seconds=lambda: torch.full(active.shape, clock(), dtype=torch.float64))  # noqa: B023
             prediction[active[stop]] = current[stop].to(prediction.dtype)
             used[active[stop]] = m + 1
             keep = ~stop

@@ -65,7 +65,8 @@ from torch import Tensor, nn
 
 from ensemblekit.core.batching import concat_running_state, joinable, select_running_state, select_state
 from ensemblekit.core.cache import NodeCache
-from ensemblekit.core.interfaces import Aggregator, HaltingPolicy, HaltingStep, UntrainedHaltingWarning
+from ensemblekit.core.decision import decide
+from ensemblekit.core.interfaces import Aggregator, HaltingPolicy, UntrainedHaltingWarning
 from ensemblekit.core.timing import Clock
 from ensemblekit.errors import EnsembleKitError
 
@@ -398,22 +399,15 @@ class StreamEngine:
         else:
             batch, row, arrived = (torch.cat([getattr(c, name) for c in group]) for name in ("batch", "row", "arrived"))
         z = logits if whole else logits[rows]
-        aggregate = ens.aggregator.update(aggregate, z, k)
-        current = ens.aggregator.value(aggregate)
-        extras = {}
-        if "head_input" in policy.step_inputs:
-            exit_block = ens.graph.nodes[ens.graph.members[k].exit_node].block
-            extras["head_input"] = head_input if whole else select_state(
-                head_input, rows, total, ens.state_layouts[exit_block], f"the head input of member {k}")
-        assert self._clock is not None and self._prefix_flops is not None
-        if "seconds" in policy.step_inputs:
-            extras["seconds"] = self._clock() - arrived
-        m_total = ens.num_members
-        step = HaltingStep(k, m_total, z, current, int(self._prefix_flops[k]), extras)
+        exit_block = ens.graph.nodes[ens.graph.members[k].exit_node].block
+        clock = self._clock
+        assert clock is not None and self._prefix_flops is not None
         with _eval_mode(policy):
-            stop, halting = policy.step(step, halting)
-        if k == m_total - 1:
-            stop = torch.ones_like(stop)
+            stop, current, aggregate, halting = decide(
+                ens, policy, k, z, aggregate, halting, int(self._prefix_flops[k]),
+                head_input=lambda: head_input if whole else select_state(
+                    head_input, rows, total, ens.state_layouts[exit_block], f"the head input of member {k}"),
+                seconds=lambda: clock() - arrived)
         stopped = stop.cpu()
         if stopped.any():
             self._finish(k, batch[stopped], row[stopped], arrived[stopped], current[stop])
