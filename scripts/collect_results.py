@@ -23,17 +23,23 @@ def section(command: str, folder: Path, seconds: float, index: int) -> str:
     tables, printed = sorted(folder.glob("*.md")), sorted(folder.glob("*.txt"))
     if not tables and not printed:
         raise SystemExit(f"{folder}: no Markdown table or printed output found; did the command finish?")
-    for table in tables:
-        text = table.read_text().strip()
-        lines += [text.replace("\n# ", "\n### "), ""]
-    for output in printed:  # what the command printed (tee'd into the folder), shown as printed
-        lines += ["```text", output.read_text().strip(), "```", ""]
     figures = DOCS / "results"
     figures.mkdir(exist_ok=True)
+    shown = set()
+    for table in tables:
+        text = table.read_text().strip().replace("\n# ", "\n### ")
+        for png in folder.glob("*.png"):  # a figure the table shows: linked to its copy
+            if f"]({png.name})" in text:
+                text = text.replace(f"]({png.name})", f"](results/{index:02d}-{png.name})")
+                shown.add(png.name)
+        lines += [text, ""]
+    for output in printed:  # what the command printed (tee'd into the folder), shown as printed
+        lines += ["```text", output.read_text().strip(), "```", ""]
     for png in sorted(folder.glob("*.png")):
         target = figures / f"{index:02d}-{png.name}"
         shutil.copyfile(png, target)
-        lines += [f"![{png.stem}](results/{target.name})", ""]
+        if png.name not in shown:
+            lines += [f"![{png.stem}](results/{target.name})", ""]
     return "\n".join(lines)
 
 
