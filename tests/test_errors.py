@@ -10,7 +10,16 @@ import warnings
 import pytest
 
 import ensemblekit as ek
-from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
+from ensemblekit import errors
+from ensemblekit.errors import (
+    EnsembleKitError,
+    EnsembleKitWarning,
+    InvalidTypeError,
+    InvalidValueError,
+    PathExistsError,
+    PathNotFoundError,
+    UnknownNameError,
+)
 
 
 def package_classes() -> list[type]:
@@ -88,3 +97,20 @@ def test_plugin_warning_has_one_class_under_its_old_path():
     from ensemblekit.plugins.manager import PluginWarning as old
 
     assert PluginWarning is old and issubclass(PluginWarning, EnsembleKitWarning)
+
+
+@pytest.mark.parametrize(("cls", "builtin"), [
+    (InvalidValueError, ValueError), (InvalidTypeError, TypeError), (UnknownNameError, KeyError),
+    (UnknownNameError, ValueError), (PathNotFoundError, FileNotFoundError), (PathExistsError, FileExistsError),
+])
+def test_the_generic_errors_keep_their_builtin_base(cls, builtin):
+    assert issubclass(cls, EnsembleKitError) and issubclass(cls, builtin)
+    assert cls.__name__ in errors.__all__
+
+
+def test_an_unknown_name_reads_as_its_message_not_a_repr():
+    from ensemblekit.core.registry import UnknownComponentError
+
+    assert issubclass(UnknownComponentError, UnknownNameError)
+    assert str(UnknownNameError("unknown dataset 'x'")) == "unknown dataset 'x'"
+    assert str(PathNotFoundError("config file x does not exist")) == "config file x does not exist"

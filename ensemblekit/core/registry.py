@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
+from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning, UnknownNameError
 
 __all__ = [
     "AGGREGATORS",
@@ -53,16 +53,14 @@ __all__ = [
 ]
 
 
-class UnknownComponentError(EnsembleKitError, KeyError, ValueError):
+class UnknownComponentError(UnknownNameError):
     """A name that no plugin registered; the message lists the known names.
 
     A ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad argument
     value, what an unknown ``execution=`` name raised before executors were
-    registered components).
+    registered components), like every
+    [`UnknownNameError`][ensemblekit.errors.UnknownNameError].
     """
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 class DuplicateComponentError(EnsembleKitError, ValueError):
