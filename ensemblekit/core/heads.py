@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ensemblekit.core.blocks import FeatureFormat
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidValueError
 
 __all__ = [
     "ExitHead",
@@ -36,7 +36,7 @@ def pool_features(feature: Tensor, fmt: FeatureFormat, num_prefix_tokens: int = 
         return tokens.mean(dim=1)
     if fmt == "NC":
         return feature
-    raise ValueError(f"unknown feature format {fmt!r}; expected NCHW, NHWC, NLC or NC")
+    raise InvalidValueError(f"unknown feature format {fmt!r}; expected NCHW, NHWC, NLC or NC")
 
 
 def feature_dim(feature: Tensor, fmt: FeatureFormat) -> int:
@@ -149,7 +149,7 @@ def replace_classifier(head: nn.Module, old_classes: int, num_classes: int) -> n
             setattr(parent, name.rpartition(".")[2], nn.Linear(sub.in_features, num_classes, bias=sub.bias is not None))
             replaced += 1
     if not replaced:
-        raise ValueError(
+        raise InvalidValueError(
             f"could not find the classifier ({old_classes} outputs) in the head to give it "
             f"{num_classes} classes; create the backbone with num_classes={num_classes} instead"
         )

@@ -61,7 +61,7 @@ else:  # requires-python is >= 3.10: tomli is tomllib's backport
 from ensemblekit.core.initialisation import INIT_MODES
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, RECIPES, TOPOLOGIES, Registry
 from ensemblekit.core.registry import SCHEDULES as STAGE_SCHEDULES
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, PathNotFoundError
 
 RECIPE_ARGUMENTS = ("backbone", "init", "halting", "example_input")
 """What [`build_ensemble()`][ensemblekit.training.config.build_ensemble] passes a recipe itself, next to
@@ -325,7 +325,7 @@ def load_config(path: str | Path) -> RunConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise PathNotFoundError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
