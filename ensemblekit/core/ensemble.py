@@ -506,7 +506,8 @@ def _override(modules: list[nn.Module | None], replace: dict[int, nn.Module] | N
 
 def _check_target(target: Any, members: Tensor) -> None:
     if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise InvalidTypeError("labels must be an integer tensor [B] of class indices")
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise InvalidTypeError(f"labels must be an integer tensor [B] of class indices, got {got}")
     if target.shape != members.shape[:1]:
         raise InvalidValueError(f"labels have shape {tuple(target.shape)}, expected [{members.shape[0]}]")
     c = members.shape[-1]

@@ -140,7 +140,11 @@ def seed_everything(seed: int) -> None:
 def select_device(name: str = "auto") -> torch.device:
     """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise InvalidValueError(f"device {name!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:1' or "
+                                    "'mps'") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidValueError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or "
                                     "'cpu'")

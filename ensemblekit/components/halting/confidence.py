@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import torch
@@ -34,9 +34,14 @@ class Confidence(HaltingPolicy):
 
     def __init__(self, threshold: float | Sequence[float]):
         super().__init__()
-        values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+        if isinstance(threshold, (int, float)):
+            values = [threshold]
+        elif isinstance(threshold, (str, bytes, Mapping, Set)) or not isinstance(threshold, Iterable):
+            raise InvalidValueError(f"confidence thresholds must be numbers in [0, 1], got {threshold!r}")
+        else:
+            values = list(threshold)
         if not values:
-            raise InvalidValueError("threshold must be a number or a non-empty list of numbers")
+            raise InvalidValueError(f"threshold must be a number or a non-empty list of numbers, got {threshold!r}")
         bad = [v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0]
         if bad:
             raise InvalidValueError(f"confidence thresholds must be numbers in [0, 1], got {bad[0]!r}")

@@ -22,7 +22,7 @@ class Fixed(HaltingPolicy):
 
     def __init__(self, members: int = 1):
         super().__init__()
-        if not isinstance(members, int) or members < 1:
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
             raise InvalidValueError(f"members must be an integer >= 1, got {members!r}")
         self.members = members
 
