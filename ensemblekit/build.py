@@ -36,7 +36,7 @@ from ensemblekit.core.registry import (
     TOPOLOGIES,
     Registry,
 )
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidTypeError, InvalidValueError
 
 __all__ = [
     "BUILT_ATTR",
@@ -200,12 +200,13 @@ def _with_backbone_init(model: Any, split: BlockSplit, init: Any) -> tuple[Block
 def _check_arguments(num_classes: Any, num_blocks: Any, exit_head: Any, example_input: Any) -> None:
     for name, value, minimum in (("num_classes", num_classes, 1), ("num_blocks", num_blocks, 1)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-            raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
+            raise InvalidValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
     if not callable(exit_head):
-        raise TypeError(f"exit_head must be a callable (in_features, num_classes, fmt, num_prefix_tokens) -> module, "
-                        f"got {exit_head!r}")
+        raise InvalidTypeError("exit_head must be a callable (in_features, num_classes, fmt, num_prefix_tokens) -> "
+                               f"module, got {exit_head!r}")
     if example_input is not None and not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a tensor the backbone accepts, got {type(example_input).__name__}")
+        raise InvalidTypeError("example_input must be a tensor the backbone accepts, got "
+                               f"{type(example_input).__name__}")
 
 
 def _split(model: Any, num_blocks: int | None, example_input: Tensor | None, topology: Any) -> BlockSplit:
@@ -213,7 +214,8 @@ def _split(model: Any, num_blocks: int | None, example_input: Tensor | None, top
 
     if isinstance(model, BlockSplit):
         if num_blocks is not None and num_blocks != len(model):
-            raise ValueError(f"topology {topology!r} needs {num_blocks} blocks but the given split has {len(model)}")
+            raise InvalidValueError(f"topology {topology!r} needs {num_blocks} blocks but the given split has "
+                                    f"{len(model)}")
         return model
     try:
         return split(model, num_blocks, example_input=example_input)

@@ -11,7 +11,16 @@ This module is the bottom layer: it imports nothing from ensemblekit.
 
 from __future__ import annotations
 
-__all__ = ["EnsembleKitError", "EnsembleKitWarning", "SplitError"]
+__all__ = [
+    "EnsembleKitError",
+    "EnsembleKitWarning",
+    "InvalidTypeError",
+    "InvalidValueError",
+    "PathExistsError",
+    "PathNotFoundError",
+    "SplitError",
+    "UnknownNameError",
+]
 
 
 class EnsembleKitError(Exception):
@@ -20,6 +29,33 @@ class EnsembleKitError(Exception):
 
 class EnsembleKitWarning(UserWarning):
     """Base class of every warning category ensemblekit defines."""
+
+
+class InvalidValueError(EnsembleKitError, ValueError):
+    """An argument or setting with a value that is not allowed; the message names it and what is allowed."""
+
+
+class InvalidTypeError(EnsembleKitError, TypeError):
+    """An argument of a type that is not accepted, or an option a function does not take; the message names it."""
+
+
+class UnknownNameError(EnsembleKitError, KeyError, ValueError):
+    """A name looked up among known ones (a dataset, a kind of component, ...) that is not one of them.
+
+    A ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad argument
+    value); its message lists the known names.
+    """
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PathNotFoundError(EnsembleKitError, FileNotFoundError):
+    """A file or folder the user named does not exist, or is not what was expected there."""
+
+
+class PathExistsError(EnsembleKitError, FileExistsError):
+    """A file or folder that would be overwritten exists already; the message says how to go on."""
 
 
 class SplitError(EnsembleKitError, ValueError):

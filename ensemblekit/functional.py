@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ensemblekit.errors import InvalidValueError
+
 __all__ = [
     "confidence",
     "exit_distribution",
@@ -126,7 +128,7 @@ def exit_distribution(q: float, num_exits: int) -> Tensor:
         [0.5714, 0.2857, 0.1429]
     """
     if not q > 0:
-        raise ValueError(f"q must be > 0, got {q}")
+        raise InvalidValueError(f"q must be > 0, got {q}")
     log_w = torch.arange(1, num_exits + 1, dtype=torch.float64) * math.log(q)
     return torch.softmax(log_w, dim=0)
 

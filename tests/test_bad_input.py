@@ -1,10 +1,11 @@
 """Bad input fails early with a clear message, never deep inside torch; checkpoints survive a kill at any point.
 
 Each table row is ``(what, call, error type, message fragment)``. Every error
-must be raised by ensemblekit itself (the innermost frame of its traceback is
-in the package), so users see a message about their input, not a stack trace
-from inside torch. The hypothesis tests feed junk to ``wrap()`` and the config
-loader: the result is a valid object or one of the documented error types.
+must be an ``ek.EnsembleKitError`` raised by ensemblekit itself (the innermost
+frame of its traceback is in the package), so users see a message about their
+input, not a stack trace from inside torch. The hypothesis tests feed junk to
+``wrap()`` and the config loader: the result is a valid object or an
+ensemblekit error.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ensemblekit
 import ensemblekit as ek
 from ensemblekit.cli.main import main
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, TOPOLOGIES, UnknownComponentError
+from ensemblekit.errors import EnsembleKitError
 from ensemblekit.splitting import SplitError
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training.checkpoint import CheckpointError
@@ -38,7 +40,8 @@ from tests.conftest import toy_split
 PACKAGE = Path(ensemblekit.__file__).parent
 OURS = (PACKAGE.resolve(), (PACKAGE.parent / "plugins").resolve())
 DOCUMENTED = (ValueError, TypeError, UnknownComponentError, FileNotFoundError)
-"""What public entry points raise for bad input (ConfigError, CheckpointError, SplitError are ValueErrors)."""
+"""The builtin classes the errors for bad input keep as bases (ConfigError, CheckpointError, SplitError are
+ValueErrors), so callers that catch these still catch them."""
 X = torch.randn(2, 3, 8, 8)
 Y = torch.tensor([0, 1])
 TINY_TIMM = {"backbone": "resnet10t", "num_classes": 3, "image_size": 16,
@@ -66,6 +69,7 @@ def check(call, error: type, fragment: str) -> BaseException:
     with pytest.raises(error) as info:
         call()
     assert fragment in str(info.value), str(info.value)
+    assert isinstance(info.value, EnsembleKitError), f"not an ensemblekit error: {info.value!r}"
     assert raised_by_ensemblekit(info.value), f"raised outside ensemblekit: {info.value!r}"
     return info.value
 
@@ -220,8 +224,8 @@ def test_wrap_fuzz(topology, aggregator, loss, halting, extra):
             ens.loss(output, Y % ens.num_classes).total.backward()
         if ens.halting is not None:
             ens.eval().predict(X)
-    except DOCUMENTED as err:
-        assert str(err) and raised_by_ensemblekit(err), repr(err)
+    except EnsembleKitError as err:
+        assert isinstance(err, DOCUMENTED) and str(err) and raised_by_ensemblekit(err), repr(err)
 
 
 # ------------------------------------------------------------------ config files

@@ -1,16 +1,28 @@
-"""Every exception ensemblekit defines derives from ek.EnsembleKitError (warnings from EnsembleKitWarning)."""
+"""Every exception ensemblekit defines derives from ek.EnsembleKitError (warnings from EnsembleKitWarning), and
+ensemblekit raises no bare builtin ValueError, TypeError, KeyError, FileNotFoundError or FileExistsError."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
 import warnings
+from pathlib import Path
 
 import pytest
 
 import ensemblekit as ek
-from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
+from ensemblekit import errors
+from ensemblekit.errors import (
+    EnsembleKitError,
+    EnsembleKitWarning,
+    InvalidTypeError,
+    InvalidValueError,
+    PathExistsError,
+    PathNotFoundError,
+    UnknownNameError,
+)
 
 
 def package_classes() -> list[type]:
@@ -88,3 +100,65 @@ def test_plugin_warning_has_one_class_under_its_old_path():
     from ensemblekit.plugins.manager import PluginWarning as old
 
     assert PluginWarning is old and issubclass(PluginWarning, EnsembleKitWarning)
+
+
+# ------------------------------------------------------------------ no builtin error is raised by ensemblekit
+BUILTIN_ERRORS = {"ValueError", "TypeError", "KeyError", "FileNotFoundError", "FileExistsError"}
+"""Raised for a user's mistake, these must be ensemblekit errors that keep the builtin as a base
+(InvalidValueError, InvalidTypeError, UnknownNameError, PathNotFoundError, PathExistsError, or a more
+specific class): the command line prints those on one line and shows a traceback for anything else."""
+ALLOWED: dict[tuple[str, str], str] = {}
+"""``(module path, class) -> reason`` for a raise of a builtin error that must stay; none does now (a bare
+``raise`` that re-raises a caught error is not counted)."""
+
+
+def builtin_raises() -> list[tuple[str, int, str]]:
+    """``(path, line, class)`` of every ``raise ValueError(...)`` (or the class alone) in the package."""
+    package = Path(ek.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), rel)):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            name = exc.id if isinstance(exc, ast.Name) else exc.attr if isinstance(exc, ast.Attribute) else None
+            if name in BUILTIN_ERRORS:
+                found.append((rel, node.lineno, name))
+    return sorted(found)
+
+
+def test_ensemblekit_raises_no_builtin_error_class():
+    left = [f"{path}:{line}: raise {name}" for path, line, name in builtin_raises() if (path, name) not in ALLOWED]
+    assert not left, "raise an ensemblekit error (ensemblekit.errors) instead:\n" + "\n".join(left)
+
+
+def test_the_allow_list_has_no_stale_entries():
+    found = {(path, name) for path, _, name in builtin_raises()}
+    assert not set(ALLOWED) - found
+
+
+def test_the_scan_finds_a_builtin_raise(tmp_path, monkeypatch):
+    fake = tmp_path / "ensemblekit"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "bad.py").write_text("def f(x):\n    if x:\n        raise ValueError(x)\n    raise builtins.KeyError\n")
+    monkeypatch.setattr(ek, "__file__", str(fake / "__init__.py"))
+    assert builtin_raises() == [("ensemblekit/bad.py", 3, "ValueError"), ("ensemblekit/bad.py", 4, "KeyError")]
+
+
+@pytest.mark.parametrize(("cls", "builtin"), [
+    (InvalidValueError, ValueError), (InvalidTypeError, TypeError), (UnknownNameError, KeyError),
+    (UnknownNameError, ValueError), (PathNotFoundError, FileNotFoundError), (PathExistsError, FileExistsError),
+])
+def test_the_generic_errors_keep_their_builtin_base(cls, builtin):
+    assert issubclass(cls, EnsembleKitError) and issubclass(cls, builtin)
+    assert cls.__name__ in errors.__all__
+
+
+def test_an_unknown_name_reads_as_its_message_not_a_repr():
+    from ensemblekit.core.registry import UnknownComponentError
+
+    assert issubclass(UnknownComponentError, UnknownNameError)
+    assert str(UnknownNameError("unknown dataset 'x'")) == "unknown dataset 'x'"
+    assert str(PathNotFoundError("config file x does not exist")) == "config file x does not exist"

@@ -31,7 +31,8 @@ SPEC_ATTR = "ensemblekit_spec"
 """Attribute where [`create_backbone()`][ensemblekit.backbones.factory.create_backbone] records the spec of the model it
 made."""
 PRETRAINED_ATTR = "ensemblekit_pretrained"
-"""Attribute where [`create_backbone()`][ensemblekit.backbones.factory.create_backbone] records whether it loaded weights."""
+"""Attribute where [`create_backbone()`][ensemblekit.backbones.factory.create_backbone] records whether it loaded
+weights."""
 
 
 REFUSED_OPTIONS = ("checkpoint_path",)

@@ -1,9 +1,12 @@
 """The ``ensemblekit`` command: one subcommand per module in `ensemblekit.cli.commands`.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. An error it raises (an ``EnsembleKitError``, a
-``ValueError``, a missing or already existing file, ...) is printed on one
-line, ``ensemblekit COMMAND: error: ...``, and the exit code is 2.
+``run(args) -> int``. A user's mistake, an
+[`EnsembleKitError`][ensemblekit.errors.EnsembleKitError] (what ensemblekit
+raises for bad input, a missing or already existing file, ...), is printed
+on one line, ``ensemblekit COMMAND: error: ...``, and the exit code is 2
+(``--debug`` raises it, with its traceback). Any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from pathlib import Path
 
 from ensemblekit.cli import commands
 from ensemblekit.errors import EnsembleKitError
 
-__all__ = ["USER_ERRORS", "build_parser", "is_user_error", "main"]
+__all__ = ["build_parser", "is_user_error", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,23 +49,14 @@ def _version() -> str:
     return f"ensemblekit {of('ensemblekit')} (torch {of('torch')}, timm {of('timm')})"
 
 
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
-"""Builtin errors that are a user's mistake when ensemblekit's own checks raise them (the innermost frame is
-ensemblekit's); raised anywhere else (inside torch, say) they are bugs and keep their traceback."""
-
-
 def is_user_error(err: BaseException) -> bool:
-    """An [`EnsembleKitError`][ensemblekit.errors.EnsembleKitError], or a builtin error of `USER_ERRORS` raised
-    by ensemblekit's own code."""
-    if isinstance(err, EnsembleKitError):
-        return True
-    if not isinstance(err, USER_ERRORS) or err.__traceback__ is None:
-        return False
-    tb = err.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    package = Path(__file__).resolve().parents[1]
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
+    """Whether ``err`` is a user's mistake: an [`EnsembleKitError`][ensemblekit.errors.EnsembleKitError].
+
+    ensemblekit raises one of these for every mistake of its user; a builtin
+    ``ValueError``, ``TypeError``, ``OSError``, ... (raised by torch, say, or
+    by a plugin) is not one, so it keeps its traceback.
+    """
+    return isinstance(err, EnsembleKitError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ensemblekit.core.interfaces import Aggregator, AggregatorState
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["LastExit", "MeanLogits", "MeanProbs", "Vote", "WeightedMean"]
 
@@ -73,7 +74,7 @@ class WeightedMean(Aggregator):
         if weights is None:
             weights = [1.0] * num_members
         if len(weights) != num_members or min(weights) <= 0:
-            raise ValueError(f"weights must be {num_members} positive numbers, got {weights}")
+            raise InvalidValueError(f"weights must be {num_members} positive numbers, got {weights}")
         log_weights = torch.tensor(weights, dtype=torch.float32).log()
         self.learnable = learnable
         if learnable:
@@ -83,7 +84,7 @@ class WeightedMean(Aggregator):
 
     def _weight(self, index: int) -> Tensor:
         if index >= self.log_weights.numel():
-            raise ValueError(
+            raise InvalidValueError(
                 f"WeightedMean has {self.log_weights.numel()} weights but member {index} was added"
             )
         return self.log_weights.softmax(dim=0)[index]

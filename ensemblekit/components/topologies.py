@@ -15,6 +15,7 @@ copies of blocks, members = root-to-exit paths, in depth-first anytime order).
 from __future__ import annotations
 
 from ensemblekit.core.graph import GraphBuilder, Member, NodeGraph, SharingTopology, positive_int
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["Cascade", "Chain", "Independent", "MultiBranch", "SharingTopology", "Tree"]
 
@@ -75,7 +76,7 @@ class MultiBranch(SharingTopology):
     def fork_block(self, num_blocks: int) -> int:
         fork = self.fork + num_blocks if self.fork < 0 else self.fork
         if not 1 <= fork < num_blocks:
-            raise ValueError(
+            raise InvalidValueError(
                 f"fork={self.fork} is outside the backbone's {num_blocks} blocks: "
                 f"use a fork in 1..{num_blocks - 1} (or -1..-{num_blocks - 1} from the end)"
             )
@@ -113,7 +114,7 @@ class Tree(SharingTopology):
 
     def build(self, num_blocks: int) -> NodeGraph:
         if num_blocks != self.depth + 1:
-            raise ValueError(f"a tree of depth {self.depth} needs {self.depth + 1} blocks, got {num_blocks}")
+            raise InvalidValueError(f"a tree of depth {self.depth} needs {self.depth + 1} blocks, got {num_blocks}")
         g = GraphBuilder()
         # Breadth-first node creation keeps each level contiguous; depth-first
         # member order is then read off the leaves, which are created in it.
@@ -153,7 +154,7 @@ class Chain(SharingTopology):
     def exit_blocks(self, num_blocks: int) -> list[int]:
         exits = list(range(num_blocks)) if self.exits is None else self.exits
         if not exits or sorted(set(exits)) != exits or exits[0] < 0 or exits[-1] >= num_blocks:
-            raise ValueError(
+            raise InvalidValueError(
                 f"exits must be increasing block indices in 0..{num_blocks - 1}, got {self.exits}"
             )
         return exits

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.timing import Clock, DeadlineTimer, overruns
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["GRANULARITIES", "AnytimeStep", "Clock", "anytime", "overruns"]
 
@@ -103,11 +104,12 @@ def anytime(ensemble, x: Tensor, deadline: float | None = None, max_flops: float
     """
     for name, value in (("deadline", deadline), ("max_flops", max_flops)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            raise InvalidValueError(f"{name} must be a number >= 0, got {value!r}")
     if max_members is not None and (not isinstance(max_members, int) or max_members < 1):
-        raise ValueError(f"max_members must be an integer >= 1, got {max_members!r}")
+        raise InvalidValueError(f"max_members must be an integer >= 1, got {max_members!r}")
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got {granularity!r}")
+        raise InvalidValueError(f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got "
+                                f"{granularity!r}")
     ensemble.check_input(x)
     prefix_flops = [row.flops for row in ensemble.cost_table(input_size=tuple(x.shape[1:]))]
     limit = ensemble.num_members if max_members is None else min(max_members, ensemble.num_members)

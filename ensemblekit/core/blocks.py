@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from ensemblekit.core.batching import StateLayout
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["BlockSplit", "FeatureFormat", "State", "TracedBlock", "call_block"]
 
@@ -88,16 +89,16 @@ class BlockSplit:
     def __post_init__(self) -> None:
         n = len(self.blocks)
         if n == 0:
-            raise ValueError("a BlockSplit needs at least one block")
+            raise InvalidValueError("a BlockSplit needs at least one block")
         if len(self.feature_index) != n or len(self.feature_format) != n:
-            raise ValueError(
+            raise InvalidValueError(
                 f"feature_index ({len(self.feature_index)}) and feature_format "
                 f"({len(self.feature_format)}) need one entry per block ({n})"
             )
         if self.names is None:
             self.names = [f"block{b}" for b in range(n)]
         if self.per_sample is not None and len(self.per_sample) != n:
-            raise ValueError(f"per_sample ({len(self.per_sample)}) needs one entry per block ({n})")
+            raise InvalidValueError(f"per_sample ({len(self.per_sample)}) needs one entry per block ({n})")
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -35,6 +35,7 @@ from ensemblekit.core.interfaces import (
 from ensemblekit.core.registry import EXECUTORS
 from ensemblekit.core.streaming import StreamedPrediction, StreamEngine
 from ensemblekit.core.timing import Clock
+from ensemblekit.errors import InvalidTypeError, InvalidValueError
 
 __all__ = ["Ensemble", "FeatureExit", "HaltedPrediction"]
 
@@ -229,31 +230,32 @@ class Ensemble(nn.Module):
     def check_input(self, x: Any) -> None:
         """Raise a clear ``ValueError``/``TypeError`` for input the backbone cannot take."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"input must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}")
+            raise InvalidTypeError(f"input must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(f"input must have 4 dimensions [B, C, H, W], got shape {tuple(x.shape)}")
+            raise InvalidValueError(f"input must have 4 dimensions [B, C, H, W], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}; convert with x.float()")
+            raise InvalidTypeError(f"input must be a floating-point tensor, got {x.dtype}; convert with x.float()")
         if x.shape[0] == 0:
-            raise ValueError("input batch is empty (batch size 0)")
+            raise InvalidValueError("input batch is empty (batch size 0)")
         if self.in_chans is not None and x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise InvalidValueError(
                 f"input has {x.shape[1]} channels but the backbone expects {self.in_chans}; "
                 f"create the backbone with in_chans={x.shape[1]} or convert the images"
             )
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
-            raise ValueError(
+            raise InvalidValueError(
                 f"input is {tuple(x.shape[-2:])} but the backbone only accepts {tuple(self.input_size)}; "
                 "resize the images or create the backbone with img_size set"
             )
         weight = next(self.nodes[0].parameters(), None)
         if weight is not None and x.device != weight.device:
-            raise ValueError(f"input is on {x.device} but the ensemble is on {weight.device}; move one with .to()")
+            raise InvalidValueError(f"input is on {x.device} but the ensemble is on {weight.device}; move one with "
+                                    ".to()")
         if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input is {x.dtype} but the ensemble's weights are {weight.dtype}; "
-                            f"convert with x.to({weight.dtype}) or run under torch.autocast")
+            raise InvalidTypeError(f"input is {x.dtype} but the ensemble's weights are {weight.dtype}; "
+                                   f"convert with x.to({weight.dtype}) or run under torch.autocast")
         if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+            raise InvalidValueError(f"input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
 
     def compute_nodes(self, cache: NodeCache, node_indices: Sequence[int], keep: Container[int] | None = None) -> None:
         """Evaluate the nodes in ``node_indices`` missing from ``cache``, level by level.
@@ -348,9 +350,10 @@ class Ensemble(nn.Module):
         try:
             out = [operator.index(m) for m in members]
         except TypeError:
-            raise TypeError(f"members must be a sequence of member indices, got {members!r}") from None
+            raise InvalidTypeError(f"members must be a sequence of member indices, got {members!r}") from None
         if not out or not all(0 <= m < self.num_members for m in out):
-            raise ValueError(f"members must be a non-empty list of indices in 0..{self.num_members - 1}, got {out}")
+            raise InvalidValueError(f"members must be a non-empty list of indices in 0..{self.num_members - 1}, got "
+                                    f"{out}")
         return out
 
     def forward_members(self, x: Tensor) -> Tensor:
@@ -371,13 +374,13 @@ class Ensemble(nn.Module):
         (``trains_halting``, IRENE's loss).
         """
         if self.loss_strategy is None:
-            raise ValueError("this ensemble has no loss; pass loss=... to ensemblekit.build()")
+            raise InvalidValueError("this ensemble has no loss; pass loss=... to ensemblekit.build()")
         if isinstance(output, Tensor):
             output = EnsembleOutput(output, self.aggregator, self.nested_sizes)
         if not isinstance(output, EnsembleOutput):
-            raise TypeError(f"loss() takes the EnsembleOutput of forward_output(x), got {type(output).__name__}")
+            raise InvalidTypeError(f"loss() takes the EnsembleOutput of forward_output(x), got {type(output).__name__}")
         if output.members.ndim != 3 or output.members.shape[-1] != self.num_classes:
-            raise ValueError(
+            raise InvalidValueError(
                 f"loss() takes member logits [B, M, {self.num_classes}] (forward_output(x)), got a tensor of shape "
                 f"{tuple(output.members.shape)}; forward(x) returns the aggregated prediction, not the members"
             )
@@ -441,10 +444,10 @@ class Ensemble(nn.Module):
         """
         policy = halting if halting is not None else self.halting
         if policy is None:
-            raise ValueError("predict() needs a halting policy: pass halting=... here or to wrap()")
+            raise InvalidValueError("predict() needs a halting policy: pass halting=... here or to wrap()")
         if not isinstance(policy, HaltingPolicy):
-            raise TypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
-                            f"got {type(policy).__name__}")
+            raise InvalidTypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
+                                   f"got {type(policy).__name__}")
         self.check_input(x)
         policy.bind(self)
         if not policy.is_trained:
@@ -567,14 +570,14 @@ class Ensemble(nn.Module):
         """
         features = list(x.unbind(1)) if isinstance(x, Tensor) else list(x)
         if len(features) != self.num_members:
-            raise ValueError(f"forward_head takes the features of all {self.num_members} members "
-                             f"([B, M, ...] or a list of M tensors), got {len(features)}")
+            raise InvalidValueError(f"forward_head takes the features of all {self.num_members} members "
+                                    f"([B, M, ...] or a list of M tensors), got {len(features)}")
         for m in range(self.num_members):
             block = self.graph.nodes[self.graph.members[m].exit_node].block
             if self._feature_index[block] is not None:
-                raise ValueError(f"member {m}'s head reads a state of several values after block {block} (its "
-                                 "feature map and side inputs), which forward_head cannot rebuild from the "
-                                 "features; use forward_members(x) or member_embeddings(x)")
+                raise InvalidValueError(f"member {m}'s head reads a state of several values after block {block} (its "
+                                        "feature map and side inputs), which forward_head cannot rebuild from the "
+                                        "features; use forward_members(x) or member_embeddings(x)")
         outputs = self._head_outputs(features, pre_logits)
         return _stack_members(outputs, isinstance(x, Tensor) or not pre_logits, "pre-logits")
 
@@ -610,13 +613,14 @@ class Ensemble(nn.Module):
                 first, then give a new policy).
         """
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}; an ensemble's members "
-                             "keep a classifier (for features, use member_embeddings(x))")
+            raise InvalidValueError(f"num_classes must be an integer >= 1, got {num_classes!r}; an ensemble's members "
+                                    "keep a classifier (for features, use member_embeddings(x))")
         if global_pool is not None:
-            raise ValueError("an ensemble's heads keep their pooling: reset_classifier takes no global_pool")
+            raise InvalidValueError("an ensemble's heads keep their pooling: reset_classifier takes no global_pool")
         if any(getattr(h, "takes_previous_logits", False) for h in self.heads):
-            raise ValueError("a head reads the previous member's logits (IMTA's inline subnetwork collaboration), "
-                             "sized by the number of classes: reset the classifier before adding those heads")
+            raise InvalidValueError("a head reads the previous member's logits (IMTA's inline subnetwork "
+                                    "collaboration), sized by the number of classes: reset the classifier before "
+                                    "adding those heads")
         old_heads, old_classes = list(self.heads), self.num_classes
         for m, head in enumerate(old_heads):
             self.heads[m] = replace_classifier(copy.deepcopy(head), old_classes, num_classes)
@@ -630,8 +634,8 @@ class Ensemble(nn.Module):
             for m, head in enumerate(old_heads):
                 self.heads[m] = head
             self.num_classes = old_classes
-            raise ValueError(f"reset_classifier({num_classes}): {err}; set ensemble.halting = None (or give another "
-                             "loss) first, then give a new one") from err
+            raise InvalidValueError(f"reset_classifier({num_classes}): {err}; set ensemble.halting = None (or give "
+                                    "another loss) first, then give a new one") from err
         self._costs.clear()
         spec = vars(self).get("build_spec")  # ensemblekit.build's record: loading replays the change
         if isinstance(spec, dict) and isinstance(spec.get("preparations"), list):
@@ -715,7 +719,8 @@ def _override(modules: list[nn.Module | None], replace: dict[int, nn.Module] | N
     replace = replace or {}
     for index in replace:
         if not 0 <= index < len(modules):
-            raise ValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s 0..{len(modules) - 1}")
+            raise InvalidValueError(f"{kind}_modules has index {index}, but the ensemble has {kind}s "
+                                    f"0..{len(modules) - 1}")
     return [replace[i] if i in replace else cast(nn.Module, m) for i, m in enumerate(modules)]
 
 
@@ -725,8 +730,8 @@ def _stack_members(values: list[Tensor], stack: bool, what: str) -> Tensor | lis
         return values
     shapes = {tuple(v.shape) for v in values}
     if len(shapes) > 1:
-        raise ValueError(f"the members' {what} differ in shape ({', '.join(map(str, sorted(shapes)))}: members "
-                         "exit after different blocks); pass stack=False for a list, one tensor per member")
+        raise InvalidValueError(f"the members' {what} differ in shape ({', '.join(map(str, sorted(shapes)))}: members "
+                                "exit after different blocks); pass stack=False for a list, one tensor per member")
     return torch.stack(values, dim=1)
 
 
@@ -744,12 +749,13 @@ def _reduction(feature: Tensor, fmt: str, h: int, w: int, num_prefix_tokens: int
 
 def _check_target(target: Any, members: Tensor) -> None:
     if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError("labels must be an integer tensor [B] of class indices")
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise InvalidTypeError(f"labels must be an integer tensor [B] of class indices, got {got}")
     if target.shape != members.shape[:1]:
-        raise ValueError(f"labels have shape {tuple(target.shape)}, expected [{members.shape[0]}]")
+        raise InvalidValueError(f"labels have shape {tuple(target.shape)}, expected [{members.shape[0]}]")
     c = members.shape[-1]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
-        raise ValueError(f"labels must be in 0..{c - 1}, got values in {int(target.min())}..{int(target.max())}")
+        raise InvalidValueError(f"labels must be in 0..{c - 1}, got values in {int(target.min())}..{int(target.max())}")
 
 
 @torch.no_grad()

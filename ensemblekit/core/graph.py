@@ -14,6 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ensemblekit.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class Node:
@@ -55,18 +57,18 @@ class NodeGraph:
     def _validate(self) -> None:
         for i, node in enumerate(self.nodes):
             if node.index != i:
-                raise ValueError(f"node {i} has index {node.index}")
+                raise InvalidValueError(f"node {i} has index {node.index}")
             if node.parent is None:
                 if node.block != 0:
-                    raise ValueError(f"root node {i} must be a copy of block 0")
+                    raise InvalidValueError(f"root node {i} must be a copy of block 0")
             elif self.nodes[node.parent].block != node.block - 1:
-                raise ValueError(f"node {i} (block {node.block}) has a parent of another level")
+                raise InvalidValueError(f"node {i} (block {node.block}) has a parent of another level")
         for member in self.members:
             for parent, child in zip(member.path, member.path[1:]):
                 if self.nodes[child].parent != parent:
-                    raise ValueError(f"member {member.index} path is not a chain of parent links")
+                    raise InvalidValueError(f"member {member.index} path is not a chain of parent links")
         if not self.members:
-            raise ValueError("a topology needs at least one member")
+            raise InvalidValueError("a topology needs at least one member")
 
     @property
     def num_members(self) -> int:
@@ -126,7 +128,7 @@ class SharingTopology(ABC):
 
 def positive_int(name: str, value: int, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InvalidValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 

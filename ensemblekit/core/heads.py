@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ensemblekit.core.blocks import FeatureFormat
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidValueError
 
 __all__ = [
     "ExitHead",
@@ -38,7 +38,7 @@ def pool_features(feature: Tensor, fmt: FeatureFormat, num_prefix_tokens: int = 
         return tokens.mean(dim=1)
     if fmt == "NC":
         return feature
-    raise ValueError(f"unknown feature format {fmt!r}; expected NCHW, NHWC, NLC or NC")
+    raise InvalidValueError(f"unknown feature format {fmt!r}; expected NCHW, NHWC, NLC or NC")
 
 
 def feature_dim(feature: Tensor, fmt: FeatureFormat) -> int:
@@ -157,7 +157,7 @@ def replace_classifier(head: nn.Module, old_classes: int, num_classes: int) -> n
             setattr(parent, name.rpartition(".")[2], new)
             replaced += 1
     if not replaced:
-        raise ValueError(
+        raise InvalidValueError(
             f"could not find the classifier ({old_classes} outputs) in the head to give it "
             f"{num_classes} classes; create the backbone with num_classes={num_classes} instead"
         )
@@ -183,8 +183,8 @@ def classifier_input(head: nn.Module, num_classes: int) -> Iterator[list[Tensor]
     names = classifier_names(target, num_classes)
     if len(names) != 1:
         found = f"{len(names)} ({', '.join(names)})" if names else "none"
-        raise ValueError(f"the pre-logits are the input of the head's classifier, its one layer with {num_classes} "
-                         f"outputs; {type(head).__name__} has {found}")
+        raise InvalidValueError(f"the pre-logits are the input of the head's classifier, its one layer with "
+                                f"{num_classes} outputs; {type(head).__name__} has {found}")
     captured: list[Tensor] = []
 
     def keep(_module: nn.Module, args: tuple[Any, ...]) -> None:

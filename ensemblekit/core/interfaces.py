@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ensemblekit.errors import EnsembleKitWarning
+from ensemblekit.errors import EnsembleKitWarning, InvalidValueError
 
 if TYPE_CHECKING:
     from ensemblekit.core.blocks import State
@@ -97,7 +97,7 @@ class Aggregator(nn.Module, ABC):
 
 def _check_members(members: Tensor) -> None:
     if members.ndim != 3 or members.shape[1] == 0:
-        raise ValueError(
+        raise InvalidValueError(
             f"members must be a [batch, members, classes] tensor with at least one member, "
             f"got shape {tuple(members.shape)}"
         )
@@ -129,7 +129,7 @@ class EnsembleOutput:
         """Prediction ``b c`` of the first ``k`` members (all when ``k`` is None)."""
         k = self.num_members if k is None else k
         if not 1 <= k <= self.num_members:
-            raise ValueError(f"k must be in 1..{self.num_members}, got {k}")
+            raise InvalidValueError(f"k must be in 1..{self.num_members}, got {k}")
         return self.aggregator(self.members[:, :k])
 
     def prefixes(self) -> Tensor:
@@ -171,13 +171,13 @@ class LossStrategy(nn.Module, ABC):
         """Raise ``ValueError`` if ``ensemble`` cannot provide what this loss needs."""
         missing = self.requires - ensemble.provides
         if missing:
-            raise ValueError(
+            raise InvalidValueError(
                 f"loss {type(self).__name__} needs {sorted(missing)} in the ensemble output, "
                 f"but this ensemble provides {sorted(ensemble.provides) or 'nothing extra'}; "
                 "choose a topology or halting policy that provides it"
             )
         if self.trains_through_aggregate and not ensemble.aggregator.differentiable:
-            raise ValueError(
+            raise InvalidValueError(
                 f"loss {type(self).__name__} trains the members through the aggregated prediction, but "
                 f"aggregator {type(ensemble.aggregator).__name__} passes no gradient to them; "
                 "use 'mean' or 'mean_probs' for training"

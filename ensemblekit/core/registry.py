@@ -27,7 +27,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from ensemblekit.errors import EnsembleKitError, EnsembleKitWarning
+from ensemblekit.errors import (
+    EnsembleKitError,
+    EnsembleKitWarning,
+    InvalidTypeError,
+    InvalidValueError,
+    UnknownNameError,
+)
 
 __all__ = [
     "AGGREGATORS",
@@ -54,16 +60,14 @@ __all__ = [
 ]
 
 
-class UnknownComponentError(EnsembleKitError, KeyError, ValueError):
+class UnknownComponentError(UnknownNameError):
     """A name that no plugin registered; the message lists the known names.
 
     A ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad argument
     value, what an unknown ``execution=`` name raised before executors were
-    registered components).
+    registered components), like every
+    [`UnknownNameError`][ensemblekit.errors.UnknownNameError].
     """
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 class DuplicateComponentError(EnsembleKitError, ValueError):
@@ -167,9 +171,10 @@ class Registry:
         """
         _ensure_loaded()
         if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+            raise InvalidValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
         if not callable(factory):
-            raise TypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory must be callable, got {factory!r}")
+            raise ComponentTypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory must be callable, got "
+                                     f"{factory!r}")
         cls = _factory_class(factory)
         if self.result is not None and cls is not None and not issubclass(cls, self.result):
             raise ComponentTypeError(f"{self.kind} {name!r} of plugin {plugin!r}: the factory is the class "
@@ -255,7 +260,7 @@ class Registry:
         if self.base is None or not isinstance(spec, self.base):
             return False
         if kwargs:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"options {sorted(kwargs)} were given next to a ready {self.kind} object "
                 f"{spec!r}; pass them to its constructor instead"
             )
@@ -266,15 +271,16 @@ class Registry:
         if isinstance(spec, dict):
             spec = dict(spec)
             if "name" not in spec:
-                raise ValueError(f"a {self.kind} given as a mapping needs a 'name' key, got {sorted(spec)}")
+                raise InvalidValueError(f"a {self.kind} given as a mapping needs a 'name' key, got {sorted(spec)}")
             name = spec.pop("name")
             if not isinstance(name, str):
-                raise TypeError(f"a {self.kind} mapping's 'name' must be a string, got {name!r}")
+                raise InvalidTypeError(f"a {self.kind} mapping's 'name' must be a string, got {name!r}")
             return name, {**spec, **kwargs}
         if isinstance(spec, str):
             return spec, dict(kwargs)
         ready = "" if self.base is None else f", or a {self.base.__name__}"
-        raise TypeError(f"{self.kind} must be a name (str), a mapping with 'name'{ready}, got {type(spec).__name__}")
+        raise InvalidTypeError(f"{self.kind} must be a name (str), a mapping with 'name'{ready}, got "
+                               f"{type(spec).__name__}")
 
 
 def _factory_class(factory: Callable[..., Any]) -> type | None:
@@ -325,18 +331,18 @@ def _check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dic
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
             accepted = [p for p in params if p not in supplied]
-            raise TypeError(
+            raise InvalidTypeError(
                 f"{kind} {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted) or 'no options'}"
             )
     missing = [p.name for p in params.values() if p.default is p.empty and p.name not in kwargs
                and p.name not in supplied and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if missing:
-        raise TypeError(f"{kind} {name!r} needs the option(s) {', '.join(missing)}, "
-                        f"e.g. {{'name': {name!r}, {missing[0]!r}: ...}}")
+        raise InvalidTypeError(f"{kind} {name!r} needs the option(s) {', '.join(missing)}, "
+                               f"e.g. {{'name': {name!r}, {missing[0]!r}: ...}}")
     hints = _type_hints(factory)
     for key, value in kwargs.items():
         if key in hints and not _fits(value, hints[key]):
-            raise TypeError(f"{kind} {name!r}: option {key}={value!r} is not of type {_type_name(hints[key])}")
+            raise InvalidTypeError(f"{kind} {name!r}: option {key}={value!r} is not of type {_type_name(hints[key])}")
 
 
 def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
@@ -462,7 +468,7 @@ def get_registry(kind: str) -> Registry:
     """
     by_kind = {registry.kind: registry for registry in REGISTRIES.values()}
     if kind not in by_kind:
-        raise ValueError(f"unknown kind of component {kind!r}; the kinds are {', '.join(by_kind)}")
+        raise UnknownNameError(f"unknown kind of component {kind!r}; the kinds are {', '.join(by_kind)}")
     return by_kind[kind]
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ensemblekit.core.interfaces import LossStrategy
+from ensemblekit.errors import InvalidValueError
 
 __all__ = [
     "Freeze",
@@ -122,9 +123,9 @@ class Stage:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"a stage needs a non-empty name, got {self.name!r}")
+            raise InvalidValueError(f"a stage needs a non-empty name, got {self.name!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"stage {self.name!r}: epochs must be an integer >= 1, got {self.epochs!r}")
+            raise InvalidValueError(f"stage {self.name!r}: epochs must be an integer >= 1, got {self.epochs!r}")
         if self.members is not None:
             self.members = list(self.members)
 

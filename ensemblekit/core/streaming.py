@@ -68,7 +68,7 @@ from ensemblekit.core.cache import NodeCache
 from ensemblekit.core.decision import decide
 from ensemblekit.core.interfaces import Aggregator, HaltingPolicy, UntrainedHaltingWarning
 from ensemblekit.core.timing import Clock
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidTypeError, InvalidValueError
 
 if TYPE_CHECKING:
     from ensemblekit.core.ensemble import Ensemble
@@ -174,13 +174,13 @@ class StreamEngine:
                  max_wait: int | None = None):
         policy = halting if halting is not None else ensemble.halting
         if policy is None:
-            raise ValueError("stream() needs a halting policy: pass halting=... here or to wrap()")
+            raise InvalidValueError("stream() needs a halting policy: pass halting=... here or to wrap()")
         if not isinstance(policy, HaltingPolicy):
-            raise TypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
-                            f"got {type(policy).__name__}")
+            raise InvalidTypeError(f"halting must be a HaltingPolicy (build one by name with wrap(..., halting=...)), "
+                                   f"got {type(policy).__name__}")
         for name, value, least in (("batch_size", batch_size, 1), ("max_wait", max_wait, 0)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise ValueError(f"{name} must be an integer >= {least} or None, got {value!r}")
+                raise InvalidValueError(f"{name} must be an integer >= {least} or None, got {value!r}")
         self.ensemble = ensemble
         self.policy = policy
         self.batch_size = batch_size

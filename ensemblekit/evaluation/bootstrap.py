@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ensemblekit.errors import InvalidValueError
+
 __all__ = ["BootstrapIntervals", "bootstrap_intervals"]
 
 
@@ -57,11 +59,11 @@ def bootstrap_intervals(correct: Tensor, resamples: int = 1000, level: float = 0
         (True, True)
     """
     if correct.ndim != 2 or correct.shape[0] == 0 or correct.shape[1] == 0:
-        raise ValueError(f"correct must be [samples, prefixes] with both at least 1, got {tuple(correct.shape)}")
+        raise InvalidValueError(f"correct must be [samples, prefixes] with both at least 1, got {tuple(correct.shape)}")
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise InvalidValueError(f"level must be in (0, 1), got {level}")
     if resamples < 2:
-        raise ValueError(f"resamples must be at least 2, got {resamples}")
+        raise InvalidValueError(f"resamples must be at least 2, got {resamples}")
     scores = correct.detach().float().cpu()
     n = scores.shape[0]
     generator = torch.Generator().manual_seed(seed)

@@ -37,6 +37,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from ensemblekit.core.flops import FLOPS_NOTE
 from ensemblekit.core.interfaces import Aggregator
 from ensemblekit.core.loaders import iter_batches
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.evaluation.bootstrap import bootstrap_intervals
 from ensemblekit.evaluation.formatting import format_si
 
@@ -80,11 +81,12 @@ def collect_members(
             out = getattr(out, "members", out)
             if not isinstance(out, Tensor) or out.ndim != 3 or out.shape[0] != len(labels):
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"fn must return member logits [batch={len(labels)}, members, classes], got {shape}")
+                raise InvalidValueError(f"fn must return member logits [batch={len(labels)}, members, classes], got "
+                                        f"{shape}")
             all_members.append(out.float().cpu())
             all_labels.append(torch.as_tensor(labels).cpu())
     if not all_members:
-        raise ValueError("the loader yielded no batches")
+        raise InvalidValueError("the loader yielded no batches")
     return torch.cat(all_members), torch.cat(all_labels).long()
 
 
@@ -283,12 +285,13 @@ def anytime_report(
         ([1.0, 0.5], [1.0, 1.0])
     """
     if members.ndim != 3 or members.shape[1] == 0:
-        raise ValueError(f"members must be [samples, members, classes], got shape {tuple(members.shape)}")
+        raise InvalidValueError(f"members must be [samples, members, classes], got shape {tuple(members.shape)}")
     n, m, c = members.shape
     if labels.shape != (n,):
-        raise ValueError(f"labels must be [{n}] to match members {tuple(members.shape)}, got {tuple(labels.shape)}")
+        raise InvalidValueError(f"labels must be [{n}] to match members {tuple(members.shape)}, got "
+                                f"{tuple(labels.shape)}")
     if costs is not None and len(costs) != m:
-        raise ValueError(f"costs needs one (flops, params) per prefix size 1..{m}, got {len(costs)}")
+        raise InvalidValueError(f"costs needs one (flops, params) per prefix size 1..{m}, got {len(costs)}")
     if costs is not None:
         costs = [(c.flops, c.params) if hasattr(c, "flops") else tuple(c) for c in costs]
     members = members.detach().float().cpu()
@@ -296,7 +299,8 @@ def anytime_report(
     with torch.inference_mode():
         preds = aggregator.prefixes(members.to(_device_of(aggregator))).float().cpu()
     if preds.shape != members.shape:
-        raise ValueError(f"aggregator.prefixes returned shape {tuple(preds.shape)}, expected {tuple(members.shape)}")
+        raise InvalidValueError(f"aggregator.prefixes returned shape {tuple(preds.shape)}, expected "
+                                f"{tuple(members.shape)}")
     log_probs = preds.log_softmax(dim=-1)
     target = labels[:, None].expand(n, m)
     prefix_accuracy = (preds.argmax(dim=-1) == target).double().mean(dim=0)
@@ -345,11 +349,11 @@ def plot_accuracy_vs_flops(reports: Mapping[str, Report], path: str | Path, titl
         >>> plot_accuracy_vs_flops({"HNE": report_a, "baseline": report_b}, "acc_flops.png")  # doctest: +SKIP
     """
     if not reports:
-        raise ValueError("no reports to plot")
+        raise InvalidValueError("no reports to plot")
     with_flops = [name for name, r in reports.items() if r.prefix_flops is not None]
     if with_flops and len(with_flops) != len(reports):
         missing = sorted(set(reports) - set(with_flops))
-        raise ValueError(f"reports {missing} have no FLOPs; pass costs to anytime_report for every model")
+        raise InvalidValueError(f"reports {missing} have no FLOPs; pass costs to anytime_report for every model")
     fig = Figure(figsize=(6.4, 4.4), dpi=150)
     ax = fig.add_subplot()
     markers = itertools.cycle("osD^v<>ph*")

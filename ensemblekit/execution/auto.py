@@ -16,6 +16,7 @@ from ensemblekit.core.blocks import State
 from ensemblekit.core.interfaces import Executor
 from ensemblekit.core.registry import EXECUTORS
 from ensemblekit.core.timing import Stopwatch
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.execution.common import as_channels_last, distinct
 
 __all__ = ["CANDIDATES", "AutoExecutor", "LevelSignature"]
@@ -76,7 +77,7 @@ class AutoExecutor(Executor):
 
     def __init__(self, candidates: Sequence[str] = CANDIDATES, rounds: int = 5):
         if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
+            raise InvalidValueError(f"rounds must be >= 1, got {rounds}")
         self.candidates = tuple(candidates)
         self.rounds = rounds
         self._executors = {c: EXECUTORS.create(c) for c in self.candidates}

@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from ensemblekit.core.blocks import State, TracedBlock
 from ensemblekit.core.interfaces import Executor
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.execution.common import PackCache, distinct, mismatch, packed_base, write_back
 
 __all__ = ["GroupedExecutor"]
@@ -58,7 +59,7 @@ class GroupedExecutor(Executor):
     def run(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> list[State]:
         reason = self.unsupported(modules, inputs)
         if reason is not None:
-            raise ValueError(f"execution {self.name!r} cannot run these nodes: {reason}")
+            raise InvalidValueError(f"execution {self.name!r} cannot run these nodes: {reason}")
         n = len(modules)
         x = _pack_channels(cast(Sequence[Tensor], inputs))  # unsupported() found 4-D tensors
         if self.channels_last:

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ensemblekit.core.blocks import State
 from ensemblekit.core.interfaces import Executor
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.execution.common import PackCache, as_tuple, distinct, mismatch, packed_base, write_back
 
 __all__ = ["VmapExecutor"]
@@ -43,7 +44,7 @@ class VmapExecutor(Executor):
     def run(self, modules: Sequence[nn.Module], inputs: Sequence[State]) -> list[State]:
         reason = self.unsupported(modules, inputs)
         if reason is not None:
-            raise ValueError(f"execution 'vmap' cannot run these nodes: {reason}")
+            raise InvalidValueError(f"execution 'vmap' cannot run these nodes: {reason}")
         n = len(modules)
         params, buffers = self._packs.get(modules, lambda ts: torch.stack(ts, 0))
         flat_inputs = [tree_flatten(as_tuple(s)) for s in inputs]

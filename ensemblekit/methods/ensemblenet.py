@@ -13,6 +13,7 @@ from ensemblekit.components.topologies import MultiBranch
 from ensemblekit.core.blocks import BlockSplit, State, call_block
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.heads import feature_dim, replace_classifier
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["WIDTH", "AdaptedBlock", "ChannelAdapter", "ensemblenet"]
 
@@ -117,7 +118,7 @@ def ensemblenet(
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, **({} if num_classes is None else {"num_classes": num_classes}))
     if not 0 < width <= 1:
-        raise ValueError(f"width must be in (0, 1], got {width}")
+        raise InvalidValueError(f"width must be in (0, 1], got {width}")
     wide = split(backbone, num_blocks, example_input=example_input)
     narrow_kwargs = _recorded_kwargs(backbone_spec(backbone))
     if num_classes is not None:
@@ -138,7 +139,7 @@ def ensemblenet(
     first = topology.fork_block(len(wide))
     wider = [wide.names[b] for b in range(first, len(wide)) if _params(narrow.blocks[b]) > _params(wide.blocks[b])]
     if wider:
-        raise ValueError(
+        raise InvalidValueError(
             f"the narrowed blocks {', '.join(wider)} are larger than the backbone's own: narrow_model scales the "
             "width that ensemblekit.backbones.create_backbone recorded, else the architecture's default width, so "
             "a backbone made by timm.create_model with a custom width cannot be narrowed; create it with "
@@ -193,7 +194,7 @@ def _adapter_size(wide: BlockSplit, narrow: BlockSplit, fork: int,
             for b, mode in zip(s.blocks, modes):
                 b.train(mode)
         if not isinstance(state, torch.Tensor):
-            raise ValueError(
+            raise InvalidValueError(
                 f"the backbone passes a tuple between blocks {wide.names[fork - 1]} and {wide.names[fork]}; "
                 "ensemblenet() inserts its channel adapter into plain tensor states only: choose another fork")
         features.append(feature_dim(state, s.feature_format[fork - 1]))

@@ -13,6 +13,7 @@ from ensemblekit.components.losses import HierarchicalDistillation
 from ensemblekit.components.topologies import Tree
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.errors import InvalidTypeError
 
 __all__ = ["hne"]
 
@@ -65,7 +66,8 @@ def hne(
         backbone = create_backbone(backbone, num_classes=options.pop("num_classes", 1000))
     for key in ("topology", "aggregator"):
         if key in options:
-            raise TypeError(f"hne() fixes the {key} (a tree and the mean of logits); use ensemblekit.wrap for another")
+            raise InvalidTypeError(f"hne() fixes the {key} (a tree and the mean of logits); use ensemblekit.wrap for "
+                                   "another")
     return wrap(backbone, Tree(depth, branching), aggregator="mean",
                 loss=HierarchicalDistillation(alpha, temperature) if loss is None else loss, **options)
 

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import pluggy
 
-from ensemblekit.core.registry import REGISTRIES, PluginWarning, Registry, set_loader
+from ensemblekit.core.registry import REGISTRIES, DuplicateComponentError, PluginWarning, Registry, set_loader
 from ensemblekit.errors import EnsembleKitError
 from ensemblekit.plugins import hookspecs
 
@@ -233,7 +233,8 @@ def _run_hooks(pm: pluggy.PluginManager, plugin: object, plugin_name: str) -> li
                          _target: Registry = target) -> None:
                 _target.check_new(name, factory, plugin=plugin_name)
                 if any(h == _hook and n == name for h, n, _ in staged):
-                    raise ValueError(f"{_target.kind} {name!r} is registered twice by plugin {plugin_name!r}")
+                    raise DuplicateComponentError(f"{_target.kind} {name!r} is registered twice by plugin "
+                                                  f"{plugin_name!r}")
                 staged.append((_hook, name, factory))
 
             impl.function(**{arg: register for arg in impl.argnames})

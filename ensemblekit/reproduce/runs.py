@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidValueError
 
 __all__ = ["Claim", "Comparison", "RunStore", "SettingsMismatch", "Splits", "TableError", "check_settings",
            "comparable", "default_dataset", "device_name", "get_or_train", "load_splits", "mean_std", "seed_range",
@@ -251,8 +251,8 @@ class Comparison:
 
     def __post_init__(self) -> None:
         if len(self.left_values) != len(self.right_values) or not self.left_values:
-            raise ValueError(f"{self.left} vs {self.right}: need the same number (at least 1) of values per side, "
-                             f"got {len(self.left_values)} and {len(self.right_values)}")
+            raise InvalidValueError(f"{self.left} vs {self.right}: need the same number (at least 1) of values per "
+                                    f"side, got {len(self.left_values)} and {len(self.right_values)}")
 
     @property
     def differences(self) -> list[float]:

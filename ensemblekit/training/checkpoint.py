@@ -99,7 +99,7 @@ from ensemblekit.build import (
 )
 from ensemblekit.core.ensemble import Ensemble
 from ensemblekit.core.registry import RECIPES, accepts
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidValueError, PathExistsError, PathNotFoundError
 from ensemblekit.methods.imta.gradient_equilibrium import apply_gradient_equilibrium, has_gradient_equilibrium
 from ensemblekit.methods.imta.isc import add_isc
 from ensemblekit.training.config import ModelConfig, section_from_dict
@@ -271,10 +271,10 @@ def write_checkpoint(
                 raise
     clashes = sorted(set(extra or {}) & set(_RESERVED))
     if clashes:
-        raise ValueError(f"extra manifest entries may not replace {', '.join(clashes)}")
+        raise InvalidValueError(f"extra manifest entries may not replace {', '.join(clashes)}")
     clean_up(directory.parent)  # what killed saves left; a checkpoint a crash hid is renamed back first
     if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists; choose another path or pass overwrite=True")
+        raise PathExistsError(f"{directory} already exists; choose another path or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(directory, "tmp")
     old: Path | None = None
@@ -469,14 +469,14 @@ def resolve(path: str | Path) -> Path:
         hidden = _hidden(path) if path.name else None
         if hidden is not None:
             return hidden
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise PathNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         path = path.parent
     for pointer in (path / LATEST, path / "checkpoints" / LATEST):
         if pointer.is_file():
             return _follow(pointer)
     if not (path / MANIFEST).exists():
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"{path} is not a checkpoint: it has no {MANIFEST} (nor a checkpoints/{LATEST} pointer of a run folder)"
         )
     return path
@@ -611,54 +611,54 @@ def _check_record(record: dict[str, Any], has_config: bool) -> None:
     message names the entry)."""
     build, parts, preparations = record.get("build"), record.get("components", {}), record.get("preparations", [])
     if not isinstance(parts, dict) or not isinstance(preparations, list):
-        raise ValueError("ensemble.components must be a mapping and ensemble.preparations a list")
+        raise CheckpointError("ensemble.components must be a mapping and ensemble.preparations a list")
     if build == "config":
         if not has_config:
-            raise ValueError("ensemble.build names a model config ('config'), but the manifest holds no 'model'")
+            raise CheckpointError("ensemble.build names a model config ('config'), but the manifest holds no 'model'")
     elif isinstance(build, dict) and set(build) == {"wrap"} and isinstance(build["wrap"], dict):
         args = build["wrap"]
         check_backbone_spec(args.get("backbone"), "ensemble.build.wrap.backbone")
         for key in ("num_classes", "num_blocks"):
             value = args.get(key)
             if value is not None and (type(value) is not int or value < 1):
-                raise ValueError(f"ensemble.build.wrap.{key} must be an integer >= 1 or null, got {value!r}")
+                raise CheckpointError(f"ensemble.build.wrap.{key} must be an integer >= 1 or null, got {value!r}")
         shape = args.get("example_input")
         if shape is not None and not (isinstance(shape, list) and all(type(n) is int and n >= 1 for n in shape)):
-            raise ValueError(f"ensemble.build.wrap.example_input must be a shape (a list of sizes) or null, "
-                             f"got {shape!r}")
+            raise CheckpointError(f"ensemble.build.wrap.example_input must be a shape (a list of sizes) or null, "
+                                  f"got {shape!r}")
         missing = [kind for kind in COMPONENT_KINDS if kind not in parts]
         if missing:
-            raise ValueError(f"ensemble.components lacks {', '.join(missing)}, which a wrap() build names")
+            raise CheckpointError(f"ensemble.components lacks {', '.join(missing)}, which a wrap() build names")
     elif isinstance(build, dict) and set(build) == {"recipe"} and isinstance(build["recipe"], dict):
         recipe = build["recipe"]
         name, backbone, options = recipe.get("name"), recipe.get("backbone"), recipe.get("options")
         if not isinstance(name, str) or not isinstance(options, dict):
-            raise ValueError(f"ensemble.build.recipe must hold a 'name' and 'options', got {recipe!r}")
+            raise CheckpointError(f"ensemble.build.recipe must hold a 'name' and 'options', got {recipe!r}")
         check_backbone_spec({"kind": "timm", "name": backbone, "kwargs": {}} if isinstance(backbone, str)
                             else backbone, "ensemble.build.recipe.backbone")
         try:
             RECIPES.check({**from_json(options), "name": name}, context=("backbone",))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"ensemble.build.recipe: {err}") from None
+            raise CheckpointError(f"ensemble.build.recipe: {err}") from None
     else:
-        raise ValueError(f"ensemble.build must be 'config', {{'wrap': {{...}}}} or {{'recipe': {{...}}}}, "
-                         f"got {build!r}")
+        raise CheckpointError(f"ensemble.build must be 'config', {{'wrap': {{...}}}} or {{'recipe': {{...}}}}, "
+                              f"got {build!r}")
     for kind, spec in parts.items():
         if kind not in COMPONENT_KINDS:
-            raise ValueError(f"ensemble.components names {kind!r}, which is not a component "
-                             f"({', '.join(COMPONENT_KINDS)})")
+            raise CheckpointError(f"ensemble.components names {kind!r}, which is not a component "
+                                  f"({', '.join(COMPONENT_KINDS)})")
         if spec is None and kind not in ("topology", "execution"):
             continue
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise ValueError(f"ensemble.components.{kind} must be a spec {{'name': ..., **options}}, got {spec!r}")
+            raise CheckpointError(f"ensemble.components.{kind} must be a spec {{'name': ..., **options}}, got {spec!r}")
         try:
             registry_of(kind).check(from_json(spec), context=("num_members",))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"ensemble.components.{kind}: {err}") from None
+            raise CheckpointError(f"ensemble.components.{kind}: {err}") from None
     for i, preparation in enumerate(preparations):
         if not isinstance(preparation, dict) or preparation.get("name") not in PREPARATIONS:
-            raise ValueError(f"ensemble.preparations[{i}] is {preparation!r}; a preparation is "
-                             f"{{'name': one of {', '.join(map(repr, PREPARATIONS))}, **options}}")
+            raise CheckpointError(f"ensemble.preparations[{i}] is {preparation!r}; a preparation is "
+                                  f"{{'name': one of {', '.join(map(repr, PREPARATIONS))}, **options}}")
 
 
 def model_config(manifest: dict[str, Any], source: str) -> ModelConfig:

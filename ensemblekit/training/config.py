@@ -63,7 +63,7 @@ else:  # requires-python is >= 3.10: tomli is tomllib's backport
 from ensemblekit.core.initialisation import INIT_MODES
 from ensemblekit.core.registry import AGGREGATORS, HALTING_POLICIES, LOSSES, RECIPES, TOPOLOGIES, Registry
 from ensemblekit.core.registry import SCHEDULES as STAGE_SCHEDULES
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, PathNotFoundError
 
 RECIPE_ARGUMENTS = ("backbone", "init", "halting", "example_input")
 """What [`build_ensemble()`][ensemblekit.training.config.build_ensemble] passes a recipe itself, next to
@@ -300,24 +300,30 @@ class TrainConfig:
         _at_least("train.step_epochs", self.step_epochs, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 0)
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        for key in ("lr", "momentum", "gamma", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if value is None and key == "grad_clip":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"train.{key} must be a number, got {value!r}")
         if not 0 < self.lr < float("inf"):
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"train.gamma must be in (0, 1], got {self.gamma}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be > 0 or omitted, got {self.grad_clip}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {self.seed}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.device != "auto":
             import torch
 
             try:
                 torch.device(self.device)
-            except (RuntimeError, ValueError) as err:
+            except (RuntimeError, ValueError, TypeError) as err:
                 raise ConfigError(f"train.device {self.device!r} is not a device: use 'auto', 'cpu', 'cuda', "
                                   "'cuda:1' or 'mps'") from err
         if self.stages is not None:
@@ -369,7 +375,7 @@ def load_config(path: str | Path) -> RunConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise PathNotFoundError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -48,7 +48,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidValueError, UnknownNameError
 
 __all__ = [
     "CACHE_ENV",
@@ -161,7 +161,7 @@ class TensorImageDataset(Dataset):
         indices: torch.Tensor | None = None,
     ) -> None:
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise InvalidValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels
         self.transform = transform
@@ -195,7 +195,7 @@ def split_indices(
     n = len(labels)
     n_held = int(round(n * fraction))
     if not 0 < n_held < n:
-        raise ValueError(f"cannot hold out {fraction:.0%} of {n} items")
+        raise InvalidValueError(f"cannot hold out {fraction:.0%} of {n} items")
     classes, counts = np.unique(labels, return_counts=True)
     if counts.min() >= 2 and len(classes) <= n_held <= n - len(classes):
         splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_held, random_state=seed)
@@ -275,7 +275,8 @@ def load_digits_dataset(
 
 
 class DataNotFoundError(EnsembleKitError, FileNotFoundError):
-    """A dataset's files are in none of the places looked at; the message says what to install or where to put them."""
+    """A dataset's files are in none of the places looked at, or not laid out as expected; the message says what
+    to install or where to put them."""
 
 
 FASHION_MNIST_ENV = "ENSEMBLEKIT_FASHION_MNIST"
@@ -535,7 +536,7 @@ def _cifar_root(name: str, root: str | Path | None) -> Path:
     cls, _, _, title, url = _CIFAR[name]
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     if root is None:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{name} needs root=<folder>: the folder that contains {cls.base_folder}/ "
             f"({', '.join(files)}); download the {title} python version ({url}) and extract it there"
         )
@@ -545,7 +546,7 @@ def _cifar_root(name: str, root: str | Path | None) -> Path:
     folder = root / cls.base_folder
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{name}: expected {folder}/{missing[0]} (missing: {', '.join(missing)}); "
             f"download the {title} python version ({url}) and extract it into {root} "
             f"so that {folder}/ holds {', '.join(files)}"
@@ -593,19 +594,19 @@ def _load_imagefolder(
         f"(optionally <root>/test/<class>/<image>), images ending in {', '.join(IMG_EXTENSIONS)}"
     )
     if root is None:
-        raise FileNotFoundError(f"imagefolder needs root=<folder>; {layout}")
+        raise DataNotFoundError(f"imagefolder needs root=<folder>; {layout}")
     root = Path(root).expanduser()
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else None
         where = f"{root} does not exist" if found is None else f"{root} holds folders {found}"
-        raise FileNotFoundError(f"imagefolder: no {', '.join(missing)} folder ({where}); {layout}")
+        raise DataNotFoundError(f"imagefolder: no {', '.join(missing)} folder ({where}); {layout}")
     folders = [d for d in ("train", "val", "test") if (root / d).is_dir()]
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     for d in folders[1:]:
         other = sorted(p.name for p in (root / d).iterdir() if p.is_dir())
         if other != classes:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"imagefolder: {root / d} has class folders {other} but {root / 'train'} has {classes}; "
                 f"every split needs the same class folders; {layout}"
             )
@@ -623,7 +624,7 @@ def _load_imagefolder(
         try:
             return tv_datasets.ImageFolder(str(root / d), transform=transform)
         except (FileNotFoundError, RuntimeError) as err:
-            raise FileNotFoundError(f"imagefolder: {root / d} is not usable ({err}); {layout}") from err
+            raise DataNotFoundError(f"imagefolder: {root / d} is not usable ({err}); {layout}") from err
 
     if split == "test":
         dataset: Dataset = folder("test" if has_test else "val")
@@ -651,7 +652,7 @@ def _load_imagefolder(
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
+        raise UnknownNameError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
 
 
 def load_dataset(
@@ -706,7 +707,7 @@ def load_dataset(
         (359, 10)
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     _check_split(split)
     if augment is None:
         augment = split in ("train", "trainval")
@@ -767,7 +768,7 @@ def make_loader(
         True
     """
     if sampler is not None and shuffle:
-        raise ValueError("pass either shuffle=True or a sampler, not both (the sampler decides the order)")
+        raise InvalidValueError("pass either shuffle=True or a sampler, not both (the sampler decides the order)")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult
+from ensemblekit.errors import InvalidValueError
 
 __all__ = [
     "DistEnv",
@@ -104,11 +105,12 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         try:
             values[key] = int(text)
         except ValueError:
-            raise ValueError(f"environment variable {key}={text!r} is not an integer (set by torchrun)") from None
+            raise InvalidValueError(f"environment variable {key}={text!r} is not an integer "
+                                    "(set by torchrun)") from None
     world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"inconsistent launch: RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}; "
-                         "start the processes with torchrun")
+        raise InvalidValueError(f"inconsistent launch: RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}; "
+                                "start the processes with torchrun")
     return DistEnv(rank, world, local)
 
 
@@ -122,8 +124,8 @@ def process_device(device: torch.device, env: DistEnv) -> torch.device:
         return device
     count = torch.cuda.device_count()
     if env.local_rank >= count:
-        raise ValueError(f"process with LOCAL_RANK={env.local_rank} has no GPU: this machine has {count}; "
-                         f"start at most {count} processes per node (torchrun --nproc-per-node={count})")
+        raise InvalidValueError(f"process with LOCAL_RANK={env.local_rank} has no GPU: this machine has {count}; "
+                                f"start at most {count} processes per node (torchrun --nproc-per-node={count})")
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
 
@@ -139,8 +141,8 @@ def init(env: DistEnv, device: torch.device, timeout: timedelta | None = None) -
         return False
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ValueError(f"WORLD_SIZE={env.world_size} but {', '.join(missing)} is not set; "
-                         "launch with torchrun, which sets them")
+        raise InvalidValueError(f"WORLD_SIZE={env.world_size} but {', '.join(missing)} is not set; "
+                                "launch with torchrun, which sets them")
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **kwargs)
@@ -225,8 +227,8 @@ def data_parallel(
     """
     if sync_batchnorm and env.enabled:
         if device.type != "cuda":
-            raise ValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
-                             "train with device='cuda' or turn sync_batchnorm off")
+            raise InvalidValueError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+                                    "train with device='cuda' or turn sync_batchnorm off")
         from ensemblekit.backbones.sync_batchnorm import convert_sync_batchnorm
 
         for name, child in list(ensemble.named_children()):
@@ -237,7 +239,7 @@ def data_parallel(
     _check_same_parameters(step, env)
     if find_unused_parameters is None:
         if probe is None:
-            raise ValueError("find_unused_parameters=None needs a probe batch (x, y) to decide")
+            raise InvalidValueError("find_unused_parameters=None needs a probe batch (x, y) to decide")
         find_unused_parameters = has_unused_parameters(step, *probe, env)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
@@ -250,7 +252,7 @@ def _check_same_parameters(step: nn.Module, env: DistEnv) -> None:
         if other != names:
             i = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
             ours, theirs = names[i] if i < len(names) else None, other[i] if i < len(other) else None
-            raise ValueError(
+            raise InvalidValueError(
                 f"processes {env.rank} and {rank} hold different parameters: entry {i} is {ours} here and "
                 f"{theirs} there; build the model identically on every process (a module order that "
                 "depends on Python's hash seed also does this: set PYTHONHASHSEED=0 for the launch)"

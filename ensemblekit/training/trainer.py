@@ -55,7 +55,7 @@ from torch.utils.data import Dataset, Subset
 
 from ensemblekit.core.registry import SCHEDULES
 from ensemblekit.core.stages import Stage, default_schedule, frozen_except
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidTypeError, InvalidValueError, PathExistsError, PathNotFoundError
 from ensemblekit.evaluation.reports import Report, anytime_report, collect_members, plot_accuracy_vs_flops
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
@@ -141,9 +141,14 @@ def seed_everything(seed: int) -> None:
 def select_device(name: str = "auto") -> torch.device:
     """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise InvalidValueError(f"device {name!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:1' or "
+                                    "'mps'") from err
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+            raise InvalidValueError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or "
+                                    "'cpu'")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -304,7 +309,8 @@ def resolve_stages(model: nn.Module, config: TrainConfig) -> list[Stage]:
 def _check_stages(stages: Any, source: str) -> list[Stage]:
     stages = list(stages)
     if not stages or not all(isinstance(s, Stage) for s in stages):
-        raise TypeError(f"{source} must give a non-empty list of ensemblekit.core.stages.Stage objects, got {stages!r}")
+        raise InvalidTypeError(f"{source} must give a non-empty list of ensemblekit.core.stages.Stage objects, got "
+                               f"{stages!r}")
     return stages
 
 
@@ -373,30 +379,30 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     start_time = time.perf_counter()
     folder = None if out_dir is None else Path(out_dir) / CHECKPOINTS
     if folder is not None and getattr(model, "build_config", None) is None:
-        raise ValueError("to write checkpoints the model needs a build_config: build it with "
-                         "ensemblekit.training.config.build_ensemble, or pass out_dir=None")
+        raise InvalidValueError("to write checkpoints the model needs a build_config: build it with "
+                                "ensemblekit.training.config.build_ensemble, or pass out_dir=None")
     if folder is not None:  # what killed saves left; a checkpoint a crash between renames hid is put back
         ckpt.clean_up(folder)
     existing = _step_dirs(folder) if folder is not None else []
     if resume and folder is None:
-        raise ValueError("resume=True needs the out_dir of the run to resume")
+        raise InvalidValueError("resume=True needs the out_dir of the run to resume")
     if existing and not resume:
-        raise FileExistsError(f"{out_dir} already holds checkpoints of a run ({existing[-1].name}); "
+        raise PathExistsError(f"{out_dir} already holds checkpoints of a run ({existing[-1].name}); "
                               "resume it (--resume / resume=True) or choose another output folder")
 
     model.to(device)
     n = len(train_set)
     if n == 0:
-        raise ValueError("the training set is empty")
+        raise InvalidValueError("the training set is empty")
     if config.batch_size % env.world_size or n < env.world_size:
-        raise ValueError(f"train.batch_size={config.batch_size} is the global batch of {env.world_size} processes: "
-                         f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
-                         f"{env.world_size} items")
+        raise ConfigError(f"train.batch_size={config.batch_size} is the global batch of {env.world_size} processes: "
+                          f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
+                          f"{env.world_size} items")
     per_process = min(config.batch_size, n) // env.world_size
     if per_process < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError(f"batches of {per_process} sample per process (train.batch_size={config.batch_size}, "
-                         f"{n} training items, {env.world_size} processes): BatchNorm needs at least 2 samples "
-                         "per batch in training")
+        raise ConfigError(f"batches of {per_process} sample per process (train.batch_size={config.batch_size}, "
+                          f"{n} training items, {env.world_size} processes): BatchNorm needs at least 2 samples "
+                          "per batch in training")
     drop_last = n > config.batch_size
     steps_per_epoch = n // config.batch_size if drop_last else 1
     stages = resolve_stages(model, config) if stages is None else _check_stages(stages, "stages")
@@ -413,7 +419,7 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
 
     if resume:
         if not existing:
-            raise FileNotFoundError(f"nothing to resume: {folder} holds no checkpoints")
+            raise PathNotFoundError(f"nothing to resume: {folder} holds no checkpoints")
         # a run killed between writing its first checkpoint and its "latest" pointer has no pointer yet
         last_good = ckpt.resolve(folder) if (folder / ckpt.LATEST).is_file() else existing[-1]
         restore = _check_resumable(last_good, model, settings)
@@ -481,7 +487,7 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
         with frozen_except(model, stage.trainable) as freeze:
             params = freeze.parameters
             if not params:
-                raise ValueError(f"stage {stage.name!r} has no parameter to train")
+                raise InvalidValueError(f"stage {stage.name!r} has no parameter to train")
             _mark_halting_trained(model, params)
             optimizers, schedulers = _stage_optimizers(stage, params, config, steps_per_epoch)
             if restore is not None:  # resumed in the middle of this stage
@@ -597,7 +603,7 @@ def _stage_optimizers(stage: Stage, params: list[nn.Parameter], config: TrainCon
         made = stage.optimizer(params)
         optimizers = [made] if isinstance(made, torch.optim.Optimizer) else list(made)
         if not optimizers:
-            raise ValueError(f"stage {stage.name!r}: its optimizer factory made no optimizer")
+            raise InvalidValueError(f"stage {stage.name!r}: its optimizer factory made no optimizer")
     if stage.lr_schedule is not None:
         schedulers = [stage.lr_schedule(o, steps_per_epoch) for o in optimizers]
     elif stage.optimizer is None:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ensemblekit.cli import main as cli
+from ensemblekit.errors import EnsembleKitError, InvalidValueError, UnknownNameError
 
 
 def test_version_names_ensemblekit_torch_and_timm(capsys):
@@ -26,8 +27,25 @@ def test_help_does_not_import_torch():
 def test_a_user_error_is_one_line_and_debug_shows_its_traceback(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "none.toml")]) == 2
     assert capsys.readouterr().err == f"ensemblekit train: error: config file {tmp_path / 'none.toml'} does not exist\n"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist") as raised:
         cli.main(["--debug", "train", str(tmp_path / "none.toml")])
+    assert isinstance(raised.value, EnsembleKitError)
+
+
+def test_only_ensemblekit_errors_are_user_errors():
+    assert cli.is_user_error(EnsembleKitError("x")) and cli.is_user_error(InvalidValueError("x"))
+    assert cli.is_user_error(UnknownNameError("unknown dataset 'x'"))
+    for err in (ValueError("x"), TypeError("x"), KeyError("x"), FileNotFoundError("x"), RuntimeError("x")):
+        assert not cli.is_user_error(err)
+
+
+def test_an_unknown_name_is_printed_without_quotes(monkeypatch, capsys):
+    def unknown(args):
+        raise UnknownNameError("unknown dataset 'mnist'; known datasets: digits")
+
+    monkeypatch.setattr("ensemblekit.cli.commands.plugins.run", unknown)
+    assert cli.main(["plugins"]) == 2
+    assert capsys.readouterr().err == "ensemblekit plugins: error: unknown dataset 'mnist'; known datasets: digits\n"
 
 
 def test_an_error_raised_outside_ensemblekit_is_a_bug_and_keeps_its_traceback(monkeypatch):
@@ -37,3 +55,39 @@ def test_an_error_raised_outside_ensemblekit_is_a_bug_and_keeps_its_traceback(mo
     monkeypatch.setattr("ensemblekit.cli.commands.plugins.run", broken)
     with pytest.raises(ValueError, match="invalid literal"):
         cli.main(["plugins"])
+
+
+def test_a_value_error_from_torch_is_a_bug(monkeypatch):
+    def broken(args):
+        import torch
+        import torch.nn.functional as F
+
+        return F.interpolate(torch.zeros(1, 1, 2, 2), size=3, scale_factor=2)  # torch's own ValueError
+
+    monkeypatch.setattr("ensemblekit.cli.commands.plugins.run", broken)
+    with pytest.raises(ValueError, match="size or scale_factor"):
+        cli.main(["plugins"])
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, KeyError, FileNotFoundError])
+def test_a_builtin_error_raised_in_ensemblekit_code_is_a_bug(monkeypatch, error):
+    """A builtin error raised by ensemblekit's own code (its innermost frame is in the package) is no user's
+    mistake either: ensemblekit raises an EnsembleKitError for those."""
+    namespace = {"error": error}
+    exec(compile("def broken(args):\n    raise error('internal')\n", cli.__file__, "exec"), namespace)
+    monkeypatch.setattr("ensemblekit.cli.commands.plugins.run", namespace["broken"])
+    with pytest.raises(error, match="internal") as raised:
+        cli.main(["plugins"])
+    tb = raised.value.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb.tb_frame.f_code.co_filename == cli.__file__
+
+
+def test_a_bug_exits_with_a_traceback_not_2():
+    code = ("import sys; import ensemblekit.cli.commands.plugins as p; from ensemblekit.cli.main import main\n"
+            "def broken(args):\n    raise RuntimeError('boom')\n"
+            "p.run = broken; sys.exit(main(['plugins']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode not in (0, 2)
+    assert "Traceback (most recent call last)" in done.stderr and "RuntimeError: boom" in done.stderr

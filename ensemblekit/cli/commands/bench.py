@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from ensemblekit.errors import InvalidValueError
+
 __all__ = ["HELP", "NAME", "add_arguments", "argv", "run"]
 
 NAME = "bench"
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise InvalidValueError("--device cuda asked for, but torch sees no CUDA device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = bench.QUICK if args.quick else bench.FULL if args.full else bench.DEFAULT

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ensemblekit.errors import InvalidValueError
+
 __all__ = ["HELP", "NAME", "add_arguments", "run"]
 
 NAME = "evaluate"
@@ -47,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         images = data_config(model)
     dataset, info = load_split(data, args.split, limit=args.max_items, data_config=images)
     if info.num_classes != model.num_classes:
-        raise ValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
-                         f"predicts {model.num_classes}")
+        raise InvalidValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
+                                f"predicts {model.num_classes}")
     report = evaluate(model, dataset, args.batch_size, args.device)
     title = (f"{checkpoint.backbone_name(manifest)} on {data.name} ({args.split}): {report.num_samples} samples, "
              f"{report.num_members} members")

@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 class BudgetError(EnsembleKitError, ValueError):
-    """A budgeted policy's option that is not allowed."""
+    """A budgeted policy's option that is not allowed, or a calibration it lacks or cannot do (for this ensemble,
+    with these held-out data or this budget)."""
 
 
 Q_SEARCH_RANGE = (1e-3, 1e3)
@@ -77,7 +78,7 @@ def fit_thresholds(conf: Tensor, pi: Tensor, ties: str = "early") -> Tensor:
     """
     n, m = conf.shape
     if pi.shape != (m,):
-        raise ValueError(f"pi has shape {tuple(pi.shape)}, expected [{m}]")
+        raise BudgetError(f"pi has shape {tuple(pi.shape)}, expected [{m}]")
     _check_ties(ties)
     thresholds = torch.full((m,), math.inf, dtype=conf.dtype)
     running = torch.ones(n, dtype=torch.bool)
@@ -128,7 +129,7 @@ def _prefix_predictions(ensemble: Any, data: Any, batch_size: int) -> tuple[Tens
     finally:
         ensemble.train(was_training)
     if not preds:
-        raise ValueError("the held-out data yielded no samples")
+        raise BudgetError("the held-out data yielded no samples")
     if len(shapes) > 1:
         raise CostError(f"the held-out images have several sizes {sorted(shapes)}; a FLOPs budget holds at one "
                         "size: resize them to the size the ensemble will run at")
@@ -176,12 +177,12 @@ class Budgeted(HaltingPolicy):
         super().__init__()
         _check_ties(ties)
         if (q is not None and flops is not None) or (q is None and flops is None and thresholds is None):
-            raise ValueError("give exactly one of q (budget parameter) or flops (target average FLOPs), "
-                             "or calibrated thresholds")
+            raise BudgetError("give exactly one of q (budget parameter) or flops (target average FLOPs), "
+                              "or calibrated thresholds")
         if q is not None and not q > 0:
-            raise ValueError(f"q must be > 0, got {q}")
+            raise BudgetError(f"q must be > 0, got {q}")
         if flops is not None and not flops > 0:
-            raise ValueError(f"flops must be > 0, got {flops}")
+            raise BudgetError(f"flops must be > 0, got {flops}")
         self.q = q
         self.target_flops = flops
         self.ties = ties
@@ -247,7 +248,7 @@ class Budgeted(HaltingPolicy):
         if self.target_flops is not None:
             self.q = solve_q(conf, cum_flops, self.target_flops, ties=self.ties)
         if self.q is None:
-            raise ValueError("calibration needs q or flops; this policy was given thresholds only")
+            raise BudgetError("calibration needs q or flops; this policy was given thresholds only")
         thresholds = fit_thresholds(conf, exit_distribution(self.q, conf.shape[1]), self.ties)
         exits = exit_indices(conf, thresholds)
         fractions = torch.bincount(exits, minlength=conf.shape[1]).double() / len(exits)
@@ -259,9 +260,9 @@ class Budgeted(HaltingPolicy):
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:
         thresholds = self._calibrated_thresholds()
         if thresholds is None:
-            raise ValueError("the budgeted policy is not calibrated: call policy.calibrate(ensemble, held_out_data)")
+            raise BudgetError("the budgeted policy is not calibrated: call policy.calibrate(ensemble, held_out_data)")
         if len(thresholds) != step.num_members:
-            raise ValueError(f"calibrated for {len(thresholds)} exits, the ensemble has {step.num_members}")
+            raise BudgetError(f"calibrated for {len(thresholds)} exits, the ensemble has {step.num_members}")
         conf = confidence(step.prediction)
         return conf >= thresholds[step.index].to(conf.device), None
 
@@ -283,7 +284,7 @@ def solve_q(conf: Tensor, cum_flops: Sequence[float], target: float, steps: int 
     lo, hi = (math.log(v) for v in Q_SEARCH_RANGE)
     low_cost, high_cost = (expected_flops(conf, cum_flops, math.exp(v), ties) for v in (lo, hi))
     if target < low_cost:
-        raise ValueError(
+        raise BudgetError(
             f"a budget of {target:.4g} FLOPs is below the cheapest this ensemble reaches on the held-out data "
             f"({low_cost:.4g}; all samples at the first exit costs {cum_flops[0]:.4g})"
         )

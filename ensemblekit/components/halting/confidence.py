@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.functional import confidence
 
 __all__ = ["Confidence", "confidence"]
@@ -33,12 +34,17 @@ class Confidence(HaltingPolicy):
 
     def __init__(self, threshold: float | Sequence[float]):
         super().__init__()
-        values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+        if isinstance(threshold, (int, float)):
+            values = [threshold]
+        elif isinstance(threshold, (str, bytes, Mapping, Set)) or not isinstance(threshold, Iterable):
+            raise InvalidValueError(f"confidence thresholds must be numbers in [0, 1], got {threshold!r}")
+        else:
+            values = list(threshold)
         if not values:
-            raise ValueError("threshold must be a number or a non-empty list of numbers")
+            raise InvalidValueError(f"threshold must be a number or a non-empty list of numbers, got {threshold!r}")
         bad = [v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0]
         if bad:
-            raise ValueError(f"confidence thresholds must be numbers in [0, 1], got {bad[0]!r}")
+            raise InvalidValueError(f"confidence thresholds must be numbers in [0, 1], got {bad[0]!r}")
         self.per_member = not isinstance(threshold, (int, float))
         self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
 
@@ -54,15 +60,15 @@ class Confidence(HaltingPolicy):
     def bind(self, ensemble) -> None:
         """Refuse per-member thresholds whose count is not the ensemble's member count."""
         if self.per_member and len(self.thresholds) != ensemble.num_members:
-            raise ValueError(f"{len(self.thresholds)} thresholds given for an ensemble of {ensemble.num_members} "
-                             f"members; give one per member or a single number")
+            raise InvalidValueError(f"{len(self.thresholds)} thresholds given for an ensemble of "
+                                    f"{ensemble.num_members} members; give one per member or a single number")
 
     def threshold(self, index: int, num_members: int) -> Tensor:
         """The threshold of member ``index``."""
         if not self.per_member:
             return self.thresholds[0]
         if len(self.thresholds) != num_members:
-            raise ValueError(f"{len(self.thresholds)} thresholds given for an ensemble of {num_members} members")
+            raise InvalidValueError(f"{len(self.thresholds)} thresholds given for an ensemble of {num_members} members")
         return self.thresholds[index]
 
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
 from ensemblekit.core.timing import DeadlineTimer
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["Deadline"]
 
@@ -39,7 +40,7 @@ class Deadline(HaltingPolicy):
     def __init__(self, seconds: float):
         super().__init__()
         if not isinstance(seconds, (int, float)) or not seconds >= 0:
-            raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
+            raise InvalidValueError(f"seconds must be a number >= 0, got {seconds!r}")
         self.seconds = float(seconds)
         self.prefix_flops: list[int] = []
 
@@ -54,7 +55,7 @@ class Deadline(HaltingPolicy):
 
     def step(self, step: HaltingStep, state: dict[str, Any] | None) -> tuple[Tensor, dict[str, Any]]:
         if len(self.prefix_flops) != step.num_members:
-            raise ValueError("Deadline was not bound to this ensemble; use it through Ensemble.predict")
+            raise InvalidValueError("Deadline was not bound to this ensemble; use it through Ensemble.predict")
         device = step.prediction.device
         ready = float(step.extras["seconds"].max())  # member `index` is ready, on predict's clock
         if state is None:  # the first member: it began when predict's clock started

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ensemblekit.core.interfaces import HaltingPolicy, HaltingStep
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["Fixed"]
 
@@ -21,15 +22,15 @@ class Fixed(HaltingPolicy):
 
     def __init__(self, members: int = 1):
         super().__init__()
-        if not isinstance(members, int) or members < 1:
-            raise ValueError(f"members must be an integer >= 1, got {members!r}")
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise InvalidValueError(f"members must be an integer >= 1, got {members!r}")
         self.members = members
 
     def bind(self, ensemble: Any) -> None:
         """Refuse more members than the ensemble has."""
         if self.members > ensemble.num_members:
-            raise ValueError(f"Fixed(members={self.members}) asks for more members than the ensemble's "
-                             f"{ensemble.num_members}")
+            raise InvalidValueError(f"Fixed(members={self.members}) asks for more members than the ensemble's "
+                                    f"{ensemble.num_members}")
 
     def step(self, step: HaltingStep, state: dict[str, Tensor] | None) -> tuple[Tensor, None]:
         stop = step.index + 1 >= self.members

@@ -32,7 +32,7 @@ from ensemblekit.components.losses.learned_halting import halting_terms
 from ensemblekit.core.blocks import State, call_block
 from ensemblekit.core.heads import fresh_copy
 from ensemblekit.core.interfaces import EnsembleOutput, HaltingPolicy, HaltingStep, LossResult
-from ensemblekit.errors import EnsembleKitError
+from ensemblekit.errors import EnsembleKitError, InvalidValueError
 from ensemblekit.functional import halting_distribution, kl_divergence, survival
 
 __all__ = ["CELLS", "Learned", "LearnedHaltingError", "gumbel_halting", "halting_distribution", "survival"]
@@ -116,13 +116,13 @@ class Learned(HaltingPolicy):
                  rank_weight: float = 0.1, aux_weight: float = 1.0, discrepancy_weight: float = 0.1):
         super().__init__()
         if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+            raise InvalidValueError(f"hidden must be an integer >= 1, got {hidden!r}")
         if cell not in CELLS:
-            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
+            raise InvalidValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
         if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+            raise InvalidValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            raise InvalidValueError(f"temperature must be > 0, got {temperature!r}")
         self.hidden = hidden
         self.cell_type = cell
         self.threshold = threshold
@@ -150,13 +150,13 @@ class Learned(HaltingPolicy):
         if self.cell is not None:
             if self.cell.input_size != self._in_features(ensemble.num_classes) or (
                     self.aux_head and len(self.aux_heads) != ensemble.num_members):
-                raise ValueError(
+                raise InvalidValueError(
                     f"this learned halting policy was built for another ensemble "
                     f"({len(self.aux_heads)} members, selector input {self.cell.input_size}); create a new one")
             return
         for head in ensemble.heads:
             if getattr(head, "takes_previous_logits", False):
-                raise ValueError("learned halting cannot copy a head that reads the previous member's logits")
+                raise InvalidValueError("learned halting cannot copy a head that reads the previous member's logits")
         self.cell = CELLS[self.cell_type](self._in_features(ensemble.num_classes), self.hidden)
         self.out = nn.Linear(self.hidden, 1)
         if self.aux_head:
@@ -171,7 +171,8 @@ class Learned(HaltingPolicy):
     def _bound(self) -> tuple[nn.Module, nn.Linear]:
         """The selector's recurrent cell and output layer; refuses a policy not bound to an ensemble yet."""
         if self.cell is None or self.out is None:
-            raise ValueError("the learned halting policy is not bound to an ensemble; pass it to wrap(halting=...)")
+            raise InvalidValueError("the learned halting policy is not bound to an ensemble; pass it to "
+                                    "wrap(halting=...)")
         return self.cell, self.out
 
     def selector_parameters(self) -> list[nn.Parameter]:
@@ -222,7 +223,8 @@ class Learned(HaltingPolicy):
         head_inputs = output.extras["head_inputs"]
         count = output.num_members
         if sorted(head_inputs) != list(range(count)):
-            raise ValueError(f"learned halting needs a prefix of members 0..k-1, got members {sorted(head_inputs)}")
+            raise LearnedHaltingError("learned halting needs a prefix of members 0..k-1, got members "
+                                      f"{sorted(head_inputs)}")
         state, logits, aux_all = None, [], []
         for t in range(count):
             aux = self._aux_logits(t, head_inputs[t]) if self.aux_head else None

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.functional import kd_loss
 from ensemblekit.functional import member_cross_entropy as member_ce
 
@@ -60,13 +61,13 @@ def _nested_predictions(output: EnsembleOutput, sizes: tuple[int, ...]) -> list[
 
 def _check_unit(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
+        raise InvalidValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
 
 
 def _check_positive(name: str, value: float) -> float:
     if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise InvalidValueError(f"{name} must be > 0, got {value}")
     return float(value)
 
 
@@ -235,7 +236,7 @@ class EnsembleNetCoDistillation(LossStrategy):
     def __init__(self, mu: float = 3.0):
         super().__init__()
         if mu < 0:
-            raise ValueError(f"mu must be >= 0, got {mu}")
+            raise InvalidValueError(f"mu must be >= 0, got {mu}")
         self.mu = float(mu)
 
     def forward(self, output: EnsembleOutput, target: Tensor) -> LossResult:

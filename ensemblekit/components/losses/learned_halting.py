@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.functional import expected_cost, halting_distribution, survival, survival_weighted_cross_entropy
 
 __all__ = ["COSTS", "SCHEDULES", "IreneLoss", "halting_terms", "member_cross_entropy"]
@@ -136,9 +137,9 @@ class IreneLoss(LossStrategy):
                  cost: str = "members", schedule: str = "sequential"):
         super().__init__()
         if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+            raise InvalidValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if cost not in COSTS:
-            raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+            raise InvalidValueError(f"cost must be one of {COSTS}, got {cost!r}")
         self.weights = {"base": base_weight, "ens": ens_weight, "cost": cost_weight, "rank": rank_weight,
                         "aux": aux_weight, "discrepancy": discrepancy_weight}
         self.cost = cost
@@ -156,7 +157,7 @@ class IreneLoss(LossStrategy):
         missing = self.requires - ensemble.provides
         if missing:
             policy = type(ensemble.halting).__name__ if ensemble.halting is not None else "no halting policy"
-            raise ValueError(
+            raise InvalidValueError(
                 f"loss 'irene' needs {sorted(missing)} from a learned halting policy, but the ensemble has "
                 f"{policy}; pass halting='learned' to wrap() or build it with ensemblekit.methods.irene.recipe")
 
@@ -184,7 +185,7 @@ def _check_frozen(output: EnsembleOutput) -> None:
         state = inputs.get(member)
         values = state if isinstance(state, tuple) else (state,)
         if any(isinstance(v, Tensor) and v.requires_grad for v in values):
-            raise ValueError(
+            raise InvalidValueError(
                 f"IRENE's sequential schedule trains the last member with the earlier ones frozen, but member "
                 f"{member + 1} of {output.num_members} has gradients; train with ensemblekit.training.trainer.train "
                 "(it runs the \"sequential\" schedule), or use schedule='joint'")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ensemblekit.core.interfaces import EnsembleOutput, LossResult, LossStrategy
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.functional import kd_loss, member_cross_entropy
 
 __all__ = ["MultiExitLoss"]
@@ -46,16 +47,16 @@ class MultiExitLoss(LossStrategy):
         super().__init__()
         if ce_weight is not None:
             if not 0.0 <= ce_weight <= 1.0:
-                raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+                raise InvalidValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
             warnings.warn("MultiExitLoss(ce_weight=w) is deprecated: alpha is now the weight of the distillation "
                           "term, as in the other losses; pass alpha=1 - w", DeprecationWarning, stacklevel=2)
             alpha = 1.0 - ce_weight
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise InvalidValueError(f"alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InvalidValueError(f"temperature must be > 0, got {temperature}")
         if weights is not None and (len(weights) == 0 or min(weights) < 0):
-            raise ValueError(f"weights must be non-negative numbers, one per exit, got {weights}")
+            raise InvalidValueError(f"weights must be non-negative numbers, one per exit, got {weights}")
         self.weights = None if weights is None else [float(w) for w in weights]
         self.ofa = ofa
         self.alpha = float(alpha)
@@ -65,7 +66,7 @@ class MultiExitLoss(LossStrategy):
         members = output.members
         n = members.shape[1]
         if self.weights is not None and len(self.weights) != n:
-            raise ValueError(f"MultiExitLoss has {len(self.weights)} weights but the ensemble has {n} exits")
+            raise InvalidValueError(f"MultiExitLoss has {len(self.weights)} weights but the ensemble has {n} exits")
         weights = members.new_tensor(self.weights if self.weights is not None else [1.0] * n)
         ce = member_cross_entropy(members, target)
         parts = {f"ce_{k}": ce[k].detach() for k in range(n)}

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ensemblekit.build import record_preparation
+from ensemblekit.errors import InvalidValueError
 
 __all__ = [
     "GradientRescale", "RescaleInputGradient", "apply_gradient_equilibrium", "chain_exit_nodes",
@@ -86,7 +87,7 @@ def equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
         [(0.3333333333333333, 0.6666666666666666), (0.5, 0.5), (1.0, 0.0)]
     """
     if num_exits < 1:
-        raise ValueError(f"num_exits must be >= 1, got {num_exits}")
+        raise InvalidValueError(f"num_exits must be >= 1, got {num_exits}")
     return [(1.0 / (num_exits - i), (num_exits - i - 1) / (num_exits - i)) for i in range(num_exits)]
 
 
@@ -97,12 +98,12 @@ def chain_exit_nodes(ensemble: nn.Module) -> list[int]:
     exits = [m.exit_node for m in members]
     for m in members:
         if tuple(spine[: len(m.path)]) != m.path:
-            raise ValueError(
+            raise InvalidValueError(
                 "gradient equilibrium needs a chain (members are exits along one path); "
                 f"member {m.index} leaves that path; use topology='chain'"
             )
     if sorted(exits, key=spine.index) != exits or len(set(exits)) != len(exits):
-        raise ValueError("gradient equilibrium needs the members in depth order, one exit per node")
+        raise InvalidValueError("gradient equilibrium needs the members in depth order, one exit per node")
     return exits
 
 
@@ -125,7 +126,7 @@ def apply_gradient_equilibrium(ensemble: nn.Module) -> list[RemovableHandle]:
     """
     exits = chain_exit_nodes(ensemble)
     if has_gradient_equilibrium(ensemble):
-        raise ValueError("gradient equilibrium is already applied to this ensemble")
+        raise InvalidValueError("gradient equilibrium is already applied to this ensemble")
     nodes = ensemble.graph.nodes
     children = {n.parent: n.index for n in nodes if n.parent is not None}
     handles = []

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ensemblekit.build import record_preparation
 from ensemblekit.core.blocks import call_block
+from ensemblekit.errors import InvalidValueError
 
 __all__ = ["ISC_MODES", "ISCExit", "add_isc", "classifier_width"]
 
@@ -33,7 +34,7 @@ def classifier_width(head: nn.Module, num_classes: int) -> int:
     """Input width of the last ``nn.Linear`` with ``num_classes`` outputs in ``head``."""
     linears = [m for m in head.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     if not linears:
-        raise ValueError(
+        raise InvalidValueError(
             f"ISC 'concat' needs a head that ends in a linear classifier with {num_classes} outputs; "
             "none was found: pass width=... or use mode='add'"
         )
@@ -64,7 +65,7 @@ class ISCExit(nn.Module):
                  detach: bool = True):
         super().__init__()
         if mode not in ISC_MODES:
-            raise ValueError(f"ISC mode must be one of {ISC_MODES}, got {mode!r}")
+            raise InvalidValueError(f"ISC mode must be one of {ISC_MODES}, got {mode!r}")
         self.head = head
         self.mode = mode
         self.detach = detach
@@ -111,7 +112,7 @@ def add_isc(ensemble: nn.Module, mode: str = "concat", width: int | None = None,
     """
     for k in range(1, ensemble.num_members):
         if isinstance(ensemble.heads[k], ISCExit):
-            raise ValueError(f"member {k} already has an ISC head")
+            raise InvalidValueError(f"member {k} already has an ISC head")
         ensemble.heads[k] = ISCExit(ensemble.heads[k], ensemble.num_classes, mode, width, detach)
     ensemble._costs.clear()  # head FLOPs changed: measure again
     record_preparation(ensemble, "isc", mode=mode, width=width, detach=detach)

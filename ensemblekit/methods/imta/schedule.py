@@ -25,6 +25,7 @@ from torch import nn
 
 from ensemblekit.components.losses.multi_exit import MultiExitLoss
 from ensemblekit.core.stages import ScheduleSettings, Stage
+from ensemblekit.errors import InvalidValueError
 from ensemblekit.methods.imta.isc import ISCExit, add_isc
 from ensemblekit.methods.imta.recipe import start_phase2
 
@@ -62,10 +63,10 @@ def two_phase(ensemble: Any, settings: ScheduleSettings, *, phase2_epochs: int |
     if isc is True:
         isc = "concat"
     if isc and any(isinstance(h, ISCExit) for h in ensemble.heads):
-        raise ValueError("the ensemble already has ISC heads (built with isc=...): leave the two_phase "
-                         "schedule's isc unset, or build the ensemble without ISC to add it in phase II")
+        raise InvalidValueError("the ensemble already has ISC heads (built with isc=...): leave the two_phase "
+                                "schedule's isc unset, or build the ensemble without ISC to add it in phase II")
     if phase2_epochs is not None and (isinstance(phase2_epochs, bool) or phase2_epochs < 1):
-        raise ValueError(f"phase2_epochs must be an integer >= 1, got {phase2_epochs!r}")
+        raise InvalidValueError(f"phase2_epochs must be an integer >= 1, got {phase2_epochs!r}")
     loss = None
     if ofa is not None or alpha is not None or temperature is not None:
         current = ensemble.loss_strategy

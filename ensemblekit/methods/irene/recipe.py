@@ -11,6 +11,7 @@ from ensemblekit.components.halting.learned import Learned
 from ensemblekit.components.losses.learned_halting import IreneLoss
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.core.ensemble import Ensemble
+from ensemblekit.errors import InvalidTypeError, InvalidValueError
 
 __all__ = ["MEMBER_OPTION", "irene"]
 
@@ -84,10 +85,11 @@ def irene(
         backbone = create_backbone(backbone, num_classes=options.pop("num_classes", 1000))
     for key in ("aggregator", "loss"):
         if key in options:
-            raise TypeError(f"irene() fixes the {key} (mean of probabilities, IRENE's loss); use ensemblekit.build")
+            raise InvalidTypeError(f"irene() fixes the {key} (mean of probabilities, IRENE's loss); use "
+                                   "ensemblekit.build")
     if members is not None:
         if topology not in MEMBER_OPTION:
-            raise ValueError(f"a {topology} has no member count option: pass members=None and its own options")
+            raise InvalidValueError(f"a {topology} has no member count option: pass members=None and its own options")
         options[MEMBER_OPTION[topology]] = members
     if cost is None:
         cost = "members" if topology in ("cascade", "independent") else "flops"
