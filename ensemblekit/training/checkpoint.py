@@ -246,6 +246,7 @@ def write_checkpoint(
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
     record: dict[str, Any] | None = None,
+    weights: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (see the module docstring).
 
@@ -261,6 +262,8 @@ def write_checkpoint(
         extra: more JSON-able entries for the manifest (data and train configs).
         overwrite: replace an existing folder (the old one is removed only
             once the new one is complete); otherwise an existing folder is an error.
+        weights: the tensors written as ``model.safetensors`` instead of
+            ``model.state_dict()``, with the same keys (the trainer's EMA weights).
     """
     directory = Path(directory)
     if record is None:
@@ -291,7 +294,7 @@ def write_checkpoint(
             manifest["trainer"] = trainer_state
         manifest.update(extra or {})
         manifest = json.loads(json.dumps(manifest, allow_nan=False))  # as it reads back (str keys, lists)
-        model_entry = _write_tensors(tmp / MODEL_FILE, model.state_dict(),
+        model_entry = _write_tensors(tmp / MODEL_FILE, model.state_dict() if weights is None else weights,
                                      metadata={MANIFEST_DIGEST: _manifest_digest(manifest)})
         manifest["files"] = {MODEL_FILE: model_entry, **manifest["files"]}
         fsync_write(tmp / MANIFEST, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())

@@ -19,6 +19,10 @@ A config file has up to three sections; every key is optional except
     epochs = 10
     optimizer = "sgd"
     lr = 0.05
+    # precision = "bf16-mixed"                      # "32-true" (default), "bf16-mixed" or "16-mixed" (CUDA)
+    # accumulate = 4                                # optimizer step every 4 batches of batch_size
+    # ema_decay = 0.999                             # evaluate and save an EMA of the weights
+    # logger = "csv"                                # metrics.csv in the run folder, or "tensorboard"
 
 Instead of topology/aggregator/loss, ``recipe = "hne"`` (or ``"ensemblenet"``,
 ``"multi_exit"``, ``"irene"``)
@@ -39,7 +43,9 @@ from typing import Any, get_args, get_type_hints
 
 __all__ = [
     "DATASETS",
+    "LOGGERS",
     "OPTIMIZERS",
+    "PRECISIONS",
     "PROGRESS",
     "RECIPE_ARGUMENTS",
     "RESUMABLE_CHANGES",
@@ -51,8 +57,10 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "build_ensemble",
+    "check_precision",
     "load_config",
     "section_from_dict",
+    "tensorboard_available",
 ]
 
 if sys.version_info >= (3, 11):
@@ -71,6 +79,11 @@ RECIPE_ARGUMENTS = ("backbone", "init", "halting", "example_input")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PROGRESS = ("tqdm", "rich", "none")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+"""``train.precision``: Lightning's names. "32-true": float32; "bf16-mixed": the forward pass and loss under
+``torch.autocast`` in bfloat16 (CPU and CUDA); "16-mixed": in float16 with ``torch.amp.GradScaler`` (CUDA only)."""
+LOGGERS = (None, "csv", "tensorboard")
+"""``train.logger``: None (history only), "csv" (``metrics.csv`` in the run folder) or "tensorboard"."""
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fashion-mnist")
 SPLITS = ("train", "val", "trainval", "test")
 
@@ -270,6 +283,36 @@ class TrainConfig:
             "sequential", "irene", "two_phase", or a plugin's) or
             ``{name = ..., **options}``; None: the loss's own (IRENE's loss
             says "sequential"), else "joint".
+        precision: "32-true" (default: float32), "bf16-mixed" (forward pass
+            and loss under ``torch.autocast`` in bfloat16, on the CPU or a
+            GPU that has it) or "16-mixed" (float16 autocast with
+            ``torch.amp.GradScaler``; CUDA only, refused on other devices).
+            Lightning's names; weights, optimizer state and evaluation stay float32.
+        accumulate: gradient accumulation: the optimizer steps once every
+            ``accumulate`` batches of ``batch_size``, each batch's loss
+            weighted by its share of the step (``1 / accumulate``), so a step
+            sees ``accumulate * batch_size`` items. Steps, the learning-rate
+            schedule, ``checkpoint_every`` and ``log_every`` count optimizer
+            steps; an epoch is cut to whole steps, and checkpoints are written
+            between steps only, so a resume is exact.
+        ema_decay: keep an exponential moving average of the weights and
+            buffers (``torch.optim.swa_utils.AveragedModel`` with
+            ``get_ema_multi_avg_fn(ema_decay)``, updated after every optimizer
+            step, the first update a copy), in (0, 1), e.g. 0.999; None: off.
+            When on, checkpoints' ``model.safetensors`` holds the EMA weights
+            (so loading and evaluating a run use them), the training weights
+            are kept in ``trainer.safetensors`` for an exact resume, and
+            ``train()`` returns with the EMA weights in the model. A stage
+            whose preparation adds or renames parameters (IMTA's ISC exits)
+            starts their average from their values then.
+        logger: None (default), "csv" (``metrics.csv`` in the run folder: a
+            row per epoch, and per ``log_every`` steps) or "tensorboard"
+            (``tensorboard/`` in the run folder, through
+            ``torch.utils.tensorboard``; needs the ``tensorboard`` package,
+            which ensemblekit does not install). Written by rank 0; a resumed
+            run drops the rows written after its checkpoint.
+        log_every: with a logger, also write a row every this many optimizer
+            steps (that step's loss, accuracy and learning rate); 0: per epoch only.
     """
 
     epochs: int = 10
@@ -290,6 +333,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sync_batchnorm: bool = False
     stages: str | dict | None = None
+    precision: str = "32-true"
+    accumulate: int = 1
+    ema_decay: float | None = None
+    logger: str | None = None
+    log_every: int = 0
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -331,10 +379,52 @@ class TrainConfig:
                 STAGE_SCHEDULES.check(self.stages, context=("ensemble", "settings"))
             except (KeyError, TypeError, ValueError) as err:
                 raise ConfigError(f"train.stages: {err}") from None
+        _choice("train.precision", self.precision, PRECISIONS)
+        if self.device != "auto":
+            check_precision(self.precision, self.device)
+        _at_least("train.accumulate", self.accumulate, 1)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be a number in (0, 1), e.g. 0.999, or omitted (no EMA); "
+                              f"got {self.ema_decay}")
+        _choice("train.logger", self.logger, LOGGERS)
+        _at_least("train.log_every", self.log_every, 0)
+        if self.log_every and self.logger is None:
+            raise ConfigError(f"train.log_every = {self.log_every} but train.logger is not set; set "
+                              "train.logger = 'csv' or 'tensorboard', or leave log_every out")
+        if self.logger == "tensorboard" and not tensorboard_available():
+            raise ConfigError("train.logger = 'tensorboard' needs the tensorboard package, which is not installed "
+                              "(ensemblekit does not depend on it): pip install tensorboard, or use "
+                              "train.logger = 'csv'")
+
+
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` can be used (the ``tensorboard`` package is importable)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def check_precision(precision: str, device: Any) -> None:
+    """Refuse a ``train.precision`` that ``device`` (a torch device or its name) cannot run.
+
+    Raises:
+        ConfigError: "16-mixed" off CUDA (float16 autocast needs gradient scaling, which ensemblekit does on
+            CUDA only), or "bf16-mixed" on a GPU without bfloat16.
+    """
+    import torch
+
+    kind = torch.device(device).type
+    if precision == "16-mixed" and kind != "cuda":
+        raise ConfigError(f"train.precision = '16-mixed' (float16 autocast with gradient scaling) needs a CUDA "
+                          f"device; this run is on {kind!r}: use 'bf16-mixed' (bfloat16 autocast, which the CPU "
+                          "has) or '32-true'")
+    if precision == "bf16-mixed" and kind == "cuda" and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision = 'bf16-mixed' but this GPU has no bfloat16: use '16-mixed' or '32-true'")
 
 
 # Settings that may change when a run is resumed without changing its results.
-RESUMABLE_CHANGES = frozenset({"device", "progress", "checkpoint_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"device", "progress", "checkpoint_every", "keep_checkpoints", "logger", "log_every"})
 
 
 @dataclass

@@ -19,6 +19,17 @@ many epochs; plain training is one stage ("joint"). One loop runs them all;
 steps and epochs count over the whole schedule and checkpoints hold the
 stage, so a resume in the middle of a schedule is exact as well.
 
+Options of ``TrainConfig`` in the manner of Lightning and accelerate, all
+off by default: ``precision`` ("bf16-mixed", "16-mixed": the forward pass
+and loss under ``torch.autocast``, float16 with a ``GradScaler``),
+``accumulate`` (one optimizer step every k batches; steps, schedule and
+checkpoints count optimizer steps, and checkpoints fall between them, so a
+resume stays exact), ``ema_decay`` (an EMA of the weights, with torch's
+``AveragedModel``: what checkpoints hold as the model and what ``train()``
+leaves in it, so evaluation uses it; the training weights are checkpointed
+too) and ``logger`` ("csv" or "tensorboard" rows per epoch and every
+``log_every`` steps, see [`ensemblekit.training.metrics_log`][ensemblekit.training.metrics_log]).
+
 Launched with ``torchrun --nproc-per-node=N``, [`train()`][ensemblekit.training.trainer.train] trains with
 DistributedDataParallel (see [`ensemblekit.training.distributed`][ensemblekit.training.distributed]): each process
 takes ``batch_size / N`` items of every global batch, only rank 0 shows
@@ -43,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -51,6 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, Subset
 
 from ensemblekit.core.registry import SCHEDULES
@@ -67,8 +81,10 @@ from ensemblekit.training.config import (
     RunConfig,
     TrainConfig,
     build_ensemble,
+    check_precision,
 )
 from ensemblekit.training.data import SeededItems, load_dataset, make_loader
+from ensemblekit.training.metrics_log import MetricsLogger, make_logger
 
 __all__ = [
     "CHECKPOINTS",
@@ -79,6 +95,7 @@ __all__ = [
     "load_split",
     "make_optimizer",
     "make_scheduler",
+    "optimizer_step",
     "resolve_stages",
     "run",
     "run_many",
@@ -111,12 +128,16 @@ class TrainResult:
             batches, learning rate (of the first optimizer), seconds.
         checkpoint: the newest checkpoint folder (None without ``out_dir``).
         seconds: wall-clock time of this call.
+        ema_decay: the decay of the exponential moving average of the weights
+            that the model now holds (``train.ema_decay``); None: the model
+            holds the trained weights.
     """
 
     steps: int
     history: list[dict[str, float]]
     checkpoint: Path | None
     seconds: float
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -192,7 +213,7 @@ class _Meter:
     def __init__(self, sums: dict[str, float] | None = None):
         self.sums = dict(sums or {})
 
-    def add(self, loss: float, parts: dict[str, Tensor], correct: int, count: int) -> None:
+    def add(self, loss: float, parts: dict[str, float], correct: int, count: int) -> None:
         s = self.sums
         s["batches"] = s.get("batches", 0) + 1
         s["loss"] = s.get("loss", 0.0) + loss
@@ -267,13 +288,17 @@ def _step_dirs(folder: Path) -> list[Path]:
 # ------------------------------------------------------------------ training
 def training_step(compute_loss: Callable[[], Tensor], optimizers: Sequence[torch.optim.Optimizer],
                   schedulers: Sequence[Any] = (), *, grad_clip: float | None = None,
-                  parameters: Iterable[nn.Parameter] | None = None) -> Tensor:
+                  parameters: Iterable[nn.Parameter] | None = None,
+                  scaler: torch.amp.GradScaler | None = None) -> Tensor:
     """One optimisation step: clear the gradients, ``loss = compute_loss()``, backward, update.
 
     Then the gradient norm of ``parameters`` (default: the optimizers') is
     clipped to ``grad_clip`` when it is set, every optimizer steps, and every
-    learning-rate scheduler (``None`` entries are skipped). [`train()`][ensemblekit.training.trainer.train]
-    runs this for every batch; the benchmark times it as its training step.
+    learning-rate scheduler (``None`` entries are skipped). With a ``scaler``
+    (float16 training) the loss is scaled before the backward pass and the
+    gradients unscaled before clipping; the scaler skips a step whose
+    gradients overflowed. [`train()`][ensemblekit.training.trainer.train] does the same over the batches of
+    one optimizer step (``train.accumulate``); the benchmark times this as its training step.
 
     Returns:
         The loss ``compute_loss()`` returned.
@@ -281,17 +306,33 @@ def training_step(compute_loss: Callable[[], Tensor], optimizers: Sequence[torch
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss = compute_loss()
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    optimizer_step(optimizers, schedulers, grad_clip=grad_clip, parameters=parameters, scaler=scaler)
+    return loss
+
+
+def optimizer_step(optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any] = (), *,
+                   grad_clip: float | None = None, parameters: Iterable[nn.Parameter] | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """The update of [`training_step()`][ensemblekit.training.trainer.training_step] once the gradients are in:
+    unscale (with a ``scaler``), clip, step every optimizer, then every scheduler."""
     if grad_clip is not None:
+        if scaler is not None:
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
         if parameters is None:
             parameters = [p for o in optimizers for group in o.param_groups for p in group["params"]]
         nn.utils.clip_grad_norm_(parameters, grad_clip)
     for optimizer in optimizers:
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+    if scaler is not None:
+        scaler.update()
     for scheduler in schedulers:
         if scheduler is not None:
             scheduler.step()
-    return loss
 
 
 def resolve_stages(model: nn.Module, config: TrainConfig) -> list[Stage]:
@@ -350,11 +391,17 @@ def train(
     members, with optimizers created when it starts. Steps and epochs are
     counted over the whole schedule, and checkpoints hold the stage index.
 
+    With ``config.ema_decay`` the model is left holding the EMA of its
+    weights (``TrainResult.ema_decay`` says so), as the checkpoints' model
+    files do; with ``config.logger`` the metrics go into ``out_dir``.
+
     Under torchrun the model is trained with DDP on every process (see
     [`ensemblekit.training.distributed`][ensemblekit.training.distributed]); the process group is created here when
     the caller has not created one, and destroyed on return.
 
     Raises:
+        ConfigError: ``config.precision`` is not available on the device, or
+            ``config.logger`` is set without ``out_dir``.
         FileExistsError: ``out_dir`` already holds checkpoints and ``resume`` is off.
         CheckpointError: the checkpoint to resume is damaged or of another model, settings or schedule.
         NonFiniteLossError: the loss became NaN or infinite.
@@ -362,6 +409,10 @@ def train(
     config = config or TrainConfig()
     env = distributed.detect()
     device = distributed.process_device(select_device(config.device), env)
+    check_precision(config.precision, device)
+    if config.logger is not None and out_dir is None:
+        raise ConfigError(f"train.logger = {config.logger!r} writes into the run folder: pass out_dir, or leave "
+                          "train.logger unset")
     created = distributed.init(env, device)
     try:
         return _train(model, train_set, config, env, device, out_dir=out_dir, resume=resume,
@@ -399,12 +450,18 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                           f"it must be a multiple of {env.world_size}, and the training set ({n} items) at least "
                           f"{env.world_size} items")
     per_process = min(config.batch_size, n) // env.world_size
-    if per_process < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if per_process < 2 and batchnorm:
         raise ConfigError(f"batches of {per_process} sample per process (train.batch_size={config.batch_size}, "
                           f"{n} training items, {env.world_size} processes): BatchNorm needs at least 2 samples "
                           "per batch in training")
-    drop_last = n > config.batch_size
-    steps_per_epoch = n // config.batch_size if drop_last else 1
+    step_batch = config.batch_size * config.accumulate  # the global items of one optimizer step
+    drop_last = n > step_batch
+    steps_per_epoch = n // step_batch if drop_last else 1  # optimizer steps
+    if not drop_last and batchnorm and (n // env.world_size) % per_process == 1:
+        raise ConfigError(f"the {n} training items make one optimizer step of batches of {config.batch_size} "
+                          f"(train.accumulate={config.accumulate}) whose last batch has 1 sample per process: "
+                          "BatchNorm needs at least 2 samples per batch in training; change train.batch_size")
     stages = resolve_stages(model, config) if stages is None else _check_stages(stages, "stages")
     names = [s.name for s in stages]
     bounds = [0]  # step at which each stage starts, then the total
@@ -446,6 +503,12 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
     optimizers: list[torch.optim.Optimizer] = []
     schedulers: list[Any] = []
     index = 0
+    autocast = _autocast(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "16-mixed" else None
+    ema: AveragedModel | None = None
+    logger: MetricsLogger | None = None
+    if env.is_main and out_dir is not None:
+        logger = make_logger(config.logger, out_dir, resume_step=step if resume else None)
 
     def save() -> Path:
         target = folder / f"step-{step:07d}"
@@ -462,91 +525,191 @@ def _train(model: nn.Module, train_set: Dataset, config: TrainConfig, env: distr
                      "history": history, "epoch_sums": meter.sums, "optimizers": opt_plain,
                      "schedulers": [None if s is None else s.state_dict() for s in schedulers],
                      "rng": rng[0][1], "rng_ranks": [plain for _, plain in rng[1:]]}
-            ckpt.write_checkpoint(target, model, model.build_config, trainer_tensors={**opt_tensors, **rng_tensors},
-                                  trainer_state=state, extra=settings, overwrite=True)
+            weights, live = None, {}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            if ema is not None:  # the model file holds the EMA weights, the trainer file the trained ones
+                state["ema"] = {"decay": config.ema_decay, "n_averaged": int(ema.n_averaged)}
+                weights = ema.module.state_dict()
+                live = {_LIVE + k: v for k, v in model.state_dict().items()}
+            ckpt.write_checkpoint(target, model, model.build_config, trainer_state=state, extra=settings,
+                                  trainer_tensors={**opt_tensors, **rng_tensors, **live}, overwrite=True,
+                                  weights=weights)
             ckpt.atomic_write(folder / ckpt.LATEST, target.name + "\n")
             for old in _step_dirs(folder)[:-config.keep_checkpoints]:
                 shutil.rmtree(old)
         distributed.barrier(env)  # no process goes on (or resumes) before the checkpoint is complete
         return target
 
-    sampler = distributed.ShardedEpochSampler(train_set, config.batch_size, env, seed=config.seed, drop_last=drop_last)
+    sampler = distributed.ShardedEpochSampler(train_set, step_batch, env, seed=config.seed, drop_last=drop_last)
     progress = config.progress if env.is_main else "none"
     # BatchNorm is converted to its synchronised form once, by the first DDP wrapper (converting twice would
     # replace timm's fused BatchNorm + activation layers); layers a later stage's preparation adds stay per process
     wrapped = False
-    for index, stage in enumerate(stages):
-        _start_stage(stage, model, device)
-        buffers = list(model.buffers())  # restored when a step fails on a non-finite loss
-        before_step = [b.clone() for b in buffers]
-        if step >= bounds[index + 1]:  # done before the checkpoint resumed: only its preparation is replayed
-            if index == restore_stage and restore is not None:  # the checkpoint ends this stage
-                _load_state(*restore, model, [], [], env, config.seed)
-                restore = None
-            continue
-        with frozen_except(model, stage.trainable) as freeze:
-            params = freeze.parameters
-            if not params:
-                raise InvalidValueError(f"stage {stage.name!r} has no parameter to train")
-            _mark_halting_trained(model, params)
-            optimizers, schedulers = _stage_optimizers(stage, params, config, steps_per_epoch)
-            if restore is not None:  # resumed in the middle of this stage
-                _load_state(*restore, model, optimizers, schedulers, env, config.seed)
-                restore = None
-            step_fn = None
-            while step < bounds[index + 1]:
-                epoch, skip = divmod(step, steps_per_epoch)
-                freeze.train()
-                sampler.set_epoch(epoch, start=skip * config.batch_size)
-                items = SeededItems(train_set, config.seed, epoch)  # augmentations independent of the workers
-                loader = make_loader(items, config.batch_size // env.world_size, shuffle=False,
-                                     num_workers=num_workers, seed=distributed.rank_seed(config.seed, env.rank),
-                                     sampler=sampler, drop_last=drop_last)
-                epoch_start = time.perf_counter()
-                desc = f"epoch {epoch + 1}/{total_epochs}" + (f" ({stage.name})" if len(stages) > 1 else "")
-                with _progress(progress, steps_per_epoch, skip, desc) as bar:
-                    for batch, (x, y) in enumerate(loader, start=skip):
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        if step_fn is None:
-                            step_fn = distributed.data_parallel(
-                                model, env, device, sync_batchnorm=config.sync_batchnorm and not wrapped,
-                                probe=(x, y), members=stage.members)
-                            wrapped = True
-                        seen: dict[str, Any] = {}
-                        where = {"step": step + 1, "epoch": epoch + 1, "batch": batch + 1,
-                                 "steps_per_epoch": steps_per_epoch, "last_good": last_good}
-                        if buffers:
-                            torch._foreach_copy_(before_step, buffers)
-                        try:
-                            training_step(partial(_forward, step_fn, x, y, env, where, seen), optimizers,
-                                          schedulers, grad_clip=config.grad_clip, parameters=model.parameters())
-                        except NonFiniteLossError:  # the forward pass put NaN in BatchNorm's statistics: undo it
+    try:
+        for index, stage in enumerate(stages):
+            _start_stage(stage, model, device)
+            ema = _ema_for(model, ema, config.ema_decay)
+            buffers = list(model.buffers())  # restored when a step fails on a non-finite loss
+            before_step = [b.clone() for b in buffers]
+            if step >= bounds[index + 1]:  # done before the checkpoint resumed: only its preparation is replayed
+                if index == restore_stage and restore is not None:  # the checkpoint ends this stage
+                    _load_state(*restore, model, [], [], env, config.seed, ema=ema, scaler=scaler)
+                    restore = None
+                continue
+            with frozen_except(model, stage.trainable) as freeze:
+                params = freeze.parameters
+                if not params:
+                    raise InvalidValueError(f"stage {stage.name!r} has no parameter to train")
+                _mark_halting_trained(model, params)
+                optimizers, schedulers = _stage_optimizers(stage, params, config, steps_per_epoch)
+                if restore is not None:  # resumed in the middle of this stage
+                    _load_state(*restore, model, optimizers, schedulers, env, config.seed, ema=ema, scaler=scaler)
+                    restore = None
+                step_fn = None
+                while step < bounds[index + 1]:
+                    epoch, skip = divmod(step, steps_per_epoch)
+                    freeze.train()
+                    sampler.set_epoch(epoch, start=skip * step_batch)
+                    items = SeededItems(train_set, config.seed, epoch)  # augmentations independent of the workers
+                    loader = make_loader(items, config.batch_size // env.world_size, shuffle=False,
+                                         num_workers=num_workers, seed=distributed.rank_seed(config.seed, env.rank),
+                                         sampler=sampler, drop_last=drop_last)
+                    # an optimizer step takes `accumulate` batches, or the whole epoch when it is one short step
+                    per_step = config.accumulate if drop_last else len(loader)
+                    step_items = step_batch // env.world_size if drop_last else len(sampler)  # this process's
+                    batches = iter(loader)
+                    epoch_start = time.perf_counter()
+                    desc = f"epoch {epoch + 1}/{total_epochs}" + (f" ({stage.name})" if len(stages) > 1 else "")
+                    with _progress(progress, steps_per_epoch, skip, desc) as bar:
+                        for batch in range(skip, steps_per_epoch):
                             if buffers:
-                                torch._foreach_copy_(buffers, before_step)
-                            raise
-                        step += 1
-                        totals = seen["totals"]
-                        parts = {k: float(v) / env.world_size for k, v in zip(seen["parts"], totals[3:])}
-                        meter.add(seen["mean_loss"], parts, int(totals[1]), len(y) * env.world_size)
-                        bar.update(meter.loss(), meter.accuracy())
-                        end_of_epoch = step % steps_per_epoch == 0
-                        if end_of_epoch:
-                            entry = {"epoch": epoch + 1, "stage": stage.name,
-                                     "stage_epoch": epoch + 1 - bounds[index] // steps_per_epoch,
-                                     **meter.summary(), "lr": optimizers[0].param_groups[0]["lr"],
-                                     "seconds": time.perf_counter() - epoch_start}
-                            history.append(entry)
-                            meter = _Meter()
-                            if on_epoch is not None and env.is_main:
-                                on_epoch(dict(entry))
-                        if folder is not None and (end_of_epoch or (config.checkpoint_every
-                                                                    and step % config.checkpoint_every == 0)):
-                            last_good = save()
-            del step_fn
-            if env.enabled:
-                gc.collect()  # the stage's DDP wrapper goes with its gradient hooks before the next one is made
+                                torch._foreach_copy_(before_step, buffers)
+                            for optimizer in optimizers:
+                                optimizer.zero_grad(set_to_none=True)
+                            sums = _StepSums()
+                            lr = optimizers[0].param_groups[0]["lr"]
+                            try:
+                                for micro, (x, y) in zip(range(per_step), batches):
+                                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                                    if step_fn is None:
+                                        step_fn = distributed.data_parallel(
+                                            model, env, device, sync_batchnorm=config.sync_batchnorm and not wrapped,
+                                            probe=(x, y), members=stage.members)
+                                        wrapped = True
+                                        ema = _ema_for(model, ema, config.ema_decay)  # a SyncBatchNorm model
+                                    where = {"step": step + 1, "epoch": epoch + 1, "batch": batch + 1,
+                                             "steps_per_epoch": steps_per_epoch, "last_good": last_good,
+                                             "micro": micro + 1, "per_step": per_step}
+                                    seen: dict[str, Any] = {}
+                                    # the gradients are all-reduced once per step, with its last batch
+                                    sync = (step_fn.no_sync() if isinstance(step_fn, DistributedDataParallel)
+                                            and micro < per_step - 1 else nullcontext())
+                                    with sync:
+                                        with autocast():
+                                            loss = _forward(step_fn, x, y, env, where, seen)
+                                        weight = len(y) / step_items  # 1 / accumulate: this batch's share
+                                        if weight != 1:
+                                            loss = loss * weight
+                                        (loss if scaler is None else scaler.scale(loss)).backward()
+                                    sums.add(seen, weight, len(y) * env.world_size, env)
+                            except NonFiniteLossError:  # the forward pass put NaN in BatchNorm's statistics: undo it
+                                if buffers:
+                                    torch._foreach_copy_(buffers, before_step)
+                                raise
+                            optimizer_step(optimizers, schedulers, grad_clip=config.grad_clip,
+                                           parameters=model.parameters(), scaler=scaler)
+                            if ema is not None:
+                                ema.update_parameters(model)
+                            step += 1
+                            meter.add(sums.loss, sums.parts, sums.correct, sums.count)
+                            bar.update(meter.loss(), meter.accuracy())
+                            if logger is not None and config.log_every and step % config.log_every == 0:
+                                logger.log({"scope": "step", "step": step, "epoch": epoch + 1, "stage": stage.name,
+                                            "loss": sums.loss, "accuracy": sums.correct / max(1, sums.count),
+                                            **{f"part.{k}": v for k, v in sums.parts.items()}, "lr": lr})
+                            end_of_epoch = step % steps_per_epoch == 0
+                            if end_of_epoch:
+                                entry = {"epoch": epoch + 1, "stage": stage.name,
+                                         "stage_epoch": epoch + 1 - bounds[index] // steps_per_epoch,
+                                         **meter.summary(), "lr": optimizers[0].param_groups[0]["lr"],
+                                         "seconds": time.perf_counter() - epoch_start}
+                                history.append(entry)
+                                meter = _Meter()
+                                if logger is not None:
+                                    logger.log({"scope": "epoch", "step": step, **entry})
+                                if on_epoch is not None and env.is_main:
+                                    on_epoch(dict(entry))
+                            if folder is not None and (end_of_epoch or (config.checkpoint_every
+                                                                        and step % config.checkpoint_every == 0)):
+                                last_good = save()
+                del step_fn
+                if env.enabled:
+                    gc.collect()  # the stage's DDP wrapper goes with its gradient hooks before the next one is made
+    finally:
+        if logger is not None:
+            logger.close()
+    if ema is not None:  # what the checkpoints hold as the model, and what is evaluated
+        model.load_state_dict(ema.module.state_dict())
     distributed.broadcast_buffers(model, env)  # every process ends with rank 0's BatchNorm statistics, as saved
-    return TrainResult(step, history, last_good, time.perf_counter() - start_time)
+    return TrainResult(step, history, last_good, time.perf_counter() - start_time, config.ema_decay)
+
+
+_LIVE = "live."
+"""Prefix of the trained weights in ``trainer.safetensors`` when the model file holds their EMA."""
+
+
+class _StepSums:
+    """Loss, loss parts and accuracy of one optimizer step, summed over its batches (each weighted by its share)."""
+
+    def __init__(self) -> None:
+        self.loss, self.correct, self.count = 0.0, 0, 0
+        self.parts: dict[str, float] = {}
+
+    def add(self, seen: dict[str, Any], weight: float, count: int, env: distributed.DistEnv) -> None:
+        totals = seen["totals"]
+        self.loss += weight * seen["mean_loss"]
+        for k, v in zip(seen["parts"], totals[3:]):
+            self.parts[k] = self.parts.get(k, 0.0) + weight * float(v) / env.world_size
+        self.correct += int(totals[1])
+        self.count += count
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """A factory of the autocast context of ``train.precision`` (a context that does nothing for "32-true")."""
+    if precision == "32-true":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def _layout(module: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Names, shapes and types of the parameters, then the buffers, in the order ``AveragedModel`` pairs them."""
+    return [(name, tuple(t.shape), t.dtype) for named in (module.named_parameters(), module.named_buffers())
+            for name, t in named]
+
+
+def _ema_for(model: nn.Module, ema: AveragedModel | None, decay: float | None) -> AveragedModel | None:
+    """The EMA of ``model``'s weights and buffers (torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``).
+
+    Made at the first stage; remade when a stage's preparation changed the
+    model's parameters or buffers (``AveragedModel`` pairs them by
+    position): the averages of the tensors that are still there, and the
+    count of updates, carry over; a new tensor starts from its current value.
+    """
+    if decay is None:
+        return None
+    if ema is not None and _layout(ema.module) == _layout(model):
+        return ema
+    fresh = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if ema is not None:
+        old = ema.module.state_dict()
+        with torch.no_grad():
+            for key, value in fresh.module.state_dict().items():
+                if key in old and old[key].shape == value.shape:
+                    value.copy_(old[key])
+            fresh.n_averaged.copy_(ema.n_averaged)
+    return fresh
 
 
 def _forward(step_fn: Callable[..., Any], x: Tensor, y: Tensor, env: distributed.DistEnv, where: dict[str, Any],
@@ -571,9 +734,10 @@ def _forward(step_fn: Callable[..., Any], x: Tensor, y: Tensor, env: distributed
                 if last_good else "no checkpoint had been written yet")
         cause = ("the batch holds NaN or infinite inputs" if totals[2] > 0 else
                  "the inputs are finite, so training diverged (lower train.lr or set train.grad_clip)")
+        micro = f", batch part {where['micro']} of {where['per_step']}" if where.get("per_step", 1) > 1 else ""
         raise NonFiniteLossError(
             f"training stopped: the loss is {mean_loss} at step {where['step']} (epoch {where['epoch']}, "
-            f"batch {where['batch']} of {where['steps_per_epoch']}); {cause}; {kept}")
+            f"batch {where['batch']} of {where['steps_per_epoch']}{micro}); {cause}; {kept}")
     seen.update(totals=totals, mean_loss=mean_loss, parts=list(result.parts))
     return loss
 
@@ -634,8 +798,11 @@ def _check_resumable(directory: Path, model: nn.Module, settings: dict[str, Any]
     theirs_model = {k: manifest["model"].get(k, defaults.get(k)) for k in ours}
     diff = [f"model.{k}: checkpoint {theirs_model[k]!r}, this run {v!r}"
             for k, v in ours.items() if theirs_model[k] != v]
+    train_defaults = {f.name: f.default for f in fields(TrainConfig)}  # a setting added since: its default
     for section, values in settings.items():
         theirs = manifest.get(section, {})
+        if section == "train":
+            theirs = {**{k: v for k, v in train_defaults.items() if k not in theirs}, **theirs}
         diff += [f"{section}.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in values.items()
                  if theirs.get(k) != v and not (section == "train" and k in RESUMABLE_CHANGES)]
     if diff:
@@ -647,11 +814,22 @@ def _check_resumable(directory: Path, model: nn.Module, settings: dict[str, Any]
 
 
 def _load_state(directory: Path, manifest: dict[str, Any], model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                schedulers: list[Any], env: distributed.DistEnv, seed: int) -> None:
-    """Load weights, the optimizers' and schedulers' states (when given) and this process's RNG state."""
+                schedulers: list[Any], env: distributed.DistEnv, seed: int, *, ema: AveragedModel | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> None:
+    """Load weights (and their EMA), the optimizers' and schedulers' states (when given), the gradient scaler's
+    and this process's RNG state."""
     ckpt.load_weights(model, directory)
     state = manifest["trainer"]
     tensors = ckpt.read_tensors(directory, ckpt.TRAINER_FILE)
+    if ema is not None:  # the model file held the EMA weights; the trained ones are in the trainer file
+        live = {k[len(_LIVE):]: v for k, v in tensors.items() if k.startswith(_LIVE)}
+        if not live or "ema" not in state:
+            raise ckpt.CheckpointError(f"{directory} holds no EMA state (written without train.ema_decay)")
+        ema.module.load_state_dict(model.state_dict())
+        model.load_state_dict(live)
+        ema.n_averaged.fill_(state["ema"]["n_averaged"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
     if optimizers:
         plains = state["optimizers"] if "optimizers" in state else [state["optimizer"]]  # one, before stages
         saved = state["schedulers"] if "schedulers" in state else [state.get("scheduler")]
@@ -780,11 +958,14 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     Files: ``checkpoints/``, ``report.json``, ``report.txt`` and
     ``accuracy_vs_flops.png``; they are written only when the run succeeds,
-    and under torchrun only by rank 0 (every process evaluates).
+    and under torchrun only by rank 0 (every process evaluates). With
+    ``train.logger``, ``metrics.csv`` or ``tensorboard/`` as training goes.
+    With ``train.ema_decay`` the EMA weights are evaluated (logged, and
+    named in the report's title).
     """
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
-    select_device(config.train.device)
+    check_precision(config.train.precision, select_device(config.train.device))
     config.model.check_files()  # before any work
     data = config.data
     images = backbone_data_config(config.model) if data.name == "imagefolder" else None
@@ -797,9 +978,13 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     extra = {"data": asdict(config.data)}
     result = train(model, train_set, config.train, out_dir=out_dir, resume=resume,
                    num_workers=config.data.num_workers, extra=extra)
+    if result.ema_decay is not None and distributed.detect().is_main:
+        log(f"evaluating the EMA of the weights (train.ema_decay = {result.ema_decay}); the checkpoints' model "
+            "files hold it too")
     report = evaluate(model, eval_set, config.data.eval_batch_size, config.train.device, config.data.num_workers)
+    weights = "" if result.ema_decay is None else f", EMA weights (decay {result.ema_decay})"
     title = (f"{model_config.backbone} on {info.name} ({data.eval_split}): {report.num_samples} samples, "
-             f"{report.num_members} members")
+             f"{report.num_members} members{weights}")
     origin = provenance(data, data.eval_split, info.source, len(eval_set), result.checkpoint,
                         select_device(config.train.device), max_items=data.max_eval_items)
     files = write_report(report, out_dir, title, log=log, provenance=origin) if distributed.detect().is_main else {}

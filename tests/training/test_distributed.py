@@ -33,6 +33,7 @@ from ensemblekit.training.trainer import NonFiniteLossError, seed_everything, tr
 from tests.conftest import toy_split  # noqa: E402
 
 EQUAL = TrainConfig(epochs=2, batch_size=8, lr=0.1, progress="none", device="cpu", schedule="constant")
+ACCUMULATE = replace(EQUAL, batch_size=4, accumulate=2, ema_decay=0.9)  # a step of 2 batches of 2 per process
 RESUME = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress="none", device="cpu", checkpoint_every=3)
 TIMM = ModelConfig("resnet10t", num_classes=4, image_size=8, topology={"name": "tree", "depth": 1},
                    backbone_options={"stem_width": 4, "channels": [4, 8, 8, 8]})
@@ -110,6 +111,9 @@ def worker(out: Path) -> None:
     model = gn_ensemble()
     result = train(model, fixed_data(), EQUAL)
     save_file(model.state_dict(), str(out / f"equal-{r}.safetensors"))
+    accumulated = gn_ensemble()
+    train(accumulated, fixed_data(), ACCUMULATE)  # gradients all-reduced once per step (no_sync before)
+    save_file(accumulated.state_dict(), str(out / f"accumulate-{r}.safetensors"))
 
     full = bn_ensemble()
     train(full, Noisy(), RESUME, out_dir=out / "full")
@@ -157,6 +161,12 @@ def test_two_processes_under_torchrun(tmp_path):
     reference = train(single, fixed_data(), EQUAL)
     ranks = [load_file(str(tmp_path / f"equal-{r}.safetensors")) for r in (0, 1)]
     for key, value in single.state_dict().items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    single_accumulated = gn_ensemble()
+    train(single_accumulated, fixed_data(), ACCUMULATE)
+    ranks = [load_file(str(tmp_path / f"accumulate-{r}.safetensors")) for r in (0, 1)]
+    for key, value in single_accumulated.state_dict().items():  # the EMA of the weights, on every process
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
     timm = [load_file(str(tmp_path / f"timm-{r}.safetensors")) for r in (0, 1)]
