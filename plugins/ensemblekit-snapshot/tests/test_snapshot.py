@@ -305,7 +305,10 @@ class Interrupt(Dataset):
 
 
 @pytest.mark.parametrize("stages", ["snapshot", {"name": "fge", "cycle_epochs": 2}], ids=["snapshot", "fge"])
-def test_a_run_killed_mid_cycle_resumes_exactly(tmp_path, stages):
+@pytest.mark.parametrize("step", [6, 5], ids=["mid-cycle", "first-step-of-a-cycle"])
+def test_a_killed_run_resumes_exactly(tmp_path, stages, step):
+    """Killed in step 6 (in cycle 2 of both: resumed from step 5's checkpoint, mid-cycle), or in step 5, the first
+    of cycle 2 (resumed from the end of cycle 1: cycle 2's copy of the snapshot runs on the resumed weights)."""
     gen = torch.Generator().manual_seed(2)
     data = TensorDataset(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 2, (16,), generator=gen))
     config = TrainConfig(epochs=2 if stages == "snapshot" else 1, batch_size=8, lr=0.05, progress="none",
@@ -317,8 +320,8 @@ def test_a_run_killed_mid_cycle_resumes_exactly(tmp_path, stages):
 
     full = model()
     reference = train(full, data, config, out_dir=tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):  # killed in step 6: in cycle 2 (snapshot), in cycle 2 (fge)
-        train(model(), Interrupt(data, at=8 * 5 + 3), config, out_dir=tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), Interrupt(data, at=8 * (step - 1) + 3), config, out_dir=tmp_path / "cut")
     torch.manual_seed(123)  # the resumed process starts from other RNG states
     resumed_model = model()
     resumed = train(resumed_model, data, config, out_dir=tmp_path / "cut", resume=True)
