@@ -148,6 +148,7 @@ def test_loading_is_lazy_and_happens_once(install):
 @pytest.mark.parametrize("dist, entry, components", [
     ("ensemblekit-poe", "poe", {"aggregator": ["poe"], "halting policy": ["poe_support"]}),
     ("ensemblekit-moe", "moe", {"aggregator": ["moe_gate"]}),
+    ("ensemblekit-snapshot", "snapshot", {"schedule": ["snapshot", "fge"]}),
 ])
 def test_sample_plugins_when_installed(dist, entry, components):
     if not any(ep.name == entry and ep.dist and ep.dist.name == dist for ep in entry_points(group="ensemblekit")):
