@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ensemblekit.core.interfaces import Aggregator, AggregatorState
+from ensemblekit.errors import InvalidValueError
 
 
 def confidence_features(logits: Tensor) -> Tensor:
@@ -61,9 +62,9 @@ class GatedMixture(Aggregator):
     def __init__(self, num_members: int, hidden: int = 16):
         super().__init__()
         if not isinstance(num_members, int) or num_members < 1:
-            raise ValueError(f"num_members must be an integer >= 1, got {num_members!r}")
+            raise InvalidValueError(f"num_members must be an integer >= 1, got {num_members!r}")
         if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+            raise InvalidValueError(f"hidden must be an integer >= 1, got {hidden!r}")
         self.gate = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.gate[-1].weight)
         nn.init.zeros_(self.gate[-1].bias)
@@ -72,7 +73,7 @@ class GatedMixture(Aggregator):
     def score(self, logits: Tensor, index: int) -> Tensor:
         """The gate's unnormalised log-weight ``[B]`` of member ``index`` with ``logits`` ``[B, C]``."""
         if index >= self.member_bias.numel():
-            raise ValueError(
+            raise InvalidValueError(
                 f"GatedMixture was built for {self.member_bias.numel()} members but member {index} was added"
             )
         features = confidence_features(logits).to(self.member_bias.dtype)

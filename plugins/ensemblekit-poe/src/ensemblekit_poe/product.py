@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ensemblekit.core.interfaces import Aggregator, AggregatorState, HaltingPolicy, HaltingStep
+from ensemblekit.errors import InvalidValueError
 
 
 class ProductOfExperts(Aggregator):
@@ -94,15 +95,15 @@ class ProductSupportHalting(HaltingPolicy):
                  mass: float = 0.9, min_members: int = 1, geometric: bool = False):
         super().__init__()
         if criterion not in ("support", "entropy"):
-            raise ValueError(f"criterion must be 'support' or 'entropy', got {criterion!r}")
+            raise InvalidValueError(f"criterion must be 'support' or 'entropy', got {criterion!r}")
         if not 0.0 < mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1], got {mass}")
+            raise InvalidValueError(f"mass must be in (0, 1], got {mass}")
         if not isinstance(min_members, int) or min_members < 1:
-            raise ValueError(f"min_members must be an integer >= 1, got {min_members!r}")
+            raise InvalidValueError(f"min_members must be an integer >= 1, got {min_members!r}")
         self.criterion = criterion
         self.threshold = float(threshold if threshold is not None else 1 if criterion == "support" else 0.5)
         if self.threshold < 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
+            raise InvalidValueError(f"threshold must be >= 0, got {threshold}")
         self.mass = mass
         self.min_members = min_members
         self.product = ProductOfExperts(geometric=geometric)

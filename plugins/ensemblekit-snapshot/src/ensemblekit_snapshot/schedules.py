@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ensemblekit.core.stages import LRScheduleFactory, ScheduleSettings, Stage
+from ensemblekit.errors import InvalidValueError
 
 __all__ = [
     "FGE_LOW_RATIO",
@@ -127,7 +128,7 @@ class CyclicLR(torch.optim.lr_scheduler.LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, shape: str, offset: int = 0, **params: Any):
         if shape not in RATES:
-            raise ValueError(f"shape must be one of {', '.join(RATES)}, got {shape!r}")
+            raise InvalidValueError(f"shape must be one of {', '.join(RATES)}, got {shape!r}")
         self.shape = shape
         self.offset = int(offset)
         self.params = dict(params)
@@ -151,13 +152,13 @@ def training_order(ensemble: Any, order: str = "newest_first") -> list[int]:
             a multi-branch ensemble): each snapshot needs weights of its own.
     """
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+        raise InvalidValueError(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
     graph = ensemble.graph
     owner: dict[int, int] = {}
     for member in graph.members:
         for node in member.path:
             if node in owner:
-                raise ValueError(
+                raise InvalidValueError(
                     f"members {owner[node]} and {member.index} share node {node}: snapshot and FGE schedules need "
                     "members that share nothing, one per snapshot (topology 'independent', e.g. "
                     "ek.wrap(model, 'independent', members=5) or topology = { name = \"independent\", members = 5 })")
@@ -181,14 +182,14 @@ def copy_member(ensemble: Any, source: int, target: int) -> None:
     """
     sources, targets = member_modules(ensemble, source), member_modules(ensemble, target)
     if len(sources) != len(targets):
-        raise ValueError(f"members {source} and {target} have paths of different lengths: they cannot hold the "
-                         "same network")
+        raise InvalidValueError(f"members {source} and {target} have paths of different lengths: they cannot hold the "
+                                "same network")
     for src, dst in zip(sources, targets):
         try:
             dst.load_state_dict(src.state_dict())
         except RuntimeError as err:
-            raise ValueError(f"member {source} cannot be copied into member {target}: they are not built alike "
-                             f"({' '.join(str(err).split())[:300]})") from err
+            raise InvalidValueError(f"member {source} cannot be copied into member {target}: they are not built alike "
+                                    f"({' '.join(str(err).split())[:300]})") from err
 
 
 # ------------------------------------------------------------------ schedules
@@ -262,12 +263,12 @@ def fge(ensemble: Any, settings: ScheduleSettings, *, cycle_epochs: int = 4, lr_
     """
     members = training_order(ensemble, order)
     if isinstance(cycle_epochs, bool) or not isinstance(cycle_epochs, int) or cycle_epochs < 2 or cycle_epochs % 2:
-        raise ValueError(f"cycle_epochs must be an even integer >= 2 (a snapshot falls at the middle of every cycle, "
-                         f"on an epoch end), got {cycle_epochs!r}")
+        raise InvalidValueError(f"cycle_epochs must be an even integer >= 2 (a snapshot falls at the middle of every "
+                                f"cycle, on an epoch end), got {cycle_epochs!r}")
     alpha1 = _rate("lr_high", settings.lr if lr_high is None else lr_high)
     alpha2 = alpha1 * FGE_LOW_RATIO if lr_low is None else lr_low
     if not (isinstance(alpha2, (int, float)) and 0 <= alpha2 < alpha1):
-        raise ValueError(f"lr_low (alpha2) must be >= 0 and below lr_high (alpha1 = {alpha1}), got {lr_low!r}")
+        raise InvalidValueError(f"lr_low (alpha2) must be >= 0 and below lr_high (alpha1 = {alpha1}), got {lr_low!r}")
     half = cycle_epochs // 2
 
     def rates(start_epoch: int) -> LRScheduleFactory:
@@ -296,7 +297,7 @@ def _continue_from(members: list[int], stage: int) -> Callable[[Any], None] | No
 
 def _rate(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise InvalidValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
