@@ -1,7 +1,8 @@
 """Write docs/results.md from the output folders of the commands that produced the results.
 
 Usage: python scripts/collect_results.py RUN [RUN ...], where each RUN is
-``"COMMAND LINE::OUTPUT FOLDER::WALL SECONDS"``. For each run the page shows the
+``"COMMAND LINE::OUTPUT FOLDER::WALL SECONDS"``. The reading of the results,
+``scripts/results_summary.md``, is the one part written by hand; it goes first. For each run the page shows the
 command line, its wall time, every Markdown table the command wrote into its
 folder (which name the device, torch version and settings), what it printed
 where that was saved there as a ``.txt`` file, and its figures, which
@@ -48,7 +49,8 @@ def main(runs: list[str]) -> None:
              "Every table and figure below was written by the command above it, on the device it names; "
              "this page is assembled from those outputs by `scripts/collect_results.py`. Accuracies are top-1 on "
              "the test split in %; mean ± std over seeds where there are several. The papers' numbers are on "
-             "CIFAR with their own networks and full schedules: compare orderings, not values.", ""]
+             "CIFAR with their own networks and full schedules: compare orderings, not values.", "",
+             (Path(__file__).parent / "results_summary.md").read_text().strip(), ""]
     for index, run in enumerate(runs):
         command, folder, seconds = run.split("::")
         parts.append(section(command, Path(folder), float(seconds), index))
