@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+import ensemblekit as ek
 from ensemblekit.cli.main import main
 
 TOML = """
@@ -60,3 +61,21 @@ def test_train_and_evaluate_record_provenance(tmp_path):
     origin = report["provenance"]
     assert origin["dataset"]["split"] == "val" and origin["dataset"]["num_samples"] == 16
     assert origin["dataset"]["max_items"] == 16 and origin["checkpoint"] == checkpoint
+
+
+def test_an_ensemble_trained_in_your_own_loop_is_saved_and_evaluated_by_the_cli(tmp_path, fashion_mnist_env, capsys):
+    """ek.save of an ensemble wrapped and trained in user code; `ensemblekit evaluate --data` reads it."""
+    torch.manual_seed(0)
+    ens = ek.wrap(timm.create_model("resnet10t", num_classes=10, in_chans=1), topology="tree", depth=1)
+    optimizer = torch.optim.SGD(ens.parameters(), lr=0.01)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    ens.train()
+    ens.loss(ens.forward_output(x), y).total.backward()
+    optimizer.step()
+    ek.save(ens.eval(), tmp_path / "model.ek")
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "model.ek"), "--data", "fashion-mnist", "--max-items", "16",
+                 "--device", "cpu", "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_members"] == 2 and report["num_samples"] == 16
+    assert len(report["prefix_accuracy"]) == 2 and report["provenance"]["dataset"]["name"] == "fashion-mnist"
