@@ -72,6 +72,7 @@ from ensemblekit.training.data import SeededItems, load_dataset, make_loader
 
 __all__ = [
     "CHECKPOINTS",
+    "DeviceError",
     "NonFiniteLossError",
     "RunResult",
     "TrainResult",
@@ -93,6 +94,10 @@ __all__ = [
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class DeviceError(EnsembleKitError, ValueError):
+    """A device name that torch does not know, or a device this machine does not have."""
 
 
 class NonFiniteLossError(EnsembleKitError, ValueError):
@@ -139,11 +144,25 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``."""
+    """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``.
+
+    Raises:
+        DeviceError: ``name`` is not a device (``"banana"``), or one this machine lacks (``"cuda"`` without CUDA,
+            ``"cuda:3"`` with two GPUs, ``"mps"`` off Apple silicon).
+    """
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError):
+            raise DeviceError(f"{name!r} is not a device; use auto, cpu, cuda, cuda:N (N-th GPU) or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+            raise DeviceError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                              "device(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise DeviceError(f"device {name!r} was asked for but Apple MPS is not available; use 'auto' or 'cpu'")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -37,3 +37,25 @@ def test_an_error_raised_outside_ensemblekit_is_a_bug_and_keeps_its_traceback(mo
     monkeypatch.setattr("ensemblekit.cli.commands.plugins.run", broken)
     with pytest.raises(ValueError, match="invalid literal"):
         cli.main(["plugins"])
+
+
+@pytest.mark.parametrize("command", [["train", "run.toml"], ["evaluate", "checkpoint"], ["demo"], ["bench"],
+                                     ["reproduce", "hne-table1"], ["reproduce", "imta-table2"], ["reproduce", "irene"],
+                                     ["reproduce", "ensemblenet-table1"], ["reproduce", "pareto"]])
+def test_an_unknown_device_is_one_line_and_exit_2_before_any_work(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing is read or written: the device is checked first
+    assert cli.main([*command, "--device", "banana"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"ensemblekit {command[0]}: error: --device: 'banana' is not a device; "
+                            "use auto, cpu, cuda, cuda:N (N-th GPU) or mps\n")
+    assert captured.out == "" and not list(tmp_path.iterdir())
+
+
+def test_a_missing_gpu_is_refused_the_same_way(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["demo", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("ensemblekit demo: error: --device: device 'cuda' was asked for but "
+                                              "CUDA is not available")
