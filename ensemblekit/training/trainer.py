@@ -42,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -60,6 +60,7 @@ from ensemblekit.evaluation.reports import Report, anytime_report, collect_membe
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
 from ensemblekit.training.config import (
+    PROGRESS,
     RESUMABLE_CHANGES,
     ConfigError,
     DataConfig,
@@ -722,12 +723,15 @@ class _progress:
             self.task = self.bar.add_task(self.desc, total=self.total, completed=self.initial, stats="")
         return self
 
-    def update(self, loss: float, accuracy: float) -> None:
+    def update(self, loss: float | None = None, accuracy: float | None = None) -> None:
+        """One more step; the running loss and accuracy shown when given."""
         if self.kind == "tqdm":
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", refresh=False)
+            if loss is not None and accuracy is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", refresh=False)
             self.bar.update(1)
         elif self.kind == "rich":
-            self.bar.update(self.task, advance=1, stats=f"loss {loss:.4f}  acc {100 * accuracy:.1f}%")
+            stats = "" if loss is None or accuracy is None else f"loss {loss:.4f}  acc {100 * accuracy:.1f}%"
+            self.bar.update(self.task, advance=1, stats=stats)
 
     def __exit__(self, *exc: Any) -> None:
         if self.kind == "tqdm":
@@ -738,14 +742,27 @@ class _progress:
 
 # ------------------------------------------------------------------ evaluation
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "auto",
-             num_workers: int = 0) -> Report:
-    """Anytime report of ``model`` on ``dataset``: every prefix's accuracy, diversity, ECE, FLOPs, params."""
+             num_workers: int = 0, progress: str = "none") -> Report:
+    """Anytime report of ``model`` on ``dataset``: every prefix's accuracy, diversity, ECE, FLOPs, params.
+
+    ``progress``: a bar of the batches evaluated on stderr, ``"tqdm"``, ``"rich"`` or ``"none"`` (as in training).
+    """
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
     device = select_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    members, labels = collect_members(model.forward_members, loader, device)
+    with _progress(progress, len(loader), 0, "evaluate") as bar:
+        members, labels = collect_members(model.forward_members, _counted(loader, bar), device)
     costs = model.cost_table(input_size=tuple(dataset[0][0].shape))  # FLOPs per image of this dataset
     return anytime_report(members, labels, model.aggregator, costs=costs)
+
+
+def _counted(loader: Iterable[Any], bar: _progress) -> Iterator[Any]:
+    """The batches of ``loader``, the bar advanced after each is used."""
+    for batch in loader:
+        yield batch
+        bar.update()
 
 
 def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None,

@@ -99,9 +99,14 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "| k |" in out and f"checkpoint: {run / 'checkpoints/step-0000002'}" in out
     assert {"report.json", "report.txt", "accuracy_vs_flops.png", "checkpoints"} <= {p.name for p in run.iterdir()}
 
-    assert main(["evaluate", str(run), "--max-items", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "resnet10t on digits (test): 32 samples, 2 members" in out
+    assert main(["evaluate", str(run), "--max-items", "32", "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "resnet10t on digits (test): 32 samples, 2 members" in captured.out
+    assert "evaluate: 100%" in captured.err and "2/2" in captured.err  # tqdm's bar of the batches, on stderr
+    assert main(["evaluate", str(run), "--max-items", "32", "--batch-size", "16", "--progress", "rich"]) == 0
+    assert "evaluate" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--max-items", "32", "--progress", "none"]) == 0
+    assert capsys.readouterr().err == ""
     assert main(["evaluate", str(run / "checkpoints/step-0000002"), "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval/report.json").read_text())
     assert report["num_samples"] == 359 and (tmp_path / "eval/accuracy_vs_flops.png").exists()

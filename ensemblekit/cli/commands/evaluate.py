@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--progress", choices=("tqdm", "rich", "none"), default="tqdm",
+                        help="progress bar of the batches evaluated, on stderr (default: tqdm)")
     parser.add_argument("--out", type=Path, default=None, help="write report.json, report.txt and the plot here")
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if info.num_classes != model.num_classes:
         raise ValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
                          f"predicts {model.num_classes}")
-    report = evaluate(model, dataset, args.batch_size, args.device)
+    report = evaluate(model, dataset, args.batch_size, args.device, progress=args.progress)
     title = (f"{checkpoint.backbone_name(manifest)} on {data.name} ({args.split}): {report.num_samples} samples, "
              f"{report.num_members} members")
     print(f"checkpoint: {directory}")
