@@ -5,13 +5,20 @@ Examples:
     device: cpu (...)
     ...
     [4] eval  wrap() one member 0.41 ms vs bare model 0.40 ms (same outputs: True): overhead +1.2% ...
+
+    $ ensemblekit bench --quick --sections 4 --json 2>/dev/null
+    {"device": "cpu (...)", ..., "sections": {"4": [{"section": 4, "text": "...", "values": {"mode": "eval",
+    "wrapped_ms": 0.41, "bare_ms": 0.40, ...}, "target": {"measure": "wrapped_vs_bare", "value": 1.012, "op": "<=",
+    "limit": 1.03, "met": true}, "met": true, "skipped": null}, ...]}, "summary": {...}}
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["HELP", "NAME", "add_arguments", "argv", "run"]
@@ -43,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated sections to run (default: all): 1 tree vs independent, "
                              "2 strategies, 3 TorchEnsemble, 4 wrap overhead, 5 halting, 6 anytime, 7 distillation, "
                              "8 memory")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout (each section's numbers and targets, the summary); "
+                             "the lines go to stderr as they are measured")
 
 
 def argv(args: argparse.Namespace) -> list[str]:
@@ -54,6 +64,8 @@ def argv(args: argparse.Namespace) -> list[str]:
         line += ["--threads", str(args.threads)]
     if args.sections is not None:
         line += ["--sections", ",".join(map(str, args.sections))]
+    if args.json:
+        line.append("--json")
     return line
 
 
@@ -74,5 +86,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = bench.QUICK if args.quick else bench.FULL if args.full else bench.DEFAULT
-    bench.run_bench(settings, device, args.sections or bench.SECTIONS)
+    if not args.json:
+        bench.run_bench(settings, device, args.sections or bench.SECTIONS)
+        return 0
+    start = time.perf_counter()
+    lines = bench.run_bench(settings, device, args.sections or bench.SECTIONS,
+                            out=lambda text: print(text, file=sys.stderr, flush=True))
+    print(json.dumps(bench.record(settings, device, lines, time.perf_counter() - start), indent=2))
     return 0
