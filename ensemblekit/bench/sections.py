@@ -120,7 +120,7 @@ FULL = BenchSettings(warmup=2, rounds=9, strategy_rounds=9, compile_members=(2, 
 QUICK = BenchSettings(model="resnet10t", model_args={"channels": (8, 8, 8, 8), "stem_width": 8}, image_size=16,
                       batch_size=4, depth=2, members=(2,), voting_members=2, warmup=1, rounds=1, strategy_rounds=1,
                       compile_backend="eager", compile_members=(), stream_batches=3)
-"""Tiny settings that exercise every line in seconds (for tests); the numbers mean nothing."""
+"""``--smoke``: tiny settings that exercise every line in seconds (for tests); the numbers mean nothing."""
 
 TARGETS = {
     "tree": {"cpu": 1.15, "cuda": 0.9},  # speed-up / FLOPs ratio, at least

@@ -34,7 +34,7 @@ Settings (shown on screen and stored in ``imta_table2.json``):
   180, batch 64) with a full-width resnet18 on the whole training split; the
   validation split stays held out, as the paper's 5,000 images for the
   budgeted thresholds (``--budget``).
-* ``--tiny``: a seconds-long check (128 training and 128 test images, 1 + 1 epochs).
+* ``--smoke``: a seconds-long check (128 training and 128 test images, 1 + 1 epochs).
 
 ``--seeds N`` repeats every run with seeds ``seed .. seed + N - 1``. The
 table is resumable: each finished run is kept in
@@ -67,7 +67,7 @@ from ensemblekit.reproduce.runs import (
     seed_range,
 )
 
-__all__ = ["DEFAULTS", "FULL", "HELP", "LR_MILESTONES", "NAME", "PAPER", "PHASE1", "ROWS", "TINY", "add_arguments",
+__all__ = ["DEFAULTS", "FULL", "HELP", "LR_MILESTONES", "NAME", "PAPER", "PHASE1", "ROWS", "SMOKE", "add_arguments",
            "claims", "describe", "markdown", "paper_lr_schedule", "run", "settings", "summarise", "table"]
 
 NAME = "imta-table2"
@@ -123,8 +123,8 @@ FULL: dict[str, Setting] = {
 """``--full``: the paper's schedule (phase I 300 epochs, phase II 180, batch 64, lr 0.1) for a GPU, a full-width
 resnet18 in five blocks instead of MSDNet, on the whole training split."""
 
-TINY: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 1, 32, 0.05, 128)
-"""``--tiny``: a seconds-long check on 128 training and 128 test images."""
+SMOKE: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 1, 32, 0.05, 128)
+"""``--smoke``: a seconds-long check on 128 training and 128 test images."""
 
 AUGMENT = {"fashion-mnist": False}
 """Datasets trained without random crops and flips by default (the others: with)."""
@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the paper's schedule for a GPU: resnet18, phase I {PAPER_EPOCHS[0]} and phase II "
                              f"{PAPER_EPOCHS[1]} epochs, batch 64, the whole training split")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long check: 128 images, 1 + 1 epochs")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check: 128 images, 1 + 1 epochs")
     parser.add_argument("--backbone", default=None, help="timm model name (default: per dataset; the paper: MSDNet)")
     parser.add_argument("--num-blocks", type=int, default=5, help="blocks, one exit after each (the paper: 5)")
     parser.add_argument("--epochs", type=int, default=None, help="phase I epochs")
@@ -177,8 +177,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise TableError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
     backbone, options, size, epochs, phase2, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     eval_items = None
-    if args.tiny:
-        backbone, options, size, epochs, phase2, batch, lr, items = TINY
+    if args.smoke:
+        backbone, options, size, epochs, phase2, batch, lr, items = SMOKE
         eval_items = items
     chosen = {"data": args.data, "backbone": backbone, "backbone_options": dict(options), "image_size": size,
               "num_blocks": args.num_blocks, "epochs": epochs, "phase2_epochs": phase2, "batch_size": batch,
@@ -194,10 +194,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
-def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+def describe(chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, subset, both phases' epochs and the optimiser."""
     items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
-    return (f"{chosen['data']}{' --full' if full else ''}{' --tiny' if tiny else ''}: {chosen['backbone']}"
+    return (f"{chosen['data']}{' --full' if full else ''}{' --smoke' if smoke else ''}: {chosen['backbone']}"
             f"({chosen['backbone_options']}) in {chosen['num_blocks']} blocks at "
             f"{chosen['image_size']}x{chosen['image_size']}; phase I {chosen['epochs']} epoch(s), phase II "
             f"{chosen['phase2_epochs']} epoch(s) on {items} images of the {chosen['train_split']} split "
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     labels = [*PHASE1.values(), *ROWS]
     check_settings(RunStore(out), ((seed, label, {**chosen, "seed": seed}) for seed in seeds for label in labels))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {device_name(args.device)}",
+    print(f"settings: {describe(chosen, args.full, args.smoke)}; seeds {seeds}, device {device_name(args.device)}",
           flush=True)
     table_runs = _Table(args, chosen, out)
     results: dict[int, dict[str, dict[str, Any]]] = {}
@@ -388,8 +388,8 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     full_row = next((by_label["GE+ISC+OFA"] for by_label in results.values() if "GE+ISC+OFA" in by_label), None)
     judged = claims(results)
     record = {
-        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
-        "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
+        "data": args.data, "full": args.full, "smoke": args.smoke, "settings": chosen,
+        "settings_text": describe(chosen, args.full, args.smoke), "seeds": seeds,
         "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": total, "complete": done == total,
         "wall_seconds": time.perf_counter() - start,

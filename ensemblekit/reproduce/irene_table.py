@@ -32,7 +32,7 @@ Settings (shown on screen and stored in ``irene_table.json``):
 * ``--full``: the paper's schedule for a GPU (App. A.1.2: 200 epochs per
   member, batch 128, lr 0.1) with a full-width resnet18 on the whole training
   split; the validation split stays held out for WoC's threshold.
-* ``--tiny``: a seconds-long check (128 training and 128 evaluation images, 1 epoch).
+* ``--smoke``: a seconds-long check (128 training and 128 evaluation images, 1 epoch).
 
 ``--seeds N`` repeats both runs with seeds ``seed .. seed + N - 1``. The
 table is resumable: each finished run is kept in
@@ -65,7 +65,7 @@ from ensemblekit.reproduce.runs import (
     seed_range,
 )
 
-__all__ = ["ACCURACY_TOLERANCE", "DEFAULTS", "FULL", "HELP", "METHODS", "NAME", "PAPER", "RUNS", "TINY",
+__all__ = ["ACCURACY_TOLERANCE", "DEFAULTS", "FULL", "HELP", "METHODS", "NAME", "PAPER", "RUNS", "SMOKE",
            "add_arguments", "claims", "describe", "markdown", "per_seed_rows", "run", "settings", "summarise",
            "table"]
 
@@ -121,8 +121,8 @@ FULL: dict[str, Setting] = {
 """``--full``: the paper's schedule (App. A.1.2: 200 epochs, batch 128, lr 0.1) for a GPU with its ResNet-18
 (timm's, at full width), on the whole training split."""
 
-TINY: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 32, 0.05, 128)
-"""``--tiny``: a seconds-long check on 128 training and 128 evaluation images."""
+SMOKE: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 32, 0.05, 128)
+"""``--smoke``: a seconds-long check on 128 training and 128 evaluation images."""
 
 AUGMENT = {"fashion-mnist": False}
 """Datasets trained without random crops and flips by default (the others: with)."""
@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the paper's schedule for a GPU: resnet18, {PAPER_EPOCHS} epochs per member, batch 128, "
                              "lr 0.1, the whole training split")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long check: 128 images, 1 epoch")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check: 128 images, 1 epoch")
     parser.add_argument("--backbone", default=None,
                         help="timm model name (default: per dataset; the paper: ResNet-32, ResNet-18)")
     parser.add_argument("--members", type=int, default=3, help="T, base models per ensemble (the paper: 3)")
@@ -176,8 +176,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise TableError(f"--members must be at least 2, got {args.members}")
     backbone, options, size, epochs, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     eval_items = None
-    if args.tiny:
-        backbone, options, size, epochs, batch, lr, items = TINY
+    if args.smoke:
+        backbone, options, size, epochs, batch, lr, items = SMOKE
         eval_items = items
     chosen = {"data": args.data, "backbone": backbone, "backbone_options": dict(options), "image_size": size,
               "members": args.members, "epochs": epochs, "batch_size": batch, "lr": lr, "momentum": 0.9,
@@ -193,10 +193,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
-def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+def describe(chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, subset, epochs, optimiser and IRENE's loss weights."""
     items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
-    return (f"{chosen['data']}{' --full' if full else ''}{' --tiny' if tiny else ''}: T={chosen['members']} x "
+    return (f"{chosen['data']}{' --full' if full else ''}{' --smoke' if smoke else ''}: T={chosen['members']} x "
             f"{chosen['backbone']}({chosen['backbone_options']}) at {chosen['image_size']}x{chosen['image_size']}; "
             f"{chosen['epochs']} epoch(s) per member on {items} images of the {chosen['train_split']} split "
             f"{'with' if chosen['augment'] else 'without'} augmentation; batch {chosen['batch_size']}, SGD Nesterov "
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = settings(args)
     check_settings(RunStore(out), ((seed, label, {**chosen, "seed": seed}) for seed in seeds for label in RUNS))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {device_name(args.device)}",
+    print(f"settings: {describe(chosen, args.full, args.smoke)}; seeds {seeds}, device {device_name(args.device)}",
           flush=True)
     table_runs = _Table(args, chosen, out)
     results: dict[int, dict[str, dict[str, Any]]] = {}
@@ -407,8 +407,8 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     done = sum(len(by_run) for by_run in results.values())
     judged = claims(results)
     record = {
-        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
-        "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
+        "data": args.data, "full": args.full, "smoke": args.smoke, "settings": chosen,
+        "settings_text": describe(chosen, args.full, args.smoke), "seeds": seeds,
         "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": len(seeds) * len(RUNS), "complete": done == len(seeds) * len(RUNS),
         "wall_seconds": time.perf_counter() - start,

@@ -28,7 +28,7 @@ def allocator(monkeypatch):
 
 
 def test_quick_bench_prints_every_section_with_targets(allocator, capsys):
-    assert main(["bench", "--quick", "--device", "cpu"]) == 0
+    assert main(["bench", "--smoke", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("device: cpu")
     assert "threads" in out and "allocator: MALLOC_MMAP_MAX_=0" in out
@@ -52,7 +52,7 @@ def test_stream_lines_run_on_tiny_settings():
 
 def test_missing_torchensemble_is_reported_as_skipped(allocator, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchensemble", None)
-    assert main(["bench", "--quick", "--device", "cpu", "--sections", "3"]) == 0
+    assert main(["bench", "--smoke", "--device", "cpu", "--sections", "3"]) == 0
     assert "skipped: torchensemble not installed" in capsys.readouterr().out
 
 
@@ -68,7 +68,7 @@ def test_bench_reexecutes_itself_with_the_allocator_settings():
         pytest.skip("the allocator settings only apply to glibc")
     env = {k: v for k, v in os.environ.items() if k not in bench.ALLOCATOR_ENV and k != bench.REEXEC_FLAG}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-m", "ensemblekit", "bench", "--quick", "--device", "cpu",
+    result = subprocess.run([sys.executable, "-m", "ensemblekit", "bench", "--smoke", "--device", "cpu",
                              "--sections", "4"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "(set by re-executing the bench)" in result.stdout
@@ -96,7 +96,7 @@ def test_memory_is_measured_in_a_child_process():
 
 
 def test_json_gives_every_sections_numbers_and_targets(allocator, capsys):
-    assert main(["bench", "--quick", "--device", "cpu", "--json"]) == 0
+    assert main(["bench", "--smoke", "--device", "cpu", "--json"]) == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out)  # stdout holds the JSON alone; the lines went to stderr as they were measured
     assert captured.err.startswith("device: cpu") and "targets met:" in captured.err
@@ -120,4 +120,4 @@ def test_json_gives_every_sections_numbers_and_targets(allocator, capsys):
 def test_json_survives_the_reexecution():
     parser = argparse.ArgumentParser()
     bench_command.add_arguments(parser)
-    assert bench_command.argv(parser.parse_args(["--quick", "--json"]))[-1] == "--json"
+    assert bench_command.argv(parser.parse_args(["--smoke", "--json"]))[-1] == "--json"

@@ -168,9 +168,9 @@ def test_evaluate_a_damaged_checkpoint(tmp_path, capsys):
     assert f"checkpoint file {weights} is truncated" in capsys.readouterr().err
 
 
-def test_reproduce_hne_table1_tiny(tmp_path, capsys):
+def test_reproduce_hne_table1_smoke(tmp_path, capsys):
     out = tmp_path / "t1"
-    command = ["reproduce", "hne-table1", "--data", "digits", "--tiny", "--seeds", "2", "--out", str(out),
+    command = ["reproduce", "hne-table1", "--data", "digits", "--smoke", "--seeds", "2", "--out", str(out),
                "--progress", "none"]
     assert main(command) == 0
     text = capsys.readouterr().out

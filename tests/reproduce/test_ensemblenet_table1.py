@@ -1,4 +1,4 @@
-"""``ensemblekit reproduce ensemblenet-table1`` on tiny settings, and the EnsembleNet recipe it trains."""
+"""``ensemblekit reproduce ensemblenet-table1`` on smoke settings, and the EnsembleNet recipe it trains."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def command(out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_table):
-    """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    return tiny_table("ensemblenet-table1")
+def finished(smoke_table):
+    """A smoke table over two seeds: (its folder, exit code, standard output)."""
+    return smoke_table("ensemblenet-table1")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):

@@ -1,4 +1,4 @@
-"""``ensemblekit reproduce imta-table2`` on tiny settings: outputs, claim, resume, refused settings, budget."""
+"""``ensemblekit reproduce imta-table2`` on smoke settings: outputs, claim, resume, refused settings, budget."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def command(out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_table):
-    """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    return tiny_table("imta-table2")
+def finished(smoke_table):
+    """A smoke table over two seeds: (its folder, exit code, standard output)."""
+    return smoke_table("imta-table2")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -145,8 +145,8 @@ def test_the_table_prints_macs_at_the_data_size():
 
 def test_fashion_mnist_is_the_default_where_its_files_are(fashion_mnist_env, tmp_path):
     out = tmp_path / "t"
-    code, text, _ = run_table(["reproduce", "imta-table2", "--tiny", "--seeds", "1", "--progress", "none",
+    code, text, _ = run_table(["reproduce", "imta-table2", "--smoke", "--seeds", "1", "--progress", "none",
                              "--out", str(out)])
-    assert code == 0 and "settings: fashion-mnist --tiny" in text
+    assert code == 0 and "settings: fashion-mnist --smoke" in text
     record = json.loads((out / "imta_table2.json").read_text())
     assert record["data"] == "fashion-mnist" and record["complete"]

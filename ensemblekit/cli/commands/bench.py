@@ -1,12 +1,12 @@
 """``ensemblekit bench``: speed of the execution strategies and of adaptive inference, with targets.
 
 Examples:
-    $ ensemblekit bench --quick --sections 4
+    $ ensemblekit bench --smoke --sections 4
     device: cpu (...)
     ...
     [4] eval  wrap() one member 0.41 ms vs bare model 0.40 ms (same outputs: True): overhead +1.2% ...
 
-    $ ensemblekit bench --quick --sections 4 --json 2>/dev/null
+    $ ensemblekit bench --smoke --sections 4 --json 2>/dev/null
     {"device": "cpu (...)", ..., "sections": {"4": [{"section": 4, "text": "...", "values": {"mode": "eval",
     "wrapped_ms": 0.41, "bare_ms": 0.40, ...}, "target": {"measure": "wrapped_vs_bare", "value": 1.012, "op": "<=",
     "limit": 1.03, "met": true}, "met": true, "skipped": null}, ...]}, "summary": {...}}
@@ -20,6 +20,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from ensemblekit.cli.options import add_deprecated_alias
 
 __all__ = ["HELP", "NAME", "add_arguments", "argv", "run"]
 
@@ -42,7 +44,9 @@ def _sections(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny settings that run in seconds (numbers mean nothing)")
+    size.add_argument("--smoke", action="store_true",
+                      help="a seconds-long check: tiny settings, every line runs (the numbers mean nothing)")
+    add_deprecated_alias(size, "--quick", "--smoke")
     size.add_argument("--full", action="store_true", help="more rounds and torch.compile at every N (long on a CPU)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
@@ -58,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def argv(args: argparse.Namespace) -> list[str]:
     """The command line that reproduces ``args``."""
     line = ["--device", args.device]
-    if args.quick or args.full:
-        line.append("--quick" if args.quick else "--full")
+    if args.smoke or args.full:
+        line.append("--smoke" if args.smoke else "--full")
     if args.threads is not None:
         line += ["--threads", str(args.threads)]
     if args.sections is not None:
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = bench.QUICK if args.quick else bench.FULL if args.full else bench.DEFAULT
+    settings = bench.QUICK if args.smoke else bench.FULL if args.full else bench.DEFAULT
     if not args.json:
         bench.run_bench(settings, device, args.sections or bench.SECTIONS)
         return 0
