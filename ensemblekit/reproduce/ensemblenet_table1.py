@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: all)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: all)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crops and flips on the training images (default: on, except for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -336,7 +337,7 @@ def summarise(accuracy: dict[int, dict[str, dict[str, float]]]) -> tuple[dict, d
 
 def describe(data: str, chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, width, schedule and training subset."""
-    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']}"
+    items = "all" if chosen["train_items"] is None else f"a stratified subset of {chosen['train_items']}"
     schedule = ("cosine" if chosen["schedule"] == "cosine"
                 else f"x{chosen['gamma']} every {chosen['step_epochs']} epochs")
     return (f"{data}{' --full' if full else ''}{' --smoke' if smoke else ''}: {chosen['backbone']}"

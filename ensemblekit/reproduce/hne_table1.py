@@ -253,7 +253,8 @@ def calibrate(config: Any, out: Path, steps: int = 10, warmup: int = 3) -> dict[
     from ensemblekit.training.trainer import load_split, make_optimizer, seed_everything, select_device
 
     data, train = config.data, config.train
-    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
+    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items,
+                                 seed=train.seed)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
     seed_everything(train.seed)
     start = time.perf_counter()

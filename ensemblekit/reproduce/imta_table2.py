@@ -154,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.1, help="OFA weight of the distillation term (Eq. 7)")
     parser.add_argument("--temperature", type=float, default=1.0, help="OFA temperature T")
     parser.add_argument("--train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: per dataset)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: per dataset)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crops and flips on the training images (default: on, except for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -191,12 +192,16 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("epochs", "phase2_epochs", "batch_size", "lr", "train_items"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
+    if chosen["train_items"] is not None or chosen["eval_items"] is not None:
+        from ensemblekit.training.data import SUBSET_RULE
+
+        chosen["subset"] = SUBSET_RULE  # how the splits are cut: runs cut otherwise are not reused
     return chosen
 
 
 def describe(chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, subset, both phases' epochs and the optimiser."""
-    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
+    items = "all" if chosen["train_items"] is None else f"a stratified subset of {chosen['train_items']:,}"
     return (f"{chosen['data']}{' --full' if full else ''}{' --smoke' if smoke else ''}: {chosen['backbone']}"
             f"({chosen['backbone_options']}) in {chosen['num_blocks']} blocks at "
             f"{chosen['image_size']}x{chosen['image_size']}; phase I {chosen['epochs']} epoch(s), phase II "
@@ -228,12 +233,23 @@ class _Table:
 
         self.args, self.chosen, self.store = args, chosen, RunStore(out)
         self.device = select_device(args.device)
-        splits = load_splits(DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
-                                        augment=chosen["augment"], train_split=chosen["train_split"],
-                                        max_train_items=chosen["train_items"],
-                                        max_eval_items=chosen["eval_items"]))
-        self.train_set, self.val_set, self.test_set, self.info = splits.train, splits.val, splits.test, splits.info
+        self.data = DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
+                               augment=chosen["augment"], train_split=chosen["train_split"],
+                               max_train_items=chosen["train_items"], max_eval_items=chosen["eval_items"])
+        splits = load_splits(self.data)
+        self.val_set, self.test_set, self.info = splits.val, splits.test, splits.info
+        self._train_sets = {None: splits.train}
         self.test_loader = make_loader(self.test_set, 256, shuffle=False)
+
+    def train_set(self, seed: int) -> Any:
+        """The training split of ``seed``'s runs: the whole split, or its stratified subset drawn with ``seed``."""
+        from ensemblekit.training.trainer import load_split
+
+        key = None if self.data.max_train_items is None else seed
+        if key not in self._train_sets:
+            self._train_sets[key] = load_split(self.data, self.data.train_split, augment=self.data.augment,
+                                               limit=self.data.max_train_items, seed=seed)[0]
+        return self._train_sets[key]
 
     def run_settings(self, seed: int) -> dict[str, Any]:
         """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
@@ -286,7 +302,7 @@ class _Table:
             net = self.phase1_network(label == PHASE1[True])
             config = self.config(seed)
             phase = self.stages(net, config)[:1]
-        result = train(net, self.train_set, config, out_dir=folder, resume=resume, stages=phase,
+        result = train(net, self.train_set(seed), config, out_dir=folder, resume=resume, stages=phase,
                        extra={"run": self.run_settings(seed)})
         net.eval()
         members, labels = collect_members(net.forward_members, self.test_loader, self.device)

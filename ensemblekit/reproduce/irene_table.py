@@ -155,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=("sequential", "joint"), default="sequential",
                         help="IRENE's training: Algorithm 1 (sequential) or all members at once")
     parser.add_argument("--train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: per dataset)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: per dataset)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crops and flips on the training images (default: on, except for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -190,12 +191,16 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("epochs", "batch_size", "lr", "train_items"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
+    if chosen["train_items"] is not None or chosen["eval_items"] is not None:
+        from ensemblekit.training.data import SUBSET_RULE
+
+        chosen["subset"] = SUBSET_RULE  # how the splits are cut: runs cut otherwise are not reused
     return chosen
 
 
 def describe(chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, subset, epochs, optimiser and IRENE's loss weights."""
-    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
+    items = "all" if chosen["train_items"] is None else f"a stratified subset of {chosen['train_items']:,}"
     return (f"{chosen['data']}{' --full' if full else ''}{' --smoke' if smoke else ''}: T={chosen['members']} x "
             f"{chosen['backbone']}({chosen['backbone_options']}) at {chosen['image_size']}x{chosen['image_size']}; "
             f"{chosen['epochs']} epoch(s) per member on {items} images of the {chosen['train_split']} split "
@@ -216,13 +221,24 @@ class _Table:
 
         self.args, self.chosen, self.store = args, chosen, RunStore(out)
         self.device = select_device(args.device)
-        splits = load_splits(DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
-                                        augment=chosen["augment"], train_split=chosen["train_split"],
-                                        max_train_items=chosen["train_items"],
-                                        max_eval_items=chosen["eval_items"]))
-        self.train_set, self.info = splits.train, splits.info
+        self.data = DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
+                               augment=chosen["augment"], train_split=chosen["train_split"],
+                               max_train_items=chosen["train_items"], max_eval_items=chosen["eval_items"])
+        splits = load_splits(self.data)
+        self.info = splits.info
+        self._train_sets = {None: splits.train}
         self.val_loader = make_loader(splits.val, 256, shuffle=False)
         self.test_loader = make_loader(splits.test, 256, shuffle=False)
+
+    def train_set(self, seed: int) -> Any:
+        """The training split of ``seed``'s runs: the whole split, or its stratified subset drawn with ``seed``."""
+        from ensemblekit.training.trainer import load_split
+
+        key = None if self.data.max_train_items is None else seed
+        if key not in self._train_sets:
+            self._train_sets[key] = load_split(self.data, self.data.train_split, augment=self.data.augment,
+                                               limit=self.data.max_train_items, seed=seed)[0]
+        return self._train_sets[key]
 
     def run_settings(self, seed: int) -> dict[str, Any]:
         """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
@@ -257,7 +273,7 @@ class _Table:
                              weight_decay=c["weight_decay"], seed=seed, device=self.args.device,
                              progress=self.args.progress, keep_checkpoints=1,
                              stages={"name": "irene", "selector_lr": c["selector_lr"]})
-        result = train(ensemble, self.train_set, config, out_dir=folder, resume=resume,
+        result = train(ensemble, self.train_set(seed), config, out_dir=folder, resume=resume,
                        extra={"run": self.run_settings(seed)})
         ensemble.eval()
         rows = self.evaluate_average(ensemble) if label == "average" else self.evaluate_irene(ensemble)

@@ -138,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--max-train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: all)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: all)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=1,
                         help="seeds seed..seed+N-1, points averaged (default 1: the other tables show the spread)")
@@ -328,7 +329,7 @@ def _describe(chosen: dict[str, Any], seeds: list[int], train_items: int, device
     """The settings in one paragraph (screen, Markdown)."""
     widths = ", ".join(f"{name} (stem {o['stem_width']}, channels {'/'.join(map(str, o['channels']))})"
                        for name, o in chosen["widths"].items())
-    subset = (f"the first {train_items}" if chosen["max_train_items"] else f"all {train_items}")
+    subset = (f"a stratified subset of {train_items}" if chosen["max_train_items"] else f"all {train_items}")
     return (f"{chosen['data']} at {chosen['image_size']}x{chosen['image_size']}; single backbones: resnet10t at "
             f"{widths}, and {', '.join(chosen['deeper'])} at {chosen['base_width']}; ensembles of "
             f"{chosen['base_width']} resnet10t members: deep ensemble of {chosen['ensemble_members']}, HNE of depth "

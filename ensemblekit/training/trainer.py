@@ -69,7 +69,15 @@ from ensemblekit.training.config import (
     TrainConfig,
     build_ensemble,
 )
-from ensemblekit.training.data import SeededItems, load_dataset, make_loader
+from ensemblekit.training.data import (
+    SPLIT_SEED,
+    SUBSET_RULE,
+    SeededItems,
+    dataset_labels,
+    load_dataset,
+    make_loader,
+    stratified_subset,
+)
 
 __all__ = [
     "CHECKPOINTS",
@@ -77,6 +85,7 @@ __all__ = [
     "NonFiniteLossError",
     "RunResult",
     "TrainResult",
+    "data_settings",
     "evaluate",
     "load_split",
     "make_optimizer",
@@ -766,8 +775,15 @@ def _counted(loader: Iterable[Any], bar: _progress) -> Iterator[Any]:
 
 
 def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None,
-               data_config: dict[str, Any] | None = None):
-    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items.
+               data_config: dict[str, Any] | None = None, seed: int | None = None):
+    """``(dataset, info)`` of one split as ``data`` describes it, cut to a stratified subset of ``limit`` items.
+
+    The subset ([`stratified_subset()`][ensemblekit.training.data.stratified_subset]) takes every class in
+    proportion to its share of the split, drawn with ``seed``: a run's training
+    subset uses the run's seed (``train.seed``), so a resumed run trains on the
+    same items; ``None`` is the fixed [`SPLIT_SEED`][ensemblekit.training.data.SPLIT_SEED], which evaluation
+    subsets use so that every run, every seed of a table and ``ensemblekit
+    evaluate --max-items`` score the same images.
 
     ``data_config``: timm's data config of the backbone, for ImageFolder
     transforms (see ``ensemblekit.training.data.load_dataset``).
@@ -775,8 +791,18 @@ def load_split(data: DataConfig, split: str, augment: bool = False, limit: int |
     dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size,
                                  data_config=data_config)
     if limit is not None and limit < len(dataset):
-        dataset = Subset(dataset, range(limit))
+        keep = stratified_subset(dataset_labels(dataset), limit, SPLIT_SEED if seed is None else seed)
+        dataset = Subset(dataset, keep.tolist())
     return dataset, info
+
+
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """The data section as a run's checkpoints record it (and a resume must find it unchanged): its fields, and
+    ``subset``, the rule that cut the splits, when ``max_train_items`` or ``max_eval_items`` cut them."""
+    settings = asdict(data)
+    if data.max_train_items is not None or data.max_eval_items is not None:
+        settings["subset"] = SUBSET_RULE
+    return settings
 
 
 class OutputFolderError(EnsembleKitError, OSError):
@@ -819,12 +845,12 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     data = config.data
     images = backbone_data_config(config.model) if data.name == "imagefolder" else None
     train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items,
-                                 data_config=images)
+                                 data_config=images, seed=config.train.seed)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items, data_config=images)
     model_config = config.model.for_dataset(info)
     seed_everything(config.train.seed)
     model = build_ensemble(model_config)
-    extra = {"data": asdict(config.data)}
+    extra = {"data": data_settings(config.data)}
     result = train(model, train_set, config.train, out_dir=out_dir, resume=resume,
                    num_workers=config.data.num_workers, extra=extra)
     report = evaluate(model, eval_set, config.data.eval_batch_size, config.train.device, config.data.num_workers)
@@ -875,6 +901,7 @@ def provenance(data: DataConfig, split: str, source: str, num_samples: int, chec
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "dataset": {"name": data.name, "split": split, "root": None if data.root is None else str(data.root),
                     "source": source or None, "num_samples": num_samples, "max_items": max_items,
+                    "subset": None if max_items is None else f"{SUBSET_RULE}, seed {SPLIT_SEED}",
                     "image_size": data.image_size},
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         "device": {"type": device.type, "index": device.index, "name": name},

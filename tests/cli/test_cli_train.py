@@ -110,6 +110,12 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert main(["evaluate", str(run / "checkpoints/step-0000002"), "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval/report.json").read_text())
     assert report["num_samples"] == 359 and (tmp_path / "eval/accuracy_vs_flops.png").exists()
+    # --max-items N scores the images the run's report scored with max_eval_items = N (one fixed stratified subset)
+    assert main(["evaluate", str(run), "--max-items", "64", "--progress", "none", "--out", str(tmp_path / "e64")]) == 0
+    again = json.loads((tmp_path / "e64/report.json").read_text())
+    ours = json.loads((run / "report.json").read_text())
+    assert again["num_samples"] == ours["num_samples"] == 64
+    assert again["prefix_accuracy"] == ours["prefix_accuracy"] and again["member_accuracy"] == ours["member_accuracy"]
 
 
 def test_train_refuses_to_overwrite_and_resumes(tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_the_table_runs_and_writes_its_outputs(finished):
     assert all(len(exits) == 5 and all(0 <= a <= 100 for a in exits) for exits in record["ours"].values())
     assert len(record["exit_flops"]) == 5 and record["paper"]["GE+ISC+OFA"][-1] == 73.45
     assert record["settings"]["train_items"] == 128 and record["settings"]["epochs"] == 1
-    assert "phase I 1 epoch(s), phase II 1 epoch(s) on the first 128 images" in record["settings_text"]
+    assert "phase I 1 epoch(s), phase II 1 epoch(s) on a stratified subset of 128 images" in record["settings_text"]
     assert record["settings_text"] in text
     markdown = (out / "imta_table2.md").read_text()
     assert "| ✓ | ✓ | ✓ |" in markdown and record["settings_text"] in markdown and "GE+ISC+OFA@E-5" in markdown

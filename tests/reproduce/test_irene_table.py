@@ -32,7 +32,7 @@ def test_the_table_runs_and_writes_its_outputs(finished):
     assert record["complete"] and record["runs_finished"] == 4 and record["seeds"] == [0, 1]
     assert list(record["ours"]) == list(irene_table.METHODS)
     assert record["settings"]["train_items"] == 128 and record["settings"]["members"] == 3
-    assert "1 epoch(s) per member on the first 128 images" in record["settings_text"]
+    assert "1 epoch(s) per member on a stratified subset of 128 images" in record["settings_text"]
     assert record["settings_text"] in text
     for seed in ("0", "1"):
         assert 1.0 <= record["per_seed"][seed]["IRENE"]["cost"] <= 3.0
