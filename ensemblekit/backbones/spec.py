@@ -28,10 +28,11 @@ __all__ = ["PRETRAINED_ATTR", "REFUSED_OPTIONS", "SPEC_ATTR", "BackboneOptionErr
            "draw_split", "with_fresh_classifier"]
 
 SPEC_ATTR = "ensemblekit_spec"
-"""Attribute where [`create_backbone()`][ensemblekit.backbones.create_backbone] records the spec of the model it
+"""Attribute where [`create_backbone()`][ensemblekit.backbones.factory.create_backbone] records the spec of the model it
 made."""
 PRETRAINED_ATTR = "ensemblekit_pretrained"
-"""Attribute where [`create_backbone()`][ensemblekit.backbones.create_backbone] records whether it loaded weights."""
+"""Attribute where [`create_backbone()`][ensemblekit.backbones.factory.create_backbone] records whether it loaded
+weights."""
 
 
 REFUSED_OPTIONS = ("checkpoint_path",)
@@ -91,7 +92,7 @@ def check_backbone_spec(spec: Any, where: str = "backbone spec") -> str:
 def backbone_spec(model: nn.Module) -> dict[str, Any] | None:
     """The spec of a timm ``model``, or ``None`` when it cannot be verified.
 
-    A model made by [`create_backbone()`][ensemblekit.backbones.create_backbone] carries its
+    A model made by [`create_backbone()`][ensemblekit.backbones.factory.create_backbone] carries its
     spec. For one made with ``timm.create_model`` it is inferred from
     ``pretrained_cfg["architecture"]``, ``num_classes``, the input channels and
     a non-default image size. Either way the spec is returned only when a fresh

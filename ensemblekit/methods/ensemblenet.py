@@ -72,8 +72,8 @@ def ensemblenet(
     The blocks before ``fork`` form the shared trunk; from ``fork`` on, each of
     the ``branches`` members has its own copy of the blocks of the same
     architecture narrowed to ``width`` (made by
-    [`narrow_model()`][ensemblekit.backbones.narrow_model] from the width the backbone
-    was created with, where [`create_backbone()`][ensemblekit.backbones.create_backbone]
+    [`narrow_model()`][ensemblekit.backbones.narrow.narrow_model] from the width the backbone
+    was created with, where [`create_backbone()`][ensemblekit.backbones.factory.create_backbone]
     recorded it, and split into the same blocks), with the narrow model's
     head. Where the trunk's output width
     differs from what the narrow branch expects, a 1x1 convolution (or linear)
