@@ -57,8 +57,8 @@ if [ "$SMOKE" = 1 ]; then
   # the same commands on tiny settings; the bench runs two cheap sections (tests/bench/test_bench.py runs them all)
   # one thread: on a shared CPU, torch's spinning threads can make tiny calls 100 times slower
   BUDGET=${EK_BUDGET:-55}; DEVICE=cpu
-  BENCH_A=(--quick --threads 1 --sections 4); BENCH_B=(--quick --threads 1 --sections 2)
-  TABLE_SIZE=(--tiny --depth 1); WORKERS=2  # data workers as on the GPU, fewer
+  BENCH_A=(--smoke --threads 1 --sections 4); BENCH_B=(--smoke --threads 1 --sections 2)
+  TABLE_SIZE=(--smoke --depth 1); WORKERS=2  # data workers as on the GPU, fewer
   export OMP_NUM_THREADS=1
 else
   BUDGET=${EK_BUDGET:-450}; DEVICE=${EK_DEVICE:-cuda}

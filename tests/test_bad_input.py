@@ -120,7 +120,8 @@ ENSEMBLE_CASES = [
     ("loss of forward(x)", lambda e: e.loss(e(X), Y), ValueError,
      "forward(x) returns the aggregated prediction, not the members"),
     ("loss of a list", lambda e: e.loss([X], Y), TypeError, "takes the EnsembleOutput"),
-    ("no loss configured", lambda e: toy(loss=None).loss(e.forward_output(X), Y), ValueError, "has no loss"),
+    ("no loss configured", lambda e: toy(loss=None).loss(e.forward_output(X), Y), ValueError,
+     "has no loss; pass loss=... to ensemblekit.wrap()"),
     ("prefix of 0 members", lambda e: e.forward_output(X).ensemble(0), ValueError, "k must be in 1..2"),
 ]
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import ast
 import html
+import json
 import os
 import re
+import select
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`")
 ROLE_IN_TEXT = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):\S")
 MERMAID_JS = "assets/javascripts/mermaid.min.js"
-CDNS = ("unpkg.com", "jsdelivr.net", "cdnjs.cloudflare.com")
+CDNS = ("unpkg.com", "jsdelivr.net", "cdnjs.cloudflare.com", "fonts.googleapis.com", "fonts.gstatic.com")
+"""Hosts a page must not load from: the docs render offline (Mermaid vendored, ``theme.font: false``)."""
+MERMAID_SOURCE = re.compile(r"^\s*(?:graph|flowchart)\s+(?:LR|RL|TD|TB|BT)\b", re.M)
+"""The first line of a Mermaid diagram: shown as text, it is a diagram that did not render."""
 
 
 def docstrings(path: Path):
@@ -97,6 +104,25 @@ def test_api_pages_show_cross_references_not_raw_roles(site):
     assert 'class="autorefs autorefs-internal"' in wrap  # cross-references became links
 
 
+def test_no_page_shows_raw_roles_or_diagram_source(site):
+    """Every page, not only the API's: no Sphinx role, and diagram source only inside a Mermaid block."""
+    pages = sorted(site.rglob("*.html"))
+    raw, source = [], []
+    for page in pages:
+        built = page.read_text(encoding="utf-8")
+        raw += [f"{page.relative_to(site)}: ...{m.group(0)}..." for m in ROLE_IN_TEXT.finditer(text_of(built))]
+        outside = re.sub(r'<pre class="mermaid">.*?</pre>', " ", built, flags=re.S)
+        source += [f"{page.relative_to(site)}: {m.group(0).strip()!r}"
+                   for m in MERMAID_SOURCE.finditer(text_of(outside))]
+    assert len(pages) >= 35
+    assert not raw, "raw Sphinx roles:\n" + "\n".join(raw[:40])
+    assert not source, "diagram source shown as text (a fence that is not a mermaid block):\n" + "\n".join(source)
+
+
+def test_the_theme_fetches_no_web_fonts():
+    assert re.search(r"^theme:\n(?:  .*\n)*  font: false$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.M)
+
+
 def test_returns_sections_name_no_value(site):
     for page in sorted((site / "api").rglob("*.html")):
         for table in re.findall(r'doc-section-title">Returns:</span></p>\s*<table>(.*?)</table>',
@@ -128,3 +154,102 @@ def test_diagrams_render_from_the_vendored_mermaid_without_a_cdn(site):
     for page in sorted(site.rglob("*.html")):
         text = page.read_text(encoding="utf-8")
         assert not [cdn for cdn in CDNS if cdn in text], f"{page.relative_to(site)} loads from a CDN"
+
+
+# ------------------------------------------------------------------ in a browser (skipped without Chromium)
+class Chromium:
+    """Headless Chromium driven over its DevTools pipe (fd 3 in, fd 4 out; messages end with NUL)."""
+
+    def __init__(self, executable: str, timeout: float = 60.0):
+        self.timeout, self.buffer, self.last = timeout, b"", 0
+        to_read, self.to_write = os.pipe()
+        self.from_read, from_write = os.pipe()
+
+        def descriptors() -> None:
+            a, b = os.dup(to_read), os.dup(from_write)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.process = subprocess.Popen([executable, "--headless", "--no-sandbox", "--disable-gpu",
+                                         "--disable-dev-shm-usage", "--remote-debugging-pipe", "about:blank"],
+                                        preexec_fn=descriptors, close_fds=False, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        os.close(to_read)
+        os.close(from_write)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self.last += 1
+        message = {"id": self.last, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self.to_write, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while b"\0" not in self.buffer:
+                if not select.select([self.from_read], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    raise TimeoutError(f"Chromium did not answer {method}")
+                chunk = os.read(self.from_read, 1 << 20)
+                if not chunk:
+                    raise EOFError("Chromium closed its pipe")
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.last:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+        except (OSError, TimeoutError, AssertionError):
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.to_write)
+        os.close(self.from_read)
+
+
+def rendered_diagrams(node: dict, inside: int = 0, seen: dict | None = None) -> dict:
+    """``{"blocks": Mermaid blocks, "svg": blocks holding an <svg>}`` of a DOM tree read with shadow roots (Material
+    draws each diagram into a closed shadow root, which ``--dump-dom`` and page scripts cannot see)."""
+    seen = seen if seen is not None else {"blocks": 0, "svg": set()}
+    attributes = node.get("attributes", [])
+    classes = dict(zip(attributes[::2], attributes[1::2])).get("class", "").split()
+    name = node.get("nodeName", "").lower()
+    if name in ("div", "pre") and "mermaid" in classes:
+        seen["blocks"] += 1
+        inside = seen["blocks"]
+    if name == "svg" and inside:
+        seen["svg"].add(inside)
+    for child in node.get("children", []) + node.get("shadowRoots", []):
+        rendered_diagrams(child, inside, seen)
+    return seen
+
+
+def test_diagrams_render_to_svg_in_a_headless_browser(site):
+    executable = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if executable is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    pages = [page for page in sorted(site.rglob("*.html")) if '<pre class="mermaid">' in page.read_text("utf-8")]
+    assert pages
+    browser = Chromium(executable)
+    try:
+        for page in pages:
+            target = browser.send("Target.createTarget", {"url": page.resolve().as_uri()})["targetId"]
+            session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            deadline = time.monotonic() + 30
+            while True:
+                root = browser.send("DOM.getDocument", {"depth": -1, "pierce": True}, session)["root"]
+                seen = rendered_diagrams(root)
+                if (seen["blocks"] and len(seen["svg"]) == seen["blocks"]) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            browser.send("Target.closeTarget", {"targetId": target})
+            expected = page.read_text("utf-8").count('<pre class="mermaid">')
+            assert (seen["blocks"], len(seen["svg"])) == (expected, expected), \
+                f"{page.relative_to(site)}: {len(seen['svg'])} of {expected} diagrams rendered to SVG"
+    finally:
+        browser.close()

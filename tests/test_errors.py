@@ -7,6 +7,7 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import re
 import warnings
 from pathlib import Path
 
@@ -162,3 +163,53 @@ def test_an_unknown_name_reads_as_its_message_not_a_repr():
     assert issubclass(UnknownComponentError, UnknownNameError)
     assert str(UnknownNameError("unknown dataset 'x'")) == "unknown dataset 'x'"
     assert str(PathNotFoundError("config file x does not exist")) == "config file x does not exist"
+
+
+CALLED = re.compile(r"(?<![\w.])((?:ensemblekit|ek)(?:\.\w+)+)\(\)")
+"""``ensemblekit.name()`` or ``ek.name()`` as a message or a page names a function to call."""
+
+
+def called_names() -> dict[str, str]:
+    """Every ``ensemblekit.X()`` in the package's strings (messages, docstrings), the docs and the README, with the
+    first place it appears."""
+    root = Path(ek.__file__).resolve().parents[1]
+    texts = [(path, node.lineno, node.value) for path in sorted((root / "ensemblekit").rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    texts += [(path, 1, path.read_text(encoding="utf-8")) for path in [root / "README.md",
+                                                                      *sorted((root / "docs").rglob("*.md"))]]
+    found: dict[str, str] = {}
+    for path, line, text in texts:
+        for match in CALLED.finditer(text):
+            found.setdefault(match.group(1), f"{path.relative_to(root)}:{line}")
+    return found
+
+
+def resolve(dotted: str):
+    """What ``dotted`` names: an attribute where the parent has one (``ek.wrap``), else a submodule (the package
+    ``ensemblekit.methods.irene`` under the function ``irene`` of the same name)."""
+    value, path = ek, "ensemblekit"
+    for part in dotted.split(".")[1:]:
+        path += f".{part}"
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            value = importlib.import_module(path)
+    return value
+
+
+def test_messages_and_docs_name_only_functions_that_exist():
+    """A renamed function leaves no message saying to call its old name (``ensemblekit.build()`` is a module)."""
+    names = called_names()
+    assert "ensemblekit.wrap" in names
+    stale = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, where in names.items():
+            try:
+                value = resolve(name)
+            except (ImportError, AttributeError):
+                value = None
+            if not callable(value):
+                stale.append(f"{where}: {name}()")
+    assert not stale, "messages or pages name functions that do not exist:\n" + "\n".join(stale)

@@ -23,7 +23,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -52,10 +52,12 @@ __all__ = [
     "BenchSettings",
     "HalfAfterFirst",
     "Line",
+    "Target",
     "allocator_status",
     "device_name",
     "header",
     "needs_allocator_env",
+    "record",
     "run_bench",
 ]
 
@@ -118,7 +120,7 @@ FULL = BenchSettings(warmup=2, rounds=9, strategy_rounds=9, compile_members=(2, 
 QUICK = BenchSettings(model="resnet10t", model_args={"channels": (8, 8, 8, 8), "stem_width": 8}, image_size=16,
                       batch_size=4, depth=2, members=(2,), voting_members=2, warmup=1, rounds=1, strategy_rounds=1,
                       compile_backend="eager", compile_members=(), stream_batches=3)
-"""Tiny settings that exercise every line in seconds (for tests); the numbers mean nothing."""
+"""``--smoke``: tiny settings that exercise every line in seconds (for tests); the numbers mean nothing."""
 
 TARGETS = {
     "tree": {"cpu": 1.15, "cuda": 0.9},  # speed-up / FLOPs ratio, at least
@@ -132,14 +134,39 @@ TARGETS = {
 }
 
 
+@dataclass(frozen=True)
+class Target:
+    """A target a line is judged on: ``value op limit`` (``op`` ``">="`` or ``"<="``), ``measure`` naming the value."""
+
+    measure: str
+    value: float
+    op: str
+    limit: float
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.limit if self.op == ">=" else self.value <= self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"measure": self.measure, "value": self.value, "op": self.op, "limit": self.limit, "met": self.met}
+
+
 @dataclass
 class Line:
-    """One printed line: a measurement, and its target when it has one."""
+    """One printed line: a measurement, its numbers (``values``, times in ms), and its target when it has one."""
 
     section: int
     text: str
     met: bool | None = None
     skipped: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    target: Target | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The line as ``bench --json`` gives it: section, text, values, target (or None), met, skipped."""
+        return {"section": self.section, "text": str(self), "values": self.values,
+                "target": None if self.target is None else self.target.to_dict(), "met": self.met,
+                "skipped": self.skipped}
 
     def __str__(self) -> str:
         if self.skipped is not None:
@@ -208,8 +235,12 @@ class Bench:
         self._tree: ek.Ensemble | None = None
 
     # ------------------------------------------------------------ helpers
-    def say(self, section: int, text: str, met: bool | None = None, skipped: str | None = None) -> None:
-        line = Line(section, text, met, skipped)
+    def say(self, section: int, text: str, met: bool | None = None, skipped: str | None = None, *,
+            target: Target | None = None, values: dict[str, Any] | None = None) -> None:
+        """Print a line and keep it; with a ``target``, the line is judged on it."""
+        if target is not None and met is None:
+            met = target.met
+        line = Line(section, text, met, skipped, dict(values or {}), target)
         self.lines.append(line)
         self.out(str(line))
 
@@ -329,7 +360,11 @@ class Bench:
                         f"({'NHWC' if base == 'nets_nhwc' else 'NCHW'}, the faster layout; other "
                         f"{max(t['nets'], t['nets_nhwc']) * 1e3:.1f} ms): speed-up {speedup:.2f}x, "
                         f"FLOPs ratio {ratio:.2f}x, speed-up/FLOPs ratio {speedup / ratio:.2f} "
-                        f"(target >= {target} on {self.device.type})", speedup / ratio >= target)
+                        f"(target >= {target} on {self.device.type})",
+                     target=Target("speedup_per_flops_ratio", speedup / ratio, ">=", target),
+                     values={"mode": mode, "members": m, "tree_ms": t["tree"] * 1e3,
+                             "independent_ms": t[base] * 1e3, "independent_nchw_ms": t["nets"] * 1e3,
+                             "independent_nhwc_ms": t["nets_nhwc"] * 1e3, "speedup": speedup, "flops_ratio": ratio})
             self._block_speeds(tree, mode, channels_last=base == "nets_nhwc")
         self._optimizer_speeds(tree, nets)
         self._describe_auto(1, tree)
@@ -347,7 +382,9 @@ class Bench:
                     f"({sizes['tree'] / 1e6:.1f}M parameters) vs {len(nets)} networks {t['nets'] * 1e3:.1f} ms "
                     f"({sizes['nets'] / 1e6:.1f}M): "
                     f"{t['nets'] / t['tree']:.2f}x (it follows the parameter ratio "
-                    f"{sizes['nets'] / sizes['tree']:.2f}x, not the FLOPs ratio; no target)")
+                    f"{sizes['nets'] / sizes['tree']:.2f}x, not the FLOPs ratio; no target)",
+                 values={"mode": "train", "tree_ms": t["tree"] * 1e3, "independent_ms": t["nets"] * 1e3,
+                         "tree_params": sizes["tree"], "independent_params": sizes["nets"]})
 
     def _block_speeds(self, tree: ek.Ensemble, mode: str, channels_last: bool) -> None:
         """Time each block of member 1's path alone: the speed-up the tree can reach at those speeds.
@@ -378,7 +415,10 @@ class Bench:
         self.say(1, f"{mode:5s} one member's blocks alone ({'NHWC' if channels_last else 'NCHW'}): "
                     + " / ".join(f"{s * 1e3:.2f}" for s in times) + " ms, the tree has "
                     + " / ".join(map(str, counts)) + f" nodes of each: at these speeds its speed-up is "
-                    f"{reachable:.2f}x (the FLOPs ratio assumes time follows FLOPs; no target)")
+                    f"{reachable:.2f}x (the FLOPs ratio assumes time follows FLOPs; no target)",
+                 values={"mode": mode, "layout": "NHWC" if channels_last else "NCHW",
+                         "block_ms": [v * 1e3 for v in times], "nodes_per_block": counts,
+                         "reachable_speedup": reachable})
 
     def section2(self) -> None:
         """Every strategy and torch.compile for N members, as a fraction of one model's GFLOP/s."""
@@ -417,7 +457,9 @@ class Bench:
                          if k != "single"]
                 took = f"{time.perf_counter() - start:.0f} s{' incl. compile' if compiled is not None else ''}"
                 self.say(2, f"N={n:<2d} {mode:5s} time (share of one model's GFLOP/s, single "
-                            f"{t['single'] * 1e3:.1f} ms): " + ", ".join(parts) + f"  [{took}]")
+                            f"{t['single'] * 1e3:.1f} ms): " + ", ".join(parts) + f"  [{took}]",
+                         values={"members": n, "mode": mode, "ms": {k: v * 1e3 for k, v in t.items()},
+                                 "share_of_single_rate": {k: rate[k] / rate["single"] for k in t if k != "single"}})
                 best = min(STRATEGIES, key=t.__getitem__)
                 # the two are often a few percent apart: time them again head to head, with twice the rounds
                 rounds = 2 * s.rounds
@@ -425,7 +467,10 @@ class Bench:
                 ratio = head_to_head["auto"] / head_to_head[best]
                 self.say(2, f"N={n:<2d} {mode:5s} auto vs the best strategy ({best}), {rounds} more rounds head to "
                             f"head: {head_to_head['auto'] * 1e3:.1f} vs {head_to_head[best] * 1e3:.1f} ms, "
-                            f"{ratio:.3f}x (target <= {TARGETS['auto']})", ratio <= TARGETS["auto"])
+                            f"{ratio:.3f}x (target <= {TARGETS['auto']})",
+                         target=Target("auto_vs_best", ratio, "<=", TARGETS["auto"]),
+                         values={"members": n, "mode": mode, "best": best, "rounds": rounds,
+                                 "auto_ms": head_to_head["auto"] * 1e3, "best_ms": head_to_head[best] * 1e3})
             self._describe_auto(2, ensembles["auto"])
 
     def section3(self) -> None:
@@ -452,9 +497,13 @@ class Bench:
         target = TARGETS["voting"].get(self.device.type, TARGETS["voting"]["cpu"])
         self.say(3, f"eval  N={n} independent ensemble (execution=auto) {t['ensemble'] * 1e3:.1f} ms vs "
                     f"VotingClassifier {t['voting'] * 1e3:.1f} ms (same outputs: {same}): {ratio:.2f}x faster "
-                    f"(target >= {target} on {self.device.type})", ratio >= target)
+                    f"(target >= {target} on {self.device.type})",
+                 target=Target("voting_vs_ensemble", ratio, ">=", target),
+                 values={"members": n, "ensemble_ms": t["ensemble"] * 1e3, "voting_ms": t["voting"] * 1e3,
+                         "same_outputs": same})
         self.say(3, f"eval  VotingClassifier given channels-last input: {t['voting_nhwc'] * 1e3:.1f} ms "
-                    f"({t['voting_nhwc'] / t['ensemble']:.2f}x the ensemble's time; no target)")
+                    f"({t['voting_nhwc'] / t['ensemble']:.2f}x the ensemble's time; no target)",
+                 values={"voting_nhwc_ms": t["voting_nhwc"] * 1e3, "ensemble_ms": t["ensemble"] * 1e3})
         self._describe_auto(3, ens)
 
     def section4(self) -> None:
@@ -470,12 +519,16 @@ class Bench:
         ratio = t["wrapped"] / t["bare"]
         self.say(4, f"eval  wrap() one member {t['wrapped'] * 1e3:.2f} ms vs bare model {t['bare'] * 1e3:.2f} ms "
                     f"(same outputs: {same}): overhead {ratio - 1:+.1%} (target <= {TARGETS['wrap'] - 1:.0%})",
-                 ratio <= TARGETS["wrap"])
+                 target=Target("wrapped_vs_bare", ratio, "<=", TARGETS["wrap"]),
+                 values={"mode": "eval", "wrapped_ms": t["wrapped"] * 1e3, "bare_ms": t["bare"] * 1e3,
+                         "same_outputs": same})
         t = self.time({"bare": self.train_step([bare], lambda x, y: F.cross_entropy(bare(x), y)),
                        "wrapped": self.ensemble_step(ens)}, rounds)
         ratio = t["wrapped"] / t["bare"]
         self.say(4, f"train wrap() one member {t['wrapped'] * 1e3:.2f} ms vs bare model {t['bare'] * 1e3:.2f} ms: "
-                    f"overhead {ratio - 1:+.1%} (target <= {TARGETS['wrap'] - 1:.0%})", ratio <= TARGETS["wrap"])
+                    f"overhead {ratio - 1:+.1%} (target <= {TARGETS['wrap'] - 1:.0%})",
+                 target=Target("wrapped_vs_bare", ratio, "<=", TARGETS["wrap"]),
+                 values={"mode": "train", "wrapped_ms": t["wrapped"] * 1e3, "bare_ms": t["bare"] * 1e3})
 
     def section5(self) -> None:
         """Per-sample halting: the wall-clock saving vs the FLOPs saving the policy predicts.
@@ -496,14 +549,19 @@ class Bench:
             self.say(5, f"eval  batch {x.shape[0]}: predict(), half the samples stop after member 1: "
                         f"{t['half'] * 1e3:.1f} ms vs all members for all samples {t['full'] * 1e3:.1f} ms: "
                         f"saving {measured:.1%} measured vs {predicted:.1%} predicted by FLOPs = {ratio:.2f} "
-                        f"(target >= {TARGETS['halting']})", ratio >= TARGETS["halting"])
+                        f"(target >= {TARGETS['halting']})",
+                     target=Target("measured_vs_predicted_saving", ratio, ">=", TARGETS["halting"]),
+                     values={"batch": x.shape[0], "half_ms": t["half"] * 1e3, "full_ms": t["full"] * 1e3,
+                             "measured_saving": measured, "predicted_saving": predicted})
             half_batch = x[: x.shape[0] // 2]
             t = self.time({"full": self.inference(tree, x), "half": self.inference(tree, half_batch)})
             scale = t["half"] / t["full"]
             self.say(5, f"eval  batch {x.shape[0]}: the tree on half the batch takes {scale:.2f}x the time of the "
                         f"whole batch ({t['half'] * 1e3:.1f} vs {t['full'] * 1e3:.1f} ms; every operator has a fixed "
                         f"cost), so halting half the samples can save about {2 * (1 - scale):.2f} of what FLOPs "
-                        f"predict (no target)")
+                        f"predict (no target)",
+                     values={"batch": x.shape[0], "half_batch_ms": t["half"] * 1e3, "whole_batch_ms": t["full"] * 1e3,
+                             "time_scale": scale})
         self._stream_lines()
 
     def _stream_lines(self) -> None:
@@ -550,12 +608,16 @@ class Bench:
                     f"after member 1: engine {rate['stream']:.0f} images/s vs all members on "
                     f"everything through the engine {rate['all']:.0f} images/s: saving {saving['all']:.1%} measured "
                     f"vs {predicted:.1%} predicted by FLOPs = {ratio:.2f} (target >= {TARGETS['halting']})",
-                 ratio >= TARGETS["halting"])
+                 target=Target("measured_vs_predicted_saving", ratio, ">=", TARGETS["halting"]),
+                 values={"batches": len(batches), "batch": s.batch_size, "stopped_after_first": stopped,
+                         "images_per_s": rate, "measured_saving": saving["all"], "predicted_saving": predicted})
         p50, p95 = (float(latency.quantile(q)) * 1e3 for q in (0.5, 0.95))
         self.say(5, f"eval  the same stream: the forward pass (all members, level by level) {rate['forward']:.0f} "
                     f"images/s, so the engine saves {saving['forward']:.1%} = {saving['forward'] / predicted:.2f} of "
                     f"the FLOPs saving against it; engine latency per sample p50 {p50:.1f} ms, p95 {p95:.1f} ms "
-                    f"(from its batch's submission, every batch at hand, no max_wait; no target)")
+                    f"(from its batch's submission, every batch at hand, no max_wait; no target)",
+                 values={"forward_images_per_s": rate["forward"], "saving_vs_forward": saving["forward"],
+                         "latency_p50_ms": p50, "latency_p95_ms": p95})
 
     def section6(self) -> None:
         """Anytime inference: first prediction vs one member alone, whole iteration vs all members at once."""
@@ -576,16 +638,23 @@ class Bench:
         self.say(6, f"eval  anytime first prediction {t['first'] * 1e3:.1f} ms vs member 1's own path "
                     f"{own_best * 1e3:.1f} ms (the faster of NCHW {t['own'] * 1e3:.1f} / NHWC "
                     f"{t['own_nhwc'] * 1e3:.1f}): {ratio:.2f}x (target <= {TARGETS['anytime']})",
-                 ratio <= TARGETS["anytime"])
+                 target=Target("first_vs_own_path", ratio, "<=", TARGETS["anytime"]),
+                 values={"first_ms": t["first"] * 1e3, "own_ms": own_best * 1e3, "own_nchw_ms": t["own"] * 1e3,
+                         "own_nhwc_ms": t["own_nhwc"] * 1e3})
         ratio = t["nested"] / t["all"]
         self.say(6, f"eval  whole anytime iteration ({tree.num_members} steps), granularity='nested' "
                     f"({len(tree.nested_sizes)} "
                     f"sub-ensembles, each level's new nodes in one call) {t['nested'] * 1e3:.1f} ms vs all members at "
                     f"once {t['all'] * 1e3:.1f} ms: {ratio:.2f}x (target <= {TARGETS['anytime']}); per member "
-                    f"{t['iterate'] * 1e3:.1f} ms, {t['iterate'] / t['all']:.2f}x", ratio <= TARGETS["anytime"])
+                    f"{t['iterate'] * 1e3:.1f} ms, {t['iterate'] / t['all']:.2f}x",
+                 target=Target("nested_vs_all", ratio, "<=", TARGETS["anytime"]),
+                 values={"nested_ms": t["nested"] * 1e3, "all_ms": t["all"] * 1e3,
+                         "per_member_ms": t["iterate"] * 1e3})
         self.say(6, f"eval  the same with execution={unbatched.execution!r} for both (no level is batched): "
                     f"{t['iterate_unbatched'] * 1e3:.1f} vs {t['all_unbatched'] * 1e3:.1f} ms, "
-                    f"{t['iterate_unbatched'] / t['all_unbatched']:.2f}x (anytime runs one node at a time; no target)")
+                    f"{t['iterate_unbatched'] / t['all_unbatched']:.2f}x (anytime runs one node at a time; no target)",
+                 values={"execution": unbatched.execution, "iterate_ms": t["iterate_unbatched"] * 1e3,
+                         "all_ms": t["all_unbatched"] * 1e3})
 
     def section7(self) -> None:
         """Training step with hierarchical distillation vs the independent loss."""
@@ -602,7 +671,8 @@ class Bench:
         ratio = t["distilled"] / t["independent"]
         self.say(7, f"train tree, hierarchical distillation {t['distilled'] * 1e3:.1f} ms vs independent loss "
                     f"{t['independent'] * 1e3:.1f} ms: {ratio:.2f}x (target <= {TARGETS['distillation']})",
-                 ratio <= TARGETS["distillation"])
+                 target=Target("distilled_vs_independent", ratio, "<=", TARGETS["distillation"]),
+                 values={"distilled_ms": t["distilled"] * 1e3, "independent_ms": t["independent"] * 1e3})
 
     def section8(self) -> None:
         """Peak memory: the tree vs as many independent networks, inference and training step."""
@@ -621,12 +691,16 @@ class Bench:
             self.say(8, f"{mode:5s} memory: tree {_mb(total['tree'])} (weights {_mb(tree['weights'])} + peak of one "
                         f"{'call' if mode == 'eval' else 'step'} {_mb(tree[mode])}) vs {m} independent networks "
                         f"{_mb(total['nets'])} ({_mb(nets['weights'])} + {_mb(nets[mode])}): {ratio:.2f}x "
-                        f"(target <= {TARGETS['memory']})", ratio <= TARGETS["memory"])
+                        f"(target <= {TARGETS['memory']})",
+                     target=Target("tree_vs_independent_memory", ratio, "<=", TARGETS["memory"]),
+                     values={"mode": mode, "tree_bytes": total["tree"], "independent_bytes": total["nets"],
+                             "tree_weights_bytes": tree["weights"], "independent_weights_bytes": nets["weights"],
+                             f"tree_{mode}_peak_bytes": tree[mode], f"independent_{mode}_peak_bytes": nets[mode]})
 
     def _describe_auto(self, section: int, ens: ek.Ensemble) -> None:
         executor = ens.executor
         if isinstance(executor, AutoExecutor):
-            self.say(section, "auto chose: " + "; ".join(executor.describe()))
+            self.say(section, "auto chose: " + "; ".join(executor.describe()), values={"auto": executor.describe()})
 
 
 def _mb(size: int) -> str:
@@ -674,3 +748,30 @@ def run_bench(settings: BenchSettings, device: torch.device, sections: Iterable[
         + (f", {len(skipped)} skipped" if skipped else "")
         + f"; bench wall-clock {time.perf_counter() - start:.0f} s{_load()}")
     return lines
+
+
+def record(settings: BenchSettings, device: torch.device, lines: Iterable[Line], seconds: float) -> dict[str, Any]:
+    """What ``ensemblekit bench --json`` prints: the machine, the settings, each section's lines (their numbers,
+    times in ms, and their targets) and the summary.
+
+    Examples:
+        >>> line = Line(4, "eval  wrap() one member", target=Target("wrapped_vs_bare", 1.01, "<=", 1.03))
+        >>> record(QUICK, torch.device("cpu"), [line], 1.0)["sections"]["4"][0]["target"]["met"]
+        True
+    """
+    lines = list(lines)
+    judged = [line for line in lines if line.met is not None]
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        sections.setdefault(str(line.section), []).append(line.to_dict())
+    return {
+        "device": device_name(device),
+        "versions": {"torch": torch.__version__, "ensemblekit": ek.__version__},
+        "threads": torch.get_num_threads(),
+        "allocator": allocator_status(),
+        "settings": asdict(settings),
+        "targets": TARGETS,
+        "sections": sections,
+        "summary": {"targets_met": sum(bool(line.met) for line in judged), "targets_judged": len(judged),
+                    "skipped": sum(line.skipped is not None for line in lines), "seconds": seconds},
+    }

@@ -1,7 +1,8 @@
 """The ``ensemblekit`` command: one subcommand per module in `ensemblekit.cli.commands`.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. A user's mistake, an
+``run(args) -> int``. A ``--device`` option is checked before the command
+runs (a name torch does not know, or a device this machine lacks). A user's mistake, an
 [`EnsembleKitError`][ensemblekit.errors.EnsembleKitError] (what ensemblekit
 raises for bad input, a missing or already existing file, ...), is printed
 on one line, ``ensemblekit COMMAND: error: ...``, and the exit code is 2
@@ -59,10 +60,24 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, EnsembleKitError)
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse a ``--device`` that is not one (``banana``) or that this machine lacks, before any work."""
+    name = getattr(args, "device", None)
+    if name is None:
+        return
+    from ensemblekit.training.trainer import DeviceError, select_device
+
+    try:
+        select_device(name)
+    except DeviceError as err:
+        raise DeviceError(f"--device: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user's mistake prints one line and returns 2 (``--debug``: its traceback too)."""
     args = build_parser().parse_args(argv)
     try:
+        _check_device(args)
         return args.run(args)
     except Exception as err:
         if args.debug or not is_user_error(err):

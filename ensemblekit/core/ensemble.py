@@ -374,7 +374,7 @@ class Ensemble(nn.Module):
         (``trains_halting``, IRENE's loss).
         """
         if self.loss_strategy is None:
-            raise InvalidValueError("this ensemble has no loss; pass loss=... to ensemblekit.build()")
+            raise InvalidValueError("this ensemble has no loss; pass loss=... to ensemblekit.wrap() (or to a recipe)")
         if isinstance(output, Tensor):
             output = EnsembleOutput(output, self.aggregator, self.nested_sizes)
         if not isinstance(output, EnsembleOutput):

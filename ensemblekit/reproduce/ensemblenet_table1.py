@@ -30,7 +30,7 @@ Settings (shown on screen and stored in ``ensemblenet_table1.json``):
 * ``--full``: the paper's schedule (Sec. 4.1, "Implementation Details") for a
   GPU: resnet18 at full width, momentum SGD at lr 0.01 decayed by 0.2 every 60
   epochs, 180 epochs, on the whole training set (``trainval``); see `FULL`.
-* ``--tiny``: a seconds-long check (128 training and 128 test images, 1 epoch).
+* ``--smoke``: a seconds-long check (128 training and 128 test images, 1 epoch).
 
 ``--seeds N`` repeats every run with seeds ``seed .. seed + N - 1`` and shows
 mean ± std. The table is resumable: each finished run is kept in
@@ -65,7 +65,7 @@ from ensemblekit.reproduce.runs import (
     train_run,
 )
 
-__all__ = ["DEFAULTS", "FULL", "HELP", "NAME", "PAPER", "PAPER_WIDTH", "PARAMS_TOLERANCE", "ROWS", "TINY",
+__all__ = ["DEFAULTS", "FULL", "HELP", "NAME", "PAPER", "PAPER_WIDTH", "PARAMS_TOLERANCE", "ROWS", "SMOKE",
            "add_arguments", "claims", "configs", "model_sizes", "run", "settings", "summarise"]
 
 NAME = "ensemblenet-table1"
@@ -128,8 +128,8 @@ its batch of 4096 on 128 TPU cores (128 here)."""
 FULL_OPTIMISATION = {"schedule": "step", "step_epochs": 60, "gamma": 0.2, "weight_decay": 1e-4}
 DEFAULT_OPTIMISATION = {"schedule": "cosine", "step_epochs": 30, "gamma": 0.1, "weight_decay": 5e-4}
 
-TINY: Setting = ("resnet10t", QUARTER, 16, 1, 32, None, 128)
-"""``--tiny``: a seconds-long check on 128 training and 128 test images; the learning rate stays the chosen one."""
+SMOKE: Setting = ("resnet10t", QUARTER, 16, 1, 32, None, 128)
+"""``--smoke``: a seconds-long check on 128 training and 128 test images; the learning rate stays the chosen one."""
 
 AUGMENT = {"fashion-mnist": False}
 """Datasets trained without random crops and flips by default (the others: with)."""
@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the paper's schedule for a GPU: resnet18, momentum SGD lr 0.01 x0.2 every 60 epochs, "
                              f"{PAPER_EPOCHS} epochs, the whole training set (fashion-mnist, cifar10, cifar100)")
-    parser.add_argument("--tiny", action="store_true",
+    parser.add_argument("--smoke", action="store_true",
                         help="a seconds-long check: 128 images, 1 epoch, 16x16 inputs")
     parser.add_argument("--backbone", default=None, help="timm model name (default: per dataset)")
     parser.add_argument("--width", type=float, default=PAPER_WIDTH,
@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: all)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: all)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crops and flips on the training images (default: on, except for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -182,8 +183,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
               **(FULL_OPTIMISATION if args.full else DEFAULT_OPTIMISATION),
               "train_split": "trainval" if args.full else "train", "train_items": items, "eval_items": None,
               "augment": AUGMENT.get(args.data, True) if args.augment is None else args.augment}
-    if args.tiny:
-        backbone, options, size, epochs, batch, _, items = TINY
+    if args.smoke:
+        backbone, options, size, epochs, batch, _, items = SMOKE
         chosen.update(backbone=backbone, backbone_options=dict(options), image_size=size, epochs=epochs,
                       batch_size=batch, train_items=items, eval_items=items)
     if args.backbone is not None:
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
                            for label, config in runs[seed].items()))
     sizes = model_sizes(runs[seeds[0]])
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(args.data, chosen, args.full, args.tiny)}, seeds {seeds}, "
+    print(f"settings: {describe(args.data, chosen, args.full, args.smoke)}, seeds {seeds}, "
           f"device {device_name(args.device)}", flush=True)
     print(sizes_text(sizes), flush=True)
 
@@ -334,12 +335,12 @@ def summarise(accuracy: dict[int, dict[str, dict[str, float]]]) -> tuple[dict, d
     return mean, std
 
 
-def describe(data: str, chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+def describe(data: str, chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, width, schedule and training subset."""
-    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']}"
+    items = "all" if chosen["train_items"] is None else f"a stratified subset of {chosen['train_items']}"
     schedule = ("cosine" if chosen["schedule"] == "cosine"
                 else f"x{chosen['gamma']} every {chosen['step_epochs']} epochs")
-    return (f"{data}{' --full' if full else ''}{' --tiny' if tiny else ''}: {chosen['backbone']}"
+    return (f"{data}{' --full' if full else ''}{' --smoke' if smoke else ''}: {chosen['backbone']}"
             f"({chosen['backbone_options']}) at {chosen['image_size']}x{chosen['image_size']}; multi-branch rows: "
             f"{chosen['branches']} branches from block {chosen['fork']} at width {chosen['width']:.4f}; "
             f"{chosen['epochs']} epoch{'s' if chosen['epochs'] != 1 else ''} on {items} images of the "
@@ -387,8 +388,8 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     done = sum(len(by_label) for by_label in accuracy.values())
     judged = claims(accuracy)
     record = {
-        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
-        "settings_text": describe(args.data, chosen, args.full, args.tiny), "seeds": seeds,
+        "data": args.data, "full": args.full, "smoke": args.smoke, "settings": chosen,
+        "settings_text": describe(args.data, chosen, args.full, args.smoke), "seeds": seeds,
         "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": len(seeds) * len(ROWS), "complete": done == len(seeds) * len(ROWS),
         "wall_seconds": time.perf_counter() - start, "run_seconds": seconds,

@@ -60,7 +60,7 @@ from ensemblekit.reproduce.runs import (
 
 __all__ = [
     "AUGMENT", "DEFAULTS", "FASHION_MNIST_FULL_EPOCHS", "FULL", "HELP", "LOSSES", "NAME", "PAPER", "PAPER_COLUMNS",
-    "PAPER_EPOCHS", "RESULTS", "TINY", "TITLES", "add_arguments", "calibrate", "claims", "configs", "fit_epochs",
+    "PAPER_EPOCHS", "RESULTS", "SMOKE", "TITLES", "add_arguments", "calibrate", "claims", "configs", "fit_epochs",
     "markdown", "run", "settings", "summarise", "table"
 ]
 
@@ -144,8 +144,8 @@ FULL = {
 }
 """``--full``: the paper's schedule on a GPU, trained on the whole training set (``trainval``)."""
 
-TINY = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 2, 1, 32, None)
-"""``--tiny``: a seconds-long check (128 training and 128 test images); the learning rate stays the chosen one."""
+SMOKE = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 2, 1, 32, None)
+"""``--smoke``: a seconds-long check (128 training and 128 test images); the learning rate stays the chosen one."""
 
 AUGMENT = {"fashion-mnist": False}
 """Datasets trained without random crops and flips by default (the others: with)."""
@@ -185,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "after timing a few training steps here")
     parser.add_argument("--progress", choices=("tqdm", "rich", "none"), default="tqdm")
     parser.add_argument("--out", type=Path, default=None, help="default: ensemblekit-runs/hne-table1-<data>")
-    parser.add_argument("--tiny", action="store_true",
+    parser.add_argument("--smoke", action="store_true",
                         help="a seconds-long check: 128 images, 1 epoch, depth 2, a narrower backbone")
 
 
@@ -199,8 +199,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
               "epochs": epochs, "batch_size": batch, "lr": lr, "train_split": "trainval" if args.full else "train",
               "max_items": None, "max_epochs": PAPER_EPOCHS if args.full else epochs,
               "augment": AUGMENT.get(args.data, True) if args.augment is None else args.augment}
-    if args.tiny:
-        backbone, options, size, depth, epochs, batch, _ = TINY
+    if args.smoke:
+        backbone, options, size, depth, epochs, batch, _ = SMOKE
         chosen.update(backbone=backbone, backbone_options=dict(options), image_size=size, depth=depth, epochs=epochs,
                       batch_size=batch, max_items=128, max_epochs=epochs)
     if args.backbone is not None:
@@ -253,7 +253,8 @@ def calibrate(config: Any, out: Path, steps: int = 10, warmup: int = 3) -> dict[
     from ensemblekit.training.trainer import load_split, make_optimizer, seed_everything, select_device
 
     data, train = config.data, config.train
-    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
+    train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items,
+                                 seed=train.seed)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items)
     seed_everything(train.seed)
     start = time.perf_counter()
@@ -365,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings(store, ((seed, label, comparable(config)) for seed in seeds
                            for label, config in runs[seed].items()))
     first = runs[seeds[0]]["L_I"]
-    print(f"settings: {args.data}{' --full' if args.full else ''}{' --tiny' if args.tiny else ''}: "
+    print(f"settings: {args.data}{' --full' if args.full else ''}{' --smoke' if args.smoke else ''}: "
           f"{chosen['backbone']}({chosen['backbone_options']}) tree of {2 ** chosen['depth']} members at "
           f"{chosen['image_size']}x{chosen['image_size']}, {epochs} epochs on the {chosen['train_split']} split "
           f"{'with' if chosen['augment'] else 'without'} augmentation, "
@@ -441,7 +442,7 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict, first: Any
     mean, std = summarise(accuracy)
     done = sum(len(by_label) for by_label in accuracy.values())
     record = {
-        "data": args.data, "full": args.full, "tiny": args.tiny,
+        "data": args.data, "full": args.full, "smoke": args.smoke,
         "backbone": first.model.backbone, "backbone_options": first.model.backbone_options,
         "depth": first.model.recipe_options["depth"], "image_size": chosen["image_size"], "epochs": epochs,
         "batch_size": chosen["batch_size"], "lr": chosen["lr"], "train_split": chosen["train_split"],

@@ -34,7 +34,7 @@ Settings (shown on screen and stored in ``imta_table2.json``):
   180, batch 64) with a full-width resnet18 on the whole training split; the
   validation split stays held out, as the paper's 5,000 images for the
   budgeted thresholds (``--budget``).
-* ``--tiny``: a seconds-long check (128 training and 128 test images, 1 + 1 epochs).
+* ``--smoke``: a seconds-long check (128 training and 128 test images, 1 + 1 epochs).
 
 ``--seeds N`` repeats every run with seeds ``seed .. seed + N - 1``. The
 table is resumable: each finished run is kept in
@@ -67,7 +67,7 @@ from ensemblekit.reproduce.runs import (
     seed_range,
 )
 
-__all__ = ["DEFAULTS", "FULL", "HELP", "LR_MILESTONES", "NAME", "PAPER", "PHASE1", "ROWS", "TINY", "add_arguments",
+__all__ = ["DEFAULTS", "FULL", "HELP", "LR_MILESTONES", "NAME", "PAPER", "PHASE1", "ROWS", "SMOKE", "add_arguments",
            "claims", "describe", "markdown", "paper_lr_schedule", "run", "settings", "summarise", "table"]
 
 NAME = "imta-table2"
@@ -123,8 +123,8 @@ FULL: dict[str, Setting] = {
 """``--full``: the paper's schedule (phase I 300 epochs, phase II 180, batch 64, lr 0.1) for a GPU, a full-width
 resnet18 in five blocks instead of MSDNet, on the whole training split."""
 
-TINY: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 1, 32, 0.05, 128)
-"""``--tiny``: a seconds-long check on 128 training and 128 test images."""
+SMOKE: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 1, 32, 0.05, 128)
+"""``--smoke``: a seconds-long check on 128 training and 128 test images."""
 
 AUGMENT = {"fashion-mnist": False}
 """Datasets trained without random crops and flips by default (the others: with)."""
@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the paper's schedule for a GPU: resnet18, phase I {PAPER_EPOCHS[0]} and phase II "
                              f"{PAPER_EPOCHS[1]} epochs, batch 64, the whole training split")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long check: 128 images, 1 + 1 epochs")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check: 128 images, 1 + 1 epochs")
     parser.add_argument("--backbone", default=None, help="timm model name (default: per dataset; the paper: MSDNet)")
     parser.add_argument("--num-blocks", type=int, default=5, help="blocks, one exit after each (the paper: 5)")
     parser.add_argument("--epochs", type=int, default=None, help="phase I epochs")
@@ -154,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.1, help="OFA weight of the distillation term (Eq. 7)")
     parser.add_argument("--temperature", type=float, default=1.0, help="OFA temperature T")
     parser.add_argument("--train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: per dataset)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: per dataset)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crops and flips on the training images (default: on, except for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -177,8 +178,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise TableError(f"--full: there is no paper schedule for {args.data}; choose --data from {', '.join(FULL)}")
     backbone, options, size, epochs, phase2, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     eval_items = None
-    if args.tiny:
-        backbone, options, size, epochs, phase2, batch, lr, items = TINY
+    if args.smoke:
+        backbone, options, size, epochs, phase2, batch, lr, items = SMOKE
         eval_items = items
     chosen = {"data": args.data, "backbone": backbone, "backbone_options": dict(options), "image_size": size,
               "num_blocks": args.num_blocks, "epochs": epochs, "phase2_epochs": phase2, "batch_size": batch,
@@ -191,13 +192,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("epochs", "phase2_epochs", "batch_size", "lr", "train_items"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
+    if chosen["train_items"] is not None or chosen["eval_items"] is not None:
+        from ensemblekit.training.data import SUBSET_RULE
+
+        chosen["subset"] = SUBSET_RULE  # how the splits are cut: runs cut otherwise are not reused
     return chosen
 
 
-def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+def describe(chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, subset, both phases' epochs and the optimiser."""
-    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
-    return (f"{chosen['data']}{' --full' if full else ''}{' --tiny' if tiny else ''}: {chosen['backbone']}"
+    items = "all" if chosen["train_items"] is None else f"a stratified subset of {chosen['train_items']:,}"
+    return (f"{chosen['data']}{' --full' if full else ''}{' --smoke' if smoke else ''}: {chosen['backbone']}"
             f"({chosen['backbone_options']}) in {chosen['num_blocks']} blocks at "
             f"{chosen['image_size']}x{chosen['image_size']}; phase I {chosen['epochs']} epoch(s), phase II "
             f"{chosen['phase2_epochs']} epoch(s) on {items} images of the {chosen['train_split']} split "
@@ -228,12 +233,23 @@ class _Table:
 
         self.args, self.chosen, self.store = args, chosen, RunStore(out)
         self.device = select_device(args.device)
-        splits = load_splits(DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
-                                        augment=chosen["augment"], train_split=chosen["train_split"],
-                                        max_train_items=chosen["train_items"],
-                                        max_eval_items=chosen["eval_items"]))
-        self.train_set, self.val_set, self.test_set, self.info = splits.train, splits.val, splits.test, splits.info
+        self.data = DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
+                               augment=chosen["augment"], train_split=chosen["train_split"],
+                               max_train_items=chosen["train_items"], max_eval_items=chosen["eval_items"])
+        splits = load_splits(self.data)
+        self.val_set, self.test_set, self.info = splits.val, splits.test, splits.info
+        self._train_sets = {None: splits.train}
         self.test_loader = make_loader(self.test_set, 256, shuffle=False)
+
+    def train_set(self, seed: int) -> Any:
+        """The training split of ``seed``'s runs: the whole split, or its stratified subset drawn with ``seed``."""
+        from ensemblekit.training.trainer import load_split
+
+        key = None if self.data.max_train_items is None else seed
+        if key not in self._train_sets:
+            self._train_sets[key] = load_split(self.data, self.data.train_split, augment=self.data.augment,
+                                               limit=self.data.max_train_items, seed=seed)[0]
+        return self._train_sets[key]
 
     def run_settings(self, seed: int) -> dict[str, Any]:
         """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
@@ -286,7 +302,7 @@ class _Table:
             net = self.phase1_network(label == PHASE1[True])
             config = self.config(seed)
             phase = self.stages(net, config)[:1]
-        result = train(net, self.train_set, config, out_dir=folder, resume=resume, stages=phase,
+        result = train(net, self.train_set(seed), config, out_dir=folder, resume=resume, stages=phase,
                        extra={"run": self.run_settings(seed)})
         net.eval()
         members, labels = collect_members(net.forward_members, self.test_loader, self.device)
@@ -320,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     labels = [*PHASE1.values(), *ROWS]
     check_settings(RunStore(out), ((seed, label, {**chosen, "seed": seed}) for seed in seeds for label in labels))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {device_name(args.device)}",
+    print(f"settings: {describe(chosen, args.full, args.smoke)}; seeds {seeds}, device {device_name(args.device)}",
           flush=True)
     table_runs = _Table(args, chosen, out)
     results: dict[int, dict[str, dict[str, Any]]] = {}
@@ -388,8 +404,8 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     full_row = next((by_label["GE+ISC+OFA"] for by_label in results.values() if "GE+ISC+OFA" in by_label), None)
     judged = claims(results)
     record = {
-        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
-        "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
+        "data": args.data, "full": args.full, "smoke": args.smoke, "settings": chosen,
+        "settings_text": describe(chosen, args.full, args.smoke), "seeds": seeds,
         "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": total, "complete": done == total,
         "wall_seconds": time.perf_counter() - start,

@@ -32,7 +32,7 @@ Settings (shown on screen and stored in ``irene_table.json``):
 * ``--full``: the paper's schedule for a GPU (App. A.1.2: 200 epochs per
   member, batch 128, lr 0.1) with a full-width resnet18 on the whole training
   split; the validation split stays held out for WoC's threshold.
-* ``--tiny``: a seconds-long check (128 training and 128 evaluation images, 1 epoch).
+* ``--smoke``: a seconds-long check (128 training and 128 evaluation images, 1 epoch).
 
 ``--seeds N`` repeats both runs with seeds ``seed .. seed + N - 1``. The
 table is resumable: each finished run is kept in
@@ -65,7 +65,7 @@ from ensemblekit.reproduce.runs import (
     seed_range,
 )
 
-__all__ = ["ACCURACY_TOLERANCE", "DEFAULTS", "FULL", "HELP", "METHODS", "NAME", "PAPER", "RUNS", "TINY",
+__all__ = ["ACCURACY_TOLERANCE", "DEFAULTS", "FULL", "HELP", "METHODS", "NAME", "PAPER", "RUNS", "SMOKE",
            "add_arguments", "claims", "describe", "markdown", "per_seed_rows", "run", "settings", "summarise",
            "table"]
 
@@ -121,8 +121,8 @@ FULL: dict[str, Setting] = {
 """``--full``: the paper's schedule (App. A.1.2: 200 epochs, batch 128, lr 0.1) for a GPU with its ResNet-18
 (timm's, at full width), on the whole training split."""
 
-TINY: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 32, 0.05, 128)
-"""``--tiny``: a seconds-long check on 128 training and 128 evaluation images."""
+SMOKE: Setting = ("resnet10t", {"stem_width": 8, "channels": [8, 16, 32, 64]}, 16, 1, 32, 0.05, 128)
+"""``--smoke``: a seconds-long check on 128 training and 128 evaluation images."""
 
 AUGMENT = {"fashion-mnist": False}
 """Datasets trained without random crops and flips by default (the others: with)."""
@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the paper's schedule for a GPU: resnet18, {PAPER_EPOCHS} epochs per member, batch 128, "
                              "lr 0.1, the whole training split")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long check: 128 images, 1 epoch")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check: 128 images, 1 epoch")
     parser.add_argument("--backbone", default=None,
                         help="timm model name (default: per dataset; the paper: ResNet-32, ResNet-18)")
     parser.add_argument("--members", type=int, default=3, help="T, base models per ensemble (the paper: 3)")
@@ -155,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=("sequential", "joint"), default="sequential",
                         help="IRENE's training: Algorithm 1 (sequential) or all members at once")
     parser.add_argument("--train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: per dataset)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: per dataset)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crops and flips on the training images (default: on, except for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
@@ -176,8 +177,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise TableError(f"--members must be at least 2, got {args.members}")
     backbone, options, size, epochs, batch, lr, items = (FULL if args.full else DEFAULTS)[args.data]
     eval_items = None
-    if args.tiny:
-        backbone, options, size, epochs, batch, lr, items = TINY
+    if args.smoke:
+        backbone, options, size, epochs, batch, lr, items = SMOKE
         eval_items = items
     chosen = {"data": args.data, "backbone": backbone, "backbone_options": dict(options), "image_size": size,
               "members": args.members, "epochs": epochs, "batch_size": batch, "lr": lr, "momentum": 0.9,
@@ -190,13 +191,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("epochs", "batch_size", "lr", "train_items"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
+    if chosen["train_items"] is not None or chosen["eval_items"] is not None:
+        from ensemblekit.training.data import SUBSET_RULE
+
+        chosen["subset"] = SUBSET_RULE  # how the splits are cut: runs cut otherwise are not reused
     return chosen
 
 
-def describe(chosen: dict[str, Any], full: bool = False, tiny: bool = False) -> str:
+def describe(chosen: dict[str, Any], full: bool = False, smoke: bool = False) -> str:
     """The settings in one line: data, model, subset, epochs, optimiser and IRENE's loss weights."""
-    items = "all" if chosen["train_items"] is None else f"the first {chosen['train_items']:,}"
-    return (f"{chosen['data']}{' --full' if full else ''}{' --tiny' if tiny else ''}: T={chosen['members']} x "
+    items = "all" if chosen["train_items"] is None else f"a stratified subset of {chosen['train_items']:,}"
+    return (f"{chosen['data']}{' --full' if full else ''}{' --smoke' if smoke else ''}: T={chosen['members']} x "
             f"{chosen['backbone']}({chosen['backbone_options']}) at {chosen['image_size']}x{chosen['image_size']}; "
             f"{chosen['epochs']} epoch(s) per member on {items} images of the {chosen['train_split']} split "
             f"{'with' if chosen['augment'] else 'without'} augmentation; batch {chosen['batch_size']}, SGD Nesterov "
@@ -216,13 +221,24 @@ class _Table:
 
         self.args, self.chosen, self.store = args, chosen, RunStore(out)
         self.device = select_device(args.device)
-        splits = load_splits(DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
-                                        augment=chosen["augment"], train_split=chosen["train_split"],
-                                        max_train_items=chosen["train_items"],
-                                        max_eval_items=chosen["eval_items"]))
-        self.train_set, self.info = splits.train, splits.info
+        self.data = DataConfig(name=args.data, root=args.root, image_size=chosen["image_size"],
+                               augment=chosen["augment"], train_split=chosen["train_split"],
+                               max_train_items=chosen["train_items"], max_eval_items=chosen["eval_items"])
+        splits = load_splits(self.data)
+        self.info = splits.info
+        self._train_sets = {None: splits.train}
         self.val_loader = make_loader(splits.val, 256, shuffle=False)
         self.test_loader = make_loader(splits.test, 256, shuffle=False)
+
+    def train_set(self, seed: int) -> Any:
+        """The training split of ``seed``'s runs: the whole split, or its stratified subset drawn with ``seed``."""
+        from ensemblekit.training.trainer import load_split
+
+        key = None if self.data.max_train_items is None else seed
+        if key not in self._train_sets:
+            self._train_sets[key] = load_split(self.data, self.data.train_split, augment=self.data.augment,
+                                               limit=self.data.max_train_items, seed=seed)[0]
+        return self._train_sets[key]
 
     def run_settings(self, seed: int) -> dict[str, Any]:
         """What a finished run of ``seed`` must have been made with to be reused (`RunStore`)."""
@@ -257,7 +273,7 @@ class _Table:
                              weight_decay=c["weight_decay"], seed=seed, device=self.args.device,
                              progress=self.args.progress, keep_checkpoints=1,
                              stages={"name": "irene", "selector_lr": c["selector_lr"]})
-        result = train(ensemble, self.train_set, config, out_dir=folder, resume=resume,
+        result = train(ensemble, self.train_set(seed), config, out_dir=folder, resume=resume,
                        extra={"run": self.run_settings(seed)})
         ensemble.eval()
         rows = self.evaluate_average(ensemble) if label == "average" else self.evaluate_irene(ensemble)
@@ -314,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = settings(args)
     check_settings(RunStore(out), ((seed, label, {**chosen, "seed": seed}) for seed in seeds for label in RUNS))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"settings: {describe(chosen, args.full, args.tiny)}; seeds {seeds}, device {device_name(args.device)}",
+    print(f"settings: {describe(chosen, args.full, args.smoke)}; seeds {seeds}, device {device_name(args.device)}",
           flush=True)
     table_runs = _Table(args, chosen, out)
     results: dict[int, dict[str, dict[str, Any]]] = {}
@@ -407,8 +423,8 @@ def _write_results(out: Path, args: argparse.Namespace, chosen: dict[str, Any], 
     done = sum(len(by_run) for by_run in results.values())
     judged = claims(results)
     record = {
-        "data": args.data, "full": args.full, "tiny": args.tiny, "settings": chosen,
-        "settings_text": describe(chosen, args.full, args.tiny), "seeds": seeds,
+        "data": args.data, "full": args.full, "smoke": args.smoke, "settings": chosen,
+        "settings_text": describe(chosen, args.full, args.smoke), "seeds": seeds,
         "device": device_name(args.device), "torch": torch.__version__,
         "runs_finished": done, "runs_total": len(seeds) * len(RUNS), "complete": done == len(seeds) * len(RUNS),
         "wall_seconds": time.perf_counter() - start,

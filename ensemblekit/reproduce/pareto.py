@@ -39,7 +39,7 @@ Settings (shown on screen and stored in ``pareto.json``):
   averages the points over N seeds.
 * digits (where Fashion-MNIST is absent): 16x16 images, 5 epochs, batch 64,
   lr 0.05.
-* ``--tiny``: a seconds-long check: digits, 128 training and 128 test
+* ``--smoke``: a seconds-long check: digits, 128 training and 128 test
   images, 1 epoch, backbones at 1/16 and 1/8 width, an HNE of depth 2.
 
 The command is resumable: each finished model is kept with its points in
@@ -115,7 +115,7 @@ WIDTHS = {
     "x1/2": {"stem_width": 16, "channels": [32, 64, 128, 256]},
 }
 """resnet10t widths (timm options), as fractions of its default channels 64/128/256/512."""
-TINY_WIDTHS = {
+SMOKE_WIDTHS = {
     "x1/16": {"stem_width": 4, "channels": [4, 8, 16, 32]},
     "x1/8": {"stem_width": 8, "channels": [8, 16, 32, 64]},
 }
@@ -131,14 +131,15 @@ RESULTS = ("pareto.json", "pareto.md", "pareto_flops.png", "pareto_latency.png")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=tuple(DEFAULTS), default=None,
                         help="default: fashion-mnist where its files are on this machine, else digits "
-                             "(--tiny: digits)")
+                             "(--smoke: digits)")
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: $ENSEMBLEKIT_FASHION_MNIST, "
                                                      "then the Debian package dataset-fashion-mnist)")
     parser.add_argument("--epochs", type=int, default=None, help="default: 1 (fashion-mnist), 5 (digits)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--max-train-items", type=int, default=None,
-                        help="train on the first N images of the training split (default: all)")
+                        help="train on a stratified subset of N images of the training split, drawn per seed "
+                             "(default: all)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=1,
                         help="seeds seed..seed+N-1, points averaged (default 1: the other tables show the spread)")
@@ -148,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--progress", choices=("tqdm", "rich", "none"), default="tqdm")
     parser.add_argument("--out", type=Path, default=None, help="default: ensemblekit-runs/pareto-<data>")
-    parser.add_argument("--tiny", action="store_true",
+    parser.add_argument("--smoke", action="store_true",
                         help="a seconds-long check: digits, 128 images, 1 epoch, narrow backbones, HNE of depth 2")
 
 
@@ -280,9 +281,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "ensemble_members": 4, "ensemblenet_branches": 2, "irene_members": 3, "budget_qs": list(BUDGET_QS),
         "latency_batch": args.latency_batch, "latency_repeats": args.latency_repeats,
     }
-    if args.tiny:
+    if args.smoke:
         chosen.update(image_size=16, epochs=1, batch_size=32, max_train_items=128, max_eval_items=128,
-                      widths=TINY_WIDTHS, base_width="x1/8", deeper=["resnet18d"], hne_depth=2,
+                      widths=SMOKE_WIDTHS, base_width="x1/8", deeper=["resnet18d"], hne_depth=2,
                       budget_qs=[0.25, 1.0, 4.0], latency_batch=min(args.latency_batch, 64), latency_repeats=1)
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
@@ -328,7 +329,7 @@ def _describe(chosen: dict[str, Any], seeds: list[int], train_items: int, device
     """The settings in one paragraph (screen, Markdown)."""
     widths = ", ".join(f"{name} (stem {o['stem_width']}, channels {'/'.join(map(str, o['channels']))})"
                        for name, o in chosen["widths"].items())
-    subset = (f"the first {train_items}" if chosen["max_train_items"] else f"all {train_items}")
+    subset = (f"a stratified subset of {train_items}" if chosen["max_train_items"] else f"all {train_items}")
     return (f"{chosen['data']} at {chosen['image_size']}x{chosen['image_size']}; single backbones: resnet10t at "
             f"{widths}, and {', '.join(chosen['deeper'])} at {chosen['base_width']}; ensembles of "
             f"{chosen['base_width']} resnet10t members: deep ensemble of {chosen['ensemble_members']}, HNE of depth "
@@ -410,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if args.data is None:
-        args.data = "digits" if args.tiny else default_dataset()
+        args.data = "digits" if args.smoke else default_dataset()
     if args.seeds < 1 or args.latency_batch < 1 or args.latency_repeats < 1:
         raise TableError("--seeds, --latency-batch and --latency-repeats must be at least 1")
     seeds = seed_range(args.seed, args.seeds)

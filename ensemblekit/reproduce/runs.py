@@ -90,12 +90,14 @@ def device_name(device: Any) -> str:
 
 def comparable(config: Any) -> dict[str, Any]:
     """The settings of a run config ([`RunConfig`][ensemblekit.training.config.RunConfig]) that a finished run must
-    share with it to be reused: all but the device, progress display, checkpoint keeping and data workers."""
+    share with it to be reused: all but the device, progress display, checkpoint keeping and data workers, and the
+    rule that cut its splits when they are cut ([`data_settings()`][ensemblekit.training.trainer.data_settings])."""
     from ensemblekit.training.config import RESUMABLE_CHANGES
+    from ensemblekit.training.trainer import data_settings
 
     d = asdict(config)
     d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "eval_batch_size")}
+    d["data"] = {k: v for k, v in data_settings(config.data).items() if k not in ("num_workers", "eval_batch_size")}
     return d
 
 
@@ -109,12 +111,14 @@ class Splits:
     info: Any
 
 
-def load_splits(data: Any) -> Splits:
+def load_splits(data: Any, seed: int | None = None) -> Splits:
     """The splits a [`DataConfig`][ensemblekit.training.config.DataConfig] describes: its training split (augmented as
-    it says, cut to ``max_train_items``), and the validation and test splits (cut to ``max_eval_items``)."""
+    it says, cut to a stratified subset of ``max_train_items`` drawn with ``seed``), and the validation and test
+    splits (cut to ``max_eval_items``, the same subset for every seed; see
+    [`load_split()`][ensemblekit.training.trainer.load_split])."""
     from ensemblekit.training.trainer import load_split
 
-    train, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items)
+    train, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items, seed=seed)
     val = load_split(data, "val", limit=data.max_eval_items)[0]
     test = load_split(data, "test", limit=data.max_eval_items)[0]
     return Splits(train, val, test, info)

@@ -14,6 +14,8 @@ A config file has up to three sections; every key is optional except
 
     [data]
     name = "digits"                                 # digits | cifar10 | cifar100 | imagefolder
+    # max_train_items = 500                         # a stratified subset: every class in proportion, drawn
+                                                    # with train.seed (the same items on a resume)
 
     [train]
     epochs = 10
@@ -224,8 +226,14 @@ class DataConfig:
         eval_split: split the final report is computed on.
         num_workers: data-loading worker processes.
         eval_batch_size: batch size of evaluation.
-        max_train_items: use only the first this many training items (quick checks).
-        max_eval_items: use only the first this many evaluation items.
+        max_train_items: train on a subset of this many items (quick checks):
+            stratified, each class in proportion to its share of the split
+            (a class-sorted ImageFolder keeps every class), drawn with
+            ``train.seed``, so the same seed gives the same items on every
+            run and resume (see [`load_split()`][ensemblekit.training.trainer.load_split]).
+        max_eval_items: evaluate on a stratified subset of this many items,
+            drawn with a fixed seed: every run and seed, and ``ensemblekit
+            evaluate --max-items``, score the same images.
     """
 
     name: str = "digits"

@@ -72,6 +72,7 @@ __all__ = [
     "OFFLINE_ENV",
     "SPLITS",
     "SPLIT_SEED",
+    "SUBSET_RULE",
     "VAL_FRACTION",
     "DataNotFoundError",
     "DatasetInfo",
@@ -79,6 +80,7 @@ __all__ = [
     "SeededItems",
     "TensorImageDataset",
     "cache_dir",
+    "dataset_labels",
     "fashion_mnist_available",
     "find_fashion_mnist",
     "load_dataset",
@@ -86,6 +88,7 @@ __all__ = [
     "load_fashion_mnist",
     "make_loader",
     "split_indices",
+    "stratified_subset",
 ]
 
 Split = Literal["train", "val", "trainval", "test"]
@@ -94,6 +97,10 @@ DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "fa
 
 SPLIT_SEED = 0
 """Seed of every fixed held-out split (never change it: results depend on it)."""
+SUBSET_RULE = "stratified"
+"""How ``max_train_items`` and ``max_eval_items`` cut a split (`stratified_subset()`), recorded with a run's data
+settings when it is cut: a checkpoint or table run made when the first N items were taken is not resumed or reused
+with a stratified subset."""
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_VAL_FRACTION = 0.1
 """Fraction of *all* digits images held out for validation."""
@@ -204,6 +211,66 @@ def split_indices(
         perm = np.random.default_rng(seed).permutation(n)
         keep, held = perm[n_held:], perm[:n_held]
     return np.sort(keep), np.sort(held)
+
+
+def stratified_subset(labels: Sequence[int] | np.ndarray, size: int, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Positions of ``size`` items drawn from every class in proportion to its share, sorted.
+
+    Each class gets its exact share ``size * n_c / n`` rounded down, and the
+    items left go to the classes with the largest remainders (ties drawn
+    with ``seed``); when ``size`` allows, every class keeps at least one item.
+    The items of each class are a seeded random draw, so the subset depends
+    only on ``labels``, ``size`` and ``seed``: the same on every run, process
+    and resume. A class-sorted dataset (an ``ImageFolder``) gives every class,
+    not the first N items of the first classes.
+
+    Examples:
+        >>> labels = [0] * 60 + [1] * 30 + [2] * 10   # sorted by class
+        >>> keep = stratified_subset(labels, 10, seed=0)
+        >>> np.bincount(np.asarray(labels)[keep]).tolist()
+        [6, 3, 1]
+        >>> bool((keep == stratified_subset(labels, 10, seed=0)).all())
+        True
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if size < 1:
+        raise InvalidValueError(f"a subset needs at least 1 item, got {size}")
+    if size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = counts * size / n
+    take = np.floor(exact).astype(np.int64)
+    ties = rng.permutation(len(classes))
+    by_remainder = ties[np.argsort(-(exact - take)[ties], kind="stable")]
+    take[by_remainder[: size - int(take.sum())]] += 1
+    if size >= len(classes):  # a class too small for its share: one item, from the class most above its share
+        for c in np.flatnonzero(take == 0):
+            over = np.where(take > 1, take - exact, -np.inf)
+            take[int(np.argmax(over))] -= 1
+            take[c] = 1
+    keep = [rng.permutation(np.flatnonzero(inverse == c))[: take[c]] for c in range(len(classes))]
+    return np.sort(np.concatenate(keep))
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The label of every item of ``dataset``, without reading its images where it keeps them apart.
+
+    ``TensorImageDataset`` (``labels``), torchvision's datasets (``targets``:
+    CIFAR, ImageFolder), and `Subset` and `ConcatDataset` of them; any other
+    dataset is read item by item.
+    """
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.labels.cpu().numpy()
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ConcatDataset):
+        return np.concatenate([dataset_labels(part) for part in dataset.datasets])
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):  # type: ignore[arg-type]
+        return np.asarray(targets)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
 def _pil_transform(

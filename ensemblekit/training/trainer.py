@@ -53,7 +53,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -74,6 +74,7 @@ from ensemblekit.evaluation.reports import Report, anytime_report, collect_membe
 from ensemblekit.training import checkpoint as ckpt
 from ensemblekit.training import distributed
 from ensemblekit.training.config import (
+    PROGRESS,
     RESUMABLE_CHANGES,
     ConfigError,
     DataConfig,
@@ -83,14 +84,24 @@ from ensemblekit.training.config import (
     build_ensemble,
     check_precision,
 )
-from ensemblekit.training.data import SeededItems, load_dataset, make_loader
+from ensemblekit.training.data import (
+    SPLIT_SEED,
+    SUBSET_RULE,
+    SeededItems,
+    dataset_labels,
+    load_dataset,
+    make_loader,
+    stratified_subset,
+)
 from ensemblekit.training.metrics_log import MetricsLogger, make_logger
 
 __all__ = [
     "CHECKPOINTS",
+    "DeviceError",
     "NonFiniteLossError",
     "RunResult",
     "TrainResult",
+    "data_settings",
     "evaluate",
     "load_split",
     "make_optimizer",
@@ -110,6 +121,10 @@ __all__ = [
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class DeviceError(EnsembleKitError, ValueError):
+    """A device name that torch does not know, or a device this machine does not have."""
 
 
 class NonFiniteLossError(EnsembleKitError, ValueError):
@@ -160,16 +175,25 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``."""
+    """``"auto"``: CUDA if available, then Apple MPS, else the CPU; otherwise ``torch.device(name)``.
+
+    Raises:
+        DeviceError: ``name`` is not a device (``"banana"``), or one this machine lacks (``"cuda"`` without CUDA,
+            ``"cuda:3"`` with two GPUs, ``"mps"`` off Apple silicon).
+    """
     if name != "auto":
         try:
             device = torch.device(name)
-        except (RuntimeError, ValueError, TypeError) as err:
-            raise InvalidValueError(f"device {name!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:1' or "
-                                    "'mps'") from err
+        except (RuntimeError, ValueError, TypeError):
+            raise DeviceError(f"{name!r} is not a device; use auto, cpu, cuda, cuda:N (N-th GPU) or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidValueError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or "
-                                    "'cpu'")
+            raise DeviceError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                              "device(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise DeviceError(f"device {name!r} was asked for but Apple MPS is not available; use 'auto' or 'cpu'")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -887,12 +911,15 @@ class _progress:
             self.task = self.bar.add_task(self.desc, total=self.total, completed=self.initial, stats="")
         return self
 
-    def update(self, loss: float, accuracy: float) -> None:
+    def update(self, loss: float | None = None, accuracy: float | None = None) -> None:
+        """One more step; the running loss and accuracy shown when given."""
         if self.kind == "tqdm":
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", refresh=False)
+            if loss is not None and accuracy is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * accuracy:.1f}%", refresh=False)
             self.bar.update(1)
         elif self.kind == "rich":
-            self.bar.update(self.task, advance=1, stats=f"loss {loss:.4f}  acc {100 * accuracy:.1f}%")
+            stats = "" if loss is None or accuracy is None else f"loss {loss:.4f}  acc {100 * accuracy:.1f}%"
+            self.bar.update(self.task, advance=1, stats=stats)
 
     def __exit__(self, *exc: Any) -> None:
         if self.kind == "tqdm":
@@ -903,19 +930,39 @@ class _progress:
 
 # ------------------------------------------------------------------ evaluation
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "auto",
-             num_workers: int = 0) -> Report:
-    """Anytime report of ``model`` on ``dataset``: every prefix's accuracy, diversity, ECE, FLOPs, params."""
+             num_workers: int = 0, progress: str = "none") -> Report:
+    """Anytime report of ``model`` on ``dataset``: every prefix's accuracy, diversity, ECE, FLOPs, params.
+
+    ``progress``: a bar of the batches evaluated on stderr, ``"tqdm"``, ``"rich"`` or ``"none"`` (as in training).
+    """
+    if progress not in PROGRESS:
+        raise InvalidValueError(f"progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
     device = select_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    members, labels = collect_members(model.forward_members, loader, device)
+    with _progress(progress, len(loader), 0, "evaluate") as bar:
+        members, labels = collect_members(model.forward_members, _counted(loader, bar), device)
     costs = model.cost_table(input_size=tuple(dataset[0][0].shape))  # FLOPs per image of this dataset
     return anytime_report(members, labels, model.aggregator, costs=costs)
 
 
+def _counted(loader: Iterable[Any], bar: _progress) -> Iterator[Any]:
+    """The batches of ``loader``, the bar advanced after each is used."""
+    for batch in loader:
+        yield batch
+        bar.update()
+
+
 def load_split(data: DataConfig, split: str, augment: bool = False, limit: int | None = None,
-               data_config: dict[str, Any] | None = None):
-    """``(dataset, info)`` of one split as ``data`` describes it, cut to its first ``limit`` items.
+               data_config: dict[str, Any] | None = None, seed: int | None = None):
+    """``(dataset, info)`` of one split as ``data`` describes it, cut to a stratified subset of ``limit`` items.
+
+    The subset ([`stratified_subset()`][ensemblekit.training.data.stratified_subset]) takes every class in
+    proportion to its share of the split, drawn with ``seed``: a run's training
+    subset uses the run's seed (``train.seed``), so a resumed run trains on the
+    same items; ``None`` is the fixed [`SPLIT_SEED`][ensemblekit.training.data.SPLIT_SEED], which evaluation
+    subsets use so that every run, every seed of a table and ``ensemblekit
+    evaluate --max-items`` score the same images.
 
     ``data_config``: timm's data config of the backbone, for ImageFolder
     transforms (see ``ensemblekit.training.data.load_dataset``).
@@ -923,8 +970,18 @@ def load_split(data: DataConfig, split: str, augment: bool = False, limit: int |
     dataset, info = load_dataset(data.name, split, root=data.root, augment=augment, image_size=data.image_size,
                                  data_config=data_config)
     if limit is not None and limit < len(dataset):
-        dataset = Subset(dataset, range(limit))
+        keep = stratified_subset(dataset_labels(dataset), limit, SPLIT_SEED if seed is None else seed)
+        dataset = Subset(dataset, keep.tolist())
     return dataset, info
+
+
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """The data section as a run's checkpoints record it (and a resume must find it unchanged): its fields, and
+    ``subset``, the rule that cut the splits, when ``max_train_items`` or ``max_eval_items`` cut them."""
+    settings = asdict(data)
+    if data.max_train_items is not None or data.max_eval_items is not None:
+        settings["subset"] = SUBSET_RULE
+    return settings
 
 
 class OutputFolderError(EnsembleKitError, OSError):
@@ -970,12 +1027,12 @@ def run(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     data = config.data
     images = backbone_data_config(config.model) if data.name == "imagefolder" else None
     train_set, info = load_split(data, data.train_split, augment=data.augment, limit=data.max_train_items,
-                                 data_config=images)
+                                 data_config=images, seed=config.train.seed)
     eval_set, _ = load_split(data, data.eval_split, limit=data.max_eval_items, data_config=images)
     model_config = config.model.for_dataset(info)
     seed_everything(config.train.seed)
     model = build_ensemble(model_config)
-    extra = {"data": asdict(config.data)}
+    extra = {"data": data_settings(config.data)}
     result = train(model, train_set, config.train, out_dir=out_dir, resume=resume,
                    num_workers=config.data.num_workers, extra=extra)
     if result.ema_decay is not None and distributed.detect().is_main:
@@ -1030,6 +1087,7 @@ def provenance(data: DataConfig, split: str, source: str, num_samples: int, chec
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "dataset": {"name": data.name, "split": split, "root": None if data.root is None else str(data.root),
                     "source": source or None, "num_samples": num_samples, "max_items": max_items,
+                    "subset": None if max_items is None else f"{SUBSET_RULE}, seed {SPLIT_SEED}",
                     "image_size": data.image_size},
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         "device": {"type": device.type, "index": device.index, "name": name},

@@ -106,7 +106,7 @@ def test_hne_table1_on_fashion_mnist_over_seeds_is_resumed(tmp_path, monkeypatch
     monkeypatch.setenv("ENSEMBLEKIT_FASHION_MNIST", str(write_fashion_mnist(tmp_path / "fm", 100, 30)))
     monkeypatch.setenv("ENSEMBLEKIT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "t1"
-    argv = ["reproduce", "hne-table1", "--data", "fashion-mnist", "--tiny", "--depth", "1", "--seeds", "2",
+    argv = ["reproduce", "hne-table1", "--data", "fashion-mnist", "--smoke", "--depth", "1", "--seeds", "2",
             "--out", str(out), "--progress", "none", "--device", "cpu"]
     assert main(argv) == 0
     text = capsys.readouterr().out

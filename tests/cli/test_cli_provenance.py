@@ -49,7 +49,7 @@ def test_train_and_evaluate_record_provenance(tmp_path):
     assert versions["torch"] == torch.__version__ and versions["timm"] == timm.__version__
     assert versions["ensemblekit"] and versions["python"]
     assert origin["dataset"] == {"name": "digits", "split": "test", "root": None, "source": None,
-                                 "num_samples": 32, "max_items": 32, "image_size": 16}
+                                 "num_samples": 32, "max_items": 32, "subset": "stratified, seed 0", "image_size": 16}
     checkpoint = str((run / "checkpoints/step-0000001").resolve())
     assert origin["checkpoint"] == checkpoint
     assert origin["device"] == {"type": "cpu", "index": None, "name": None}
@@ -61,6 +61,9 @@ def test_train_and_evaluate_record_provenance(tmp_path):
     origin = report["provenance"]
     assert origin["dataset"]["split"] == "val" and origin["dataset"]["num_samples"] == 16
     assert origin["dataset"]["max_items"] == 16 and origin["checkpoint"] == checkpoint
+    assert origin["dataset"]["subset"] == "stratified, seed 0"
+    manifest = json.loads((run / "checkpoints/step-0000001/config.json").read_text())
+    assert manifest["data"]["subset"] == "stratified"  # a resume refuses a checkpoint cut otherwise
 
 
 def test_an_ensemble_trained_in_your_own_loop_is_saved_and_evaluated_by_the_cli(tmp_path, fashion_mnist_env, capsys):

@@ -99,12 +99,23 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "| k |" in out and f"checkpoint: {run / 'checkpoints/step-0000002'}" in out
     assert {"report.json", "report.txt", "accuracy_vs_flops.png", "checkpoints"} <= {p.name for p in run.iterdir()}
 
-    assert main(["evaluate", str(run), "--max-items", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "resnet10t on digits (test): 32 samples, 2 members" in out
+    assert main(["evaluate", str(run), "--max-items", "32", "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "resnet10t on digits (test): 32 samples, 2 members" in captured.out
+    assert "evaluate: 100%" in captured.err and "2/2" in captured.err  # tqdm's bar of the batches, on stderr
+    assert main(["evaluate", str(run), "--max-items", "32", "--batch-size", "16", "--progress", "rich"]) == 0
+    assert "evaluate" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--max-items", "32", "--progress", "none"]) == 0
+    assert capsys.readouterr().err == ""
     assert main(["evaluate", str(run / "checkpoints/step-0000002"), "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval/report.json").read_text())
     assert report["num_samples"] == 359 and (tmp_path / "eval/accuracy_vs_flops.png").exists()
+    # --max-items N scores the images the run's report scored with max_eval_items = N (one fixed stratified subset)
+    assert main(["evaluate", str(run), "--max-items", "64", "--progress", "none", "--out", str(tmp_path / "e64")]) == 0
+    again = json.loads((tmp_path / "e64/report.json").read_text())
+    ours = json.loads((run / "report.json").read_text())
+    assert again["num_samples"] == ours["num_samples"] == 64
+    assert again["prefix_accuracy"] == ours["prefix_accuracy"] and again["member_accuracy"] == ours["member_accuracy"]
 
 
 def test_train_refuses_to_overwrite_and_resumes(tmp_path, capsys):
@@ -163,9 +174,9 @@ def test_evaluate_a_damaged_checkpoint(tmp_path, capsys):
     assert f"checkpoint file {weights} is truncated" in capsys.readouterr().err
 
 
-def test_reproduce_hne_table1_tiny(tmp_path, capsys):
+def test_reproduce_hne_table1_smoke(tmp_path, capsys):
     out = tmp_path / "t1"
-    command = ["reproduce", "hne-table1", "--data", "digits", "--tiny", "--seeds", "2", "--out", str(out),
+    command = ["reproduce", "hne-table1", "--data", "digits", "--smoke", "--seeds", "2", "--out", str(out),
                "--progress", "none"]
     assert main(command) == 0
     text = capsys.readouterr().out

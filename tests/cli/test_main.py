@@ -91,3 +91,53 @@ def test_a_bug_exits_with_a_traceback_not_2():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode not in (0, 2)
     assert "Traceback (most recent call last)" in done.stderr and "RuntimeError: boom" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["train", "run.toml"], ["evaluate", "checkpoint"], ["demo"], ["bench"],
+                                     ["reproduce", "hne-table1"], ["reproduce", "imta-table2"], ["reproduce", "irene"],
+                                     ["reproduce", "ensemblenet-table1"], ["reproduce", "pareto"]])
+def test_an_unknown_device_is_one_line_and_exit_2_before_any_work(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing is read or written: the device is checked first
+    assert cli.main([*command, "--device", "banana"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"ensemblekit {command[0]}: error: --device: 'banana' is not a device; "
+                            "use auto, cpu, cuda, cuda:N (N-th GPU) or mps\n")
+    assert captured.out == "" and not list(tmp_path.iterdir())
+
+
+def test_a_missing_gpu_is_refused_the_same_way(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["demo", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("ensemblekit demo: error: --device: device 'cuda' was asked for but "
+                                              "CUDA is not available")
+
+
+@pytest.mark.parametrize(("argv", "old", "dest"), [
+    (["reproduce", "hne-table1", "--tiny"], "--tiny", "smoke"),
+    (["reproduce", "pareto", "--tiny"], "--tiny", "smoke"),
+    (["bench", "--quick"], "--quick", "smoke"),
+    (["inspect", "resnet10t", "--img-size", "32"], "--img-size", "image_size"),
+])
+def test_old_flag_names_still_work_and_say_the_new_one(argv, old, dest, capsys):
+    args = cli.build_parser().parse_args(argv)
+    assert getattr(args, dest) in (True, [32])
+    new = "--image-size" if dest == "image_size" else "--smoke"
+    assert capsys.readouterr().err.endswith(f"warning: {old} is deprecated and will be removed; use {new}\n")
+
+
+def test_one_name_per_idea_in_the_help(capsys):
+    """A seconds-long check is --smoke in every command that has one; the image size is --image-size."""
+    parser = cli.build_parser()
+    helps = {}
+    for command in (["demo"], ["bench"], ["inspect"], *[["reproduce", name] for name in
+                                                        ("hne-table1", "ensemblenet-table1", "imta-table2", "irene",
+                                                         "pareto")]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--help"])
+        helps[" ".join(command)] = capsys.readouterr().out
+    for name, text in helps.items():
+        assert "--tiny" not in text and "--quick" not in text and "--img-size" not in text, name
+        assert ("--smoke" in text) == (name != "inspect"), name

@@ -258,15 +258,15 @@ def test_inspect_counts_at_the_given_size_and_shows_macs(capsys, monkeypatch):
     from ensemblekit.cli.main import main
 
     monkeypatch.setenv("COLUMNS", "250")
-    assert main(["inspect", "resnet10t", "--depth", "1", "--input-size", "64"]) == 0
+    assert main(["inspect", "resnet10t", "--depth", "1", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
     assert "FLOPs per 64x64 image" in out and FLOPS_NOTE in out and "MACs" in out
     first = stage_flops(resnet10t(), 64)[0]
     assert f"{first / 1e6:.2f}M" in out and f"{first / 2e6:.2f}M" in out  # member 0: FLOPs, then MACs
     assert main(["inspect", "resnet10t", "--depth", "1"]) == 0
     assert "FLOPs per 176x176 image" in capsys.readouterr().out  # resnet10t's own input size
-    assert main(["inspect", "resnet10t", "--input-size", "1", "2", "3"]) == 2
-    assert "--input-size takes S or H W" in capsys.readouterr().err
+    assert main(["inspect", "resnet10t", "--image-size", "1", "2", "3"]) == 2
+    assert "--image-size takes S or H W" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ dtypes

@@ -1,4 +1,4 @@
-"""What the tests of the paper tables share: each table run once on tiny settings, and a guard that nothing trains."""
+"""What the tests of the paper tables share: each table run once on smoke settings, and a guard that nothing trains."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ TABLES = {
     "irene": (("--seeds", "2"), 4),
     "pareto": ((), 8),
 }
-"""Experiment -> (the arguments of its tiny table beyond ``--tiny``, the runs that table stores)."""
+"""Experiment -> (the arguments of its smoke table beyond ``--smoke``, the runs that table stores)."""
 
 
 def table_command(name: str, out, *extra: str) -> list[str]:
-    """``ensemblekit reproduce NAME`` on digits, tiny, without progress bars, into ``out``."""
-    return ["reproduce", name, "--data", "digits", "--tiny", "--progress", "none", "--out", str(out),
+    """``ensemblekit reproduce NAME`` on digits, smoke settings, without progress bars, into ``out``."""
+    return ["reproduce", name, "--data", "digits", "--smoke", "--progress", "none", "--out", str(out),
             *TABLES[name][0], *extra]
 
 
@@ -34,8 +34,8 @@ def run_table(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_table(tmp_path_factory):
-    """``tiny_table(name)``: the tiny table of experiment ``name``, run once per session: (its folder, exit code,
+def smoke_table(tmp_path_factory):
+    """``smoke_table(name)``: the smoke table of experiment ``name``, run once per session: (its folder, exit code,
     standard output). Tests that change it work on a copy."""
     finished: dict[str, tuple] = {}
 

@@ -1,4 +1,4 @@
-"""``ensemblekit reproduce ensemblenet-table1`` on tiny settings, and the EnsembleNet recipe it trains."""
+"""``ensemblekit reproduce ensemblenet-table1`` on smoke settings, and the EnsembleNet recipe it trains."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def command(out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_table):
-    """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    return tiny_table("ensemblenet-table1")
+def finished(smoke_table):
+    """A smoke table over two seeds: (its folder, exit code, standard output)."""
+    return smoke_table("ensemblenet-table1")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -38,7 +38,7 @@ def test_the_table_runs_and_writes_its_outputs(finished):
     assert set(record["ours"]) == set(table1.ROWS) and set(record["ours"]["mu=3"]) == {"ensemble", "branches"}
     assert record["paper"]["ResNet-152"]["mu=3"]["top1"] == 80.58
     assert record["settings"]["train_items"] == 128 and record["settings"]["width"] == table1.PAPER_WIDTH
-    assert "1 epoch on the first 128 images" in record["settings_text"] and record["settings_text"] in text
+    assert "1 epoch on a stratified subset of 128 images" in record["settings_text"] and record["settings_text"] in text
     markdown = (out / "ensemblenet_table1.md").read_text()
     assert "| mu=3 |" in markdown and "80.58" in markdown and record["settings_text"] in markdown
     for seed in (0, 1):

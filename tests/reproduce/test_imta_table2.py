@@ -1,4 +1,4 @@
-"""``ensemblekit reproduce imta-table2`` on tiny settings: outputs, claim, resume, refused settings, budget."""
+"""``ensemblekit reproduce imta-table2`` on smoke settings: outputs, claim, resume, refused settings, budget."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def command(out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_table):
-    """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    return tiny_table("imta-table2")
+def finished(smoke_table):
+    """A smoke table over two seeds: (its folder, exit code, standard output)."""
+    return smoke_table("imta-table2")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -36,7 +36,7 @@ def test_the_table_runs_and_writes_its_outputs(finished):
     assert all(len(exits) == 5 and all(0 <= a <= 100 for a in exits) for exits in record["ours"].values())
     assert len(record["exit_flops"]) == 5 and record["paper"]["GE+ISC+OFA"][-1] == 73.45
     assert record["settings"]["train_items"] == 128 and record["settings"]["epochs"] == 1
-    assert "phase I 1 epoch(s), phase II 1 epoch(s) on the first 128 images" in record["settings_text"]
+    assert "phase I 1 epoch(s), phase II 1 epoch(s) on a stratified subset of 128 images" in record["settings_text"]
     assert record["settings_text"] in text
     markdown = (out / "imta_table2.md").read_text()
     assert "| ✓ | ✓ | ✓ |" in markdown and record["settings_text"] in markdown and "GE+ISC+OFA@E-5" in markdown
@@ -145,8 +145,8 @@ def test_the_table_prints_macs_at_the_data_size():
 
 def test_fashion_mnist_is_the_default_where_its_files_are(fashion_mnist_env, tmp_path):
     out = tmp_path / "t"
-    code, text, _ = run_table(["reproduce", "imta-table2", "--tiny", "--seeds", "1", "--progress", "none",
+    code, text, _ = run_table(["reproduce", "imta-table2", "--smoke", "--seeds", "1", "--progress", "none",
                              "--out", str(out)])
-    assert code == 0 and "settings: fashion-mnist --tiny" in text
+    assert code == 0 and "settings: fashion-mnist --smoke" in text
     record = json.loads((out / "imta_table2.json").read_text())
     assert record["data"] == "fashion-mnist" and record["complete"]

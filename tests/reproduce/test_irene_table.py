@@ -1,4 +1,4 @@
-"""``ensemblekit reproduce irene`` on tiny settings: outputs, utility, claim, resume, refused settings."""
+"""``ensemblekit reproduce irene`` on smoke settings: outputs, utility, claim, resume, refused settings."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def command(out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_table):
-    """A tiny table over two seeds: (its folder, exit code, standard output)."""
-    return tiny_table("irene")
+def finished(smoke_table):
+    """A smoke table over two seeds: (its folder, exit code, standard output)."""
+    return smoke_table("irene")
 
 
 def test_the_table_runs_and_writes_its_outputs(finished):
@@ -32,7 +32,7 @@ def test_the_table_runs_and_writes_its_outputs(finished):
     assert record["complete"] and record["runs_finished"] == 4 and record["seeds"] == [0, 1]
     assert list(record["ours"]) == list(irene_table.METHODS)
     assert record["settings"]["train_items"] == 128 and record["settings"]["members"] == 3
-    assert "1 epoch(s) per member on the first 128 images" in record["settings_text"]
+    assert "1 epoch(s) per member on a stratified subset of 128 images" in record["settings_text"]
     assert record["settings_text"] in text
     for seed in ("0", "1"):
         assert 1.0 <= record["per_seed"][seed]["IRENE"]["cost"] <= 3.0
@@ -98,7 +98,8 @@ def test_the_table_shows_the_papers_numbers():
 
 def test_fashion_mnist_is_the_default_where_its_files_are(fashion_mnist_env, tmp_path):
     out = tmp_path / "t"
-    code, text, _ = run_table(["reproduce", "irene", "--tiny", "--seeds", "1", "--progress", "none", "--out", str(out)])
-    assert code == 0 and "settings: fashion-mnist --tiny" in text
+    code, text, _ = run_table(["reproduce", "irene", "--smoke", "--seeds", "1", "--progress", "none",
+                               "--out", str(out)])
+    assert code == 0 and "settings: fashion-mnist --smoke" in text
     record = json.loads((out / "irene_table.json").read_text())
     assert record["data"] == "fashion-mnist" and record["complete"]

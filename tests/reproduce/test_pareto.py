@@ -1,4 +1,4 @@
-"""``ensemblekit reproduce pareto`` on tiny settings, and the Pareto front and cost bands it reports."""
+"""``ensemblekit reproduce pareto`` on smoke settings, and the Pareto front and cost bands it reports."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ points = st.lists(st.tuples(st.sampled_from([1.0, 2.0, 4.0]) | costs, st.sampled
                   min_size=1, max_size=30)
 
 
-def test_tiny_run_writes_its_outputs(tiny_table):
-    out, code, text = tiny_table("pareto")
+def test_smoke_run_writes_its_outputs(smoke_table):
+    out, code, text = smoke_table("pareto")
     assert code == 0
     assert "settings: digits at 16x16" in text and "points by FLOPs" in text
     assert "best method per FLOPs band" in text and "best method per latency band" in text

@@ -17,9 +17,9 @@ STARTED = re.compile(r"^== .*, seed \d+$", re.MULTILINE)
 
 
 @pytest.fixture
-def finished(name, tiny_table):
-    """The tiny table of experiment ``name`` (request it before ``trains_nothing``, which would refuse building it)."""
-    return tiny_table(name)
+def finished(name, smoke_table):
+    """The smoke table of experiment ``name`` (request it before ``trains_nothing``, which would refuse building it)."""
+    return smoke_table(name)
 
 
 def test_every_experiment_is_covered():
@@ -64,9 +64,9 @@ def test_full_needs_a_dataset_with_the_papers_schedule(name, tmp_path):
     assert code == 2 and re.search(r"--full: .* schedule for digits; choose --data from ", err)
 
 
-def test_a_stored_run_keeps_its_settings(tiny_table):
+def test_a_stored_run_keeps_its_settings(smoke_table):
     """``run.json`` holds the settings and the result, with the time the run took and whether it resumed."""
-    finished, _, _ = tiny_table("irene")
+    finished, _, _ = smoke_table("irene")
     record = json.loads((finished / "seed-0" / "irene" / "run.json").read_text())
     assert record["settings"]["seed"] == 0 and record["settings"]["members"] == 3
     assert record["result"]["resumed"] is False and record["result"]["seconds"] > 0

@@ -1,19 +1,27 @@
 """``ensemblekit bench``: speed of the execution strategies and of adaptive inference, with targets.
 
 Examples:
-    $ ensemblekit bench --quick --sections 4
+    $ ensemblekit bench --smoke --sections 4
     device: cpu (...)
     ...
     [4] eval  wrap() one member 0.41 ms vs bare model 0.40 ms (same outputs: True): overhead +1.2% ...
+
+    $ ensemblekit bench --smoke --sections 4 --json 2>/dev/null
+    {"device": "cpu (...)", ..., "sections": {"4": [{"section": 4, "text": "...", "values": {"mode": "eval",
+    "wrapped_ms": 0.41, "bare_ms": 0.40, ...}, "target": {"measure": "wrapped_vs_bare", "value": 1.012, "op": "<=",
+    "limit": 1.03, "met": true}, "met": true, "skipped": null}, ...]}, "summary": {...}}
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
+from ensemblekit.cli.options import add_deprecated_alias
 from ensemblekit.errors import InvalidValueError
 
 __all__ = ["HELP", "NAME", "add_arguments", "argv", "run"]
@@ -37,7 +45,9 @@ def _sections(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny settings that run in seconds (numbers mean nothing)")
+    size.add_argument("--smoke", action="store_true",
+                      help="a seconds-long check: tiny settings, every line runs (the numbers mean nothing)")
+    add_deprecated_alias(size, "--quick", "--smoke")
     size.add_argument("--full", action="store_true", help="more rounds and torch.compile at every N (long on a CPU)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
@@ -45,17 +55,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated sections to run (default: all): 1 tree vs independent, "
                              "2 strategies, 3 TorchEnsemble, 4 wrap overhead, 5 halting, 6 anytime, 7 distillation, "
                              "8 memory")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout (each section's numbers and targets, the summary); "
+                             "the lines go to stderr as they are measured")
 
 
 def argv(args: argparse.Namespace) -> list[str]:
     """The command line that reproduces ``args``."""
     line = ["--device", args.device]
-    if args.quick or args.full:
-        line.append("--quick" if args.quick else "--full")
+    if args.smoke or args.full:
+        line.append("--smoke" if args.smoke else "--full")
     if args.threads is not None:
         line += ["--threads", str(args.threads)]
     if args.sections is not None:
         line += ["--sections", ",".join(map(str, args.sections))]
+    if args.json:
+        line.append("--json")
     return line
 
 
@@ -75,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidValueError("--device cuda asked for, but torch sees no CUDA device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = bench.QUICK if args.quick else bench.FULL if args.full else bench.DEFAULT
-    bench.run_bench(settings, device, args.sections or bench.SECTIONS)
+    settings = bench.QUICK if args.smoke else bench.FULL if args.full else bench.DEFAULT
+    if not args.json:
+        bench.run_bench(settings, device, args.sections or bench.SECTIONS)
+        return 0
+    start = time.perf_counter()
+    lines = bench.run_bench(settings, device, args.sections or bench.SECTIONS,
+                            out=lambda text: print(text, file=sys.stderr, flush=True))
+    print(json.dumps(bench.record(settings, device, lines, time.perf_counter() - start), indent=2))
     return 0

@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     runs = configs(args)
     first = next(iter(runs.values()))
     try:
-        train_set, info = load_split(first.data, first.data.train_split, limit=first.data.max_train_items)
+        train_set, info = load_split(first.data, first.data.train_split, limit=first.data.max_train_items,
+                                     seed=first.train.seed)
         test_set, _ = load_split(first.data, first.data.eval_split, limit=first.data.max_eval_items)
     except EnsembleKitError as err:
         print(f"ensemblekit demo: error: {err}", file=sys.stderr)

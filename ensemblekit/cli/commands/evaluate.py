@@ -20,8 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="data folder for cifar10, cifar100, imagefolder")
     parser.add_argument("--split", default="test", choices=("train", "val", "trainval", "test"))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items")
+    parser.add_argument("--max-items", type=int, default=None,
+                        help="evaluate a stratified subset of N items (every class in proportion; the same items "
+                             "as a run's report with data.max_eval_items = N)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--progress", choices=("tqdm", "rich", "none"), default="tqdm",
+                        help="progress bar of the batches evaluated, on stderr (default: tqdm)")
     parser.add_argument("--out", type=Path, default=None, help="write report.json, report.txt and the plot here")
 
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     model = checkpoint.load(directory, device=select_device(args.device))
     stored = manifest.get("data")
     if stored and args.data in (None, stored.get("name")):
+        stored = {k: v for k, v in stored.items() if k != "subset"}  # how the run cut its splits: a record
         data = section_from_dict(DataConfig, stored, "data", str(directory))
         data = data if args.root is None else replace(data, root=args.root)
     else:  # a model-only checkpoint, or another dataset: images of the size the model was built for
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if info.num_classes != model.num_classes:
         raise InvalidValueError(f"{data.name} has {info.num_classes} classes but the checkpoint {directory} "
                                 f"predicts {model.num_classes}")
-    report = evaluate(model, dataset, args.batch_size, args.device)
+    report = evaluate(model, dataset, args.batch_size, args.device, progress=args.progress)
     title = (f"{checkpoint.backbone_name(manifest)} on {data.name} ({args.split}): {report.num_samples} samples, "
              f"{report.num_members} members")
     print(f"checkpoint: {directory}")

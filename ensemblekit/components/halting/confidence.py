@@ -21,7 +21,7 @@ class Confidence(HaltingPolicy):
     The prediction is `HaltingStep.prediction`: the aggregated
     prediction of members ``0..k`` for an ensemble (a WoC cascade), the exit's
     own logits for a multi-exit chain built with
-    [`ensemblekit.methods.imta.recipe()`][ensemblekit.methods.imta.recipe] (its aggregator returns the
+    [`ek.recipes.multi_exit()`][ensemblekit.methods.imta.recipe.multi_exit] (its aggregator returns the
     latest exit). IMTA Sec. 4: "if the current classifier is sufficiently
     confident about its prediction ... the latter classifiers are not evaluated".
 

@@ -85,8 +85,8 @@ def irene(
         backbone = create_backbone(backbone, num_classes=options.pop("num_classes", 1000))
     for key in ("aggregator", "loss"):
         if key in options:
-            raise InvalidTypeError(f"irene() fixes the {key} (mean of probabilities, IRENE's loss); use "
-                                   "ensemblekit.build")
+            raise InvalidTypeError(f"irene() fixes the {key} (mean of probabilities, IRENE's loss); to choose your "
+                                   "own, build the cascade with ensemblekit.wrap()")
     if members is not None:
         if topology not in MEMBER_OPTION:
             raise InvalidValueError(f"a {topology} has no member count option: pass members=None and its own options")
