@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import settings
 from torch import nn
+from torch.utils.data import Dataset
 
 from ensemblekit.core.blocks import BlockSplit
 from ensemblekit.training import data as data_module
@@ -78,3 +79,19 @@ def fashion_mnist_env(monkeypatch, tmp_path):
     folder = write_fashion_mnist(tmp_path / "fashion-mnist")
     monkeypatch.setenv(data_module.FASHION_MNIST_ENV, str(folder))
     return folder
+
+
+class Interrupt(Dataset):
+    """Raises KeyboardInterrupt at the ``at``-th item read: a run killed mid-epoch."""
+
+    def __init__(self, data: Dataset, at: int):
+        self.data, self.at, self.reads = data, at, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.at:
+            raise KeyboardInterrupt
+        return self.data[i]

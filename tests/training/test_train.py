@@ -16,7 +16,7 @@ from ensemblekit.training import checkpoint
 from ensemblekit.training.checkpoint import CheckpointError
 from ensemblekit.training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, build_ensemble
 from ensemblekit.training.trainer import NonFiniteLossError, evaluate, load_split, seed_everything, train
-from tests.conftest import toy_split
+from tests.conftest import Interrupt, toy_split
 
 TINY = ModelConfig("resnet10t", num_classes=10, image_size=16, topology={"name": "tree", "depth": 2},
                    backbone_options={"stem_width": 8, "channels": [8, 16, 32, 64], "drop_rate": 0.2},
@@ -42,22 +42,6 @@ def digits(n: int = 96, augment: bool = True):
 def tiny_model(config: ModelConfig = TINY):
     seed_everything(0)
     return build_ensemble(config)
-
-
-class Interrupt(Dataset):
-    """Raises KeyboardInterrupt at the ``at``-th item read: a run killed mid-epoch."""
-
-    def __init__(self, data: Dataset, at: int):
-        self.data, self.at, self.reads = data, at, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.at:
-            raise KeyboardInterrupt
-        return self.data[i]
 
 
 class Poisoned(Dataset):

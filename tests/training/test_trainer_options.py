@@ -17,7 +17,7 @@ from ensemblekit.training import config as config_module
 from ensemblekit.training.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_config
 from ensemblekit.training.data import SeededItems
 from ensemblekit.training.trainer import make_optimizer, make_scheduler, seed_everything, train
-from tests.conftest import toy_split
+from tests.conftest import Interrupt, toy_split
 
 RUN = TrainConfig(epochs=2, batch_size=4, lr=0.05, progress="none", device="cpu")
 
@@ -42,22 +42,6 @@ class Noisy(Dataset):
 
     def __getitem__(self, i):
         return self.x[i] + 0.1 * torch.randn(3, 8, 8), int(self.y[i])
-
-
-class Interrupt(Dataset):
-    """Raises KeyboardInterrupt at the ``at``-th item read: a run killed mid-epoch."""
-
-    def __init__(self, data: Dataset, at: int):
-        self.data, self.at, self.reads = data, at, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.at:
-            raise KeyboardInterrupt
-        return self.data[i]
 
 
 def toy(batchnorm: bool = True):
